@@ -1,0 +1,21 @@
+# The two commands of the README: `make demo` and `make test`. Both set up .venv if needed.
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup demo test lint bench
+
+setup:
+	@bash scripts/setup.sh
+
+demo: setup
+	$(PY) -m neco_loss.cli demo
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check neco_loss tests benchmarks
+	$(VENV)/bin/ruff format --check neco_loss tests benchmarks
+
+bench: setup
+	$(PY) benchmarks/sorting.py

@@ -1,0 +1,59 @@
+"""Argument checks shared by the public functions: each error names the argument and the value."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+
+
+def check_choice(value: str, name: str, choices: Iterable[str]) -> str:
+    """Return ``value`` if it is one of ``choices``.
+
+    Raises:
+        ValueError: Naming ``name``, the value seen and the valid choices.
+    """
+    valid = list(choices)
+    if value not in valid:
+        raise ValueError(f"{name} must be one of {valid} but is {value!r}.")
+    return value
+
+
+def check_positive_finite(value: float, name: str) -> float:
+    """Return ``value`` as a float if it is a finite number > 0.
+
+    Raises:
+        TypeError: If ``value`` is not a real number.
+        ValueError: If it is not finite or not positive.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number but is {type(value).__name__}: {value!r}.")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be finite and > 0 but is {value!r}.")
+    return float(value)
+
+
+def check_float_tensor(x: object, name: str, dims: int) -> Tensor:
+    """Return ``x`` if it is a floating tensor with ``dims`` dimensions and finite values.
+
+    Raises:
+        TypeError: If ``x`` is not a tensor or not floating point.
+        ValueError: If it has another number of dimensions or holds NaN or Inf.
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor but is {type(x).__name__}.")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must have a floating dtype but has dtype {x.dtype}.")
+    if x.dim() != dims:
+        raise ValueError(f"{name} must be {dims}-D but has shape {tuple(x.shape)}.")
+    if not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        raise ValueError(f"{name} must be finite but holds {bad} NaN or Inf values.")
+    return x
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype to compute in: float32 for the half types (they cannot hold a permutation), else ``dtype``."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
