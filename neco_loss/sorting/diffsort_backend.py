@@ -12,6 +12,9 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
+from neco_loss.sorting.networks import check_sorts
+
+DIFFSORT_NETWORKS = ("bitonic", "odd_even")
 INSTALL_HINT = "backend='diffsort' needs diffsort 0.2.0: pip install 'neco-loss[diffsort]'."
 
 
@@ -36,7 +39,7 @@ def diffsort_soft_sort(
 
     Args:
         x: ``(rows, n)`` float32 or float64, validated.
-        network: ``"bitonic"`` or ``"odd_even"``.
+        network: ``"bitonic"`` or ``"odd_even"`` (diffsort has no ``"bitonic_padded"``).
         relaxation: diffsort's ``distribution`` name.
         steepness: Inverse temperature.
         art_lambda: Exponent of ``logistic_phi``.
@@ -46,9 +49,17 @@ def diffsort_soft_sort(
 
     Raises:
         ImportError: If diffsort is not installed.
+        ValueError: For ``"bitonic_padded"``, or an n at which diffsort's layout mis-sorts.
     """
     diffsort = _import_diffsort()
-    if x.shape[1] == 1:  # diffsort's bitonic network for n = 1 is empty and it cannot run it
-        return x, x.new_ones(x.shape[0], 1, 1)
+    if network not in DIFFSORT_NETWORKS:
+        raise ValueError(
+            f"backend='diffsort' supports network in {list(DIFFSORT_NETWORKS)} but got {network!r}."
+        )
+    check_sorts(network, x.shape[1])
+    if x.shape[1] == 1:
+        # diffsort cannot run its empty n = 1 network; the trivial answer stays in x's graph so
+        # that a loss built on it can still call backward(), as with the other backends.
+        return x, (x * 0 + 1).unsqueeze(-1)
     layers = _network(network, x.shape[1], x.device)
     return diffsort.functional.sort(layers, x, steepness, art_lambda, relaxation)

@@ -106,18 +106,19 @@ def _copy_untouched(state: Tensor, layer: Layer) -> Tensor:
     return out
 
 
-def _coefficients(alpha: Tensor, sign: Tensor | None) -> tuple[Tensor, Tensor]:
+def _coefficients(alpha: Tensor, layer: Layer) -> tuple[Tensor, Tensor]:
     """Turn swap probabilities into per-wire weights ``(c1, c2)``.
 
     Ascending comparators send ``alpha a + (1 - alpha) b`` to wire a (diffsort's min), descending
-    ones send it to wire b, identity ones keep both wires. Computing ``1 - alpha`` once, as
-    diffsort does, keeps tiny probabilities bit-compatible with it.
+    ones send it to wire b, fixed ones keep (``fixed = 1``) or swap (``fixed = 0``) both wires.
+    Computing ``1 - alpha`` once, as diffsort does, keeps tiny probabilities bit-compatible.
     """
     one_minus = 1 - alpha
-    if sign is None:
+    if layer.sign is None or layer.fixed is None:
         return alpha, one_minus
-    c1 = torch.where(sign > 0, alpha, torch.where(sign < 0, one_minus, 1.0))
-    c2 = torch.where(sign > 0, one_minus, torch.where(sign < 0, alpha, 0.0))
+    sign, fixed = layer.sign, layer.fixed
+    c1 = torch.where(sign > 0, alpha, torch.where(sign < 0, one_minus, fixed))
+    c2 = torch.where(sign > 0, one_minus, torch.where(sign < 0, alpha, 1 - fixed))
     return c1, c2
 
 
@@ -188,7 +189,7 @@ def _run_network(
             first, second = _pair_views(values, layer)
             delta = second - first
             alpha = settings.relaxation.alpha(delta, settings.steepness, settings.art_lambda)
-            c1, c2 = _coefficients(alpha, layer.sign)
+            c1, c2 = _coefficients(alpha, layer)
             if record:
                 records.append(_LayerRecord(values, perm, delta, c1, c2))
             values = _mix_exact(values, layer, c1, c2)

@@ -10,7 +10,9 @@ wire ``(c, 0, j)`` is compared with wire ``(c, 1, j)``. Each comparator has a *s
 
 * ``+1``: ascending, the minimum goes to the first wire (diffsort's default orientation);
 * ``-1``: descending (bitonic merge of an odd block), the minimum goes to the second wire;
-* ``0``: identity; diffsort keeps the value in place (a comparator touching a dropped wire).
+* ``0``: a fixed (hard) comparator: ``fixed = 1`` keeps both wires in place (diffsort's
+  treatment of a comparator touching a dropped wire), ``fixed = 0`` swaps them (``bitonic_padded``
+  moving a padding wire).
 
 Bitonic networks are split into *stages*: during stage ``b`` every comparator stays inside
 groups of ``2**(b + 1)`` wires, so the soft permutation is block-diagonal and the zeros outside the
@@ -25,7 +27,8 @@ from functools import lru_cache
 
 import torch
 
-NETWORKS: tuple[str, ...] = ("bitonic", "odd_even")
+NETWORKS: tuple[str, ...] = ("bitonic", "bitonic_padded", "odd_even")
+VALIDITY_TRIALS = 512  # random permutations a bitonic layout must sort before it is used
 
 
 @dataclass(frozen=True)
@@ -38,12 +41,15 @@ class Layer:
         half: Distance between the two wires of a comparator.
         sign: ``(groups, chunks, half)`` float tensor of comparator signs (+1, -1, 0), or ``None``
             when every comparator is ascending.
+        fixed: ``(groups, chunks, half)`` weight ``c1`` of the fixed comparators (sign 0): 1 keeps
+            the wires, 0 swaps them; ``None`` when ``sign`` is ``None``.
     """
 
     start: int
     chunks: int
     half: int
     sign: torch.Tensor | None
+    fixed: torch.Tensor | None = None
 
     @property
     def stop(self) -> int:
@@ -87,16 +93,19 @@ class SortingPlan:
         return sum(len(stage.layers) for stage in self.stages)
 
 
-def _bitonic_plan(n: int) -> tuple[int, tuple[Stage, ...]]:
-    """Bitonic network as in ``diffsort.networks.bitonic_network``.
+def _bitonic_plan(n: int, track_padding: bool) -> tuple[int, tuple[Stage, ...]]:
+    """Bitonic network on ``2**ceil(log2 n)`` wires whose first ``n_wires - n`` wires are padding.
 
-    For n not a power of two, diffsort runs ``2**ceil(log2 n)`` wires, drops the first
-    ``n_wires - n`` of them and turns every comparator that touches a dropped wire into the
-    identity.
+    With ``track_padding=False`` this is ``diffsort.networks.bitonic_network``: every comparator
+    that touches a padding wire is the identity. That is only right for ascending comparators;
+    for some n (22, 38, 42-46, 54, ...) the result is not a sorting network (see
+    ``check_sorts``). With ``track_padding=True`` padding wires act as -inf: a comparator between
+    a padding and a real wire sends the padding to the minimum's wire (a hard keep or a hard
+    swap), which sorts every n; positions of the padding depend on n only, never on the data.
     """
     n_blocks = math.ceil(math.log2(n)) if n > 1 else 0
     n_wires = 2**n_blocks
-    n_dropped = n_wires - n
+    is_padding = torch.arange(n_wires) < n_wires - n
     stages = []
     for block in range(n_blocks):
         group_size = 2 ** (block + 1)
@@ -110,12 +119,25 @@ def _bitonic_plan(n: int) -> tuple[int, tuple[Stage, ...]]:
                 + torch.arange(chunks).view(1, -1, 1) * 2 * half
                 + torch.arange(half).view(1, 1, -1)
             )
+            wire_b = wire_a + half
             # diffsort: a comparator is descending when (a // 2**(block + 1)) is odd.
             descending = (wire_a // group_size) % 2 == 1
-            identity = wire_a < n_dropped  # wire b = a + half >= n_dropped whenever a is kept
-            sign = torch.where(descending, -1.0, 1.0).masked_fill(identity, 0.0)
+            pad_a, pad_b = is_padding[wire_a], is_padding[wire_b]
+            hard = pad_a | pad_b
+            sign = torch.where(descending, -1.0, 1.0).masked_fill(hard, 0.0)
+            # The padding must end on the minimum's wire: a if ascending, b if descending.
+            swap = (pad_a ^ pad_b) & (pad_b ^ descending) if track_padding else torch.zeros_like(hard)
+            fixed = (~swap).to(torch.float64)
+            is_padding[wire_a.flatten()], is_padding[wire_b.flatten()] = (
+                torch.where(swap, pad_b, pad_a).flatten(),
+                torch.where(swap, pad_a, pad_b).flatten(),
+            )
             all_ascending = bool((sign == 1.0).all())
-            layers.append(Layer(0, chunks, half, None if all_ascending else sign))
+            layers.append(
+                Layer(0, chunks, half, None, None)
+                if all_ascending
+                else Layer(0, chunks, half, sign, fixed)
+            )
         stages.append(Stage(groups, group_size, tuple(layers)))
     return n_wires, tuple(stages)
 
@@ -134,13 +156,90 @@ def _odd_even_plan(n: int) -> tuple[int, tuple[Stage, ...]]:
     return n, (Stage(1, n, tuple(layers)),)
 
 
-_BUILDERS = {"bitonic": _bitonic_plan, "odd_even": _odd_even_plan}
+_BUILDERS = {
+    "bitonic": lambda n: _bitonic_plan(n, track_padding=False),
+    "bitonic_padded": lambda n: _bitonic_plan(n, track_padding=True),
+    "odd_even": _odd_even_plan,
+}
+
+
+def hard_sort_ranks(plan: SortingPlan, values: torch.Tensor) -> torch.Tensor:
+    """Run ``plan`` as a hard comparator network and return the rank each element ends at.
+
+    Args:
+        plan: The network.
+        values: ``(rows, n)`` distinct values.
+
+    Returns:
+        ``(rows, n)`` integer ranks, ``-1`` where an element ended on a padding wire.
+    """
+    rows = values.shape[0]
+    wires = torch.cat((values.new_full((rows, plan.n_dropped), -math.inf), values), dim=1)
+    element = torch.cat(
+        (torch.full((rows, plan.n_dropped), -1), torch.arange(plan.n).expand(rows, -1)), dim=1
+    )
+    for stage in plan.stages:
+        wires = wires.reshape(rows, stage.groups, stage.group_size)
+        element = element.reshape(rows, stage.groups, stage.group_size)
+        for layer in stage.layers:
+            pairs = [
+                state[:, :, layer.start : layer.stop].unflatten(2, (layer.chunks, 2, layer.half))
+                for state in (wires, element)
+            ]
+            first, second = pairs[0][:, :, :, 0], pairs[0][:, :, :, 1]
+            sign = torch.ones(()) if layer.sign is None else layer.sign.cpu()
+            fixed = torch.ones(()) if layer.fixed is None else layer.fixed.cpu()
+            keep = torch.where(sign > 0, first <= second, fixed.bool())
+            keep = torch.where(sign < 0, first >= second, keep)
+            for state in pairs:
+                first, second = state[:, :, :, 0].clone(), state[:, :, :, 1].clone()
+                state[:, :, :, 0] = torch.where(keep, first, second)
+                state[:, :, :, 1] = torch.where(keep, second, first)
+    ranks = torch.full((rows, plan.n), -1)
+    element = element.reshape(rows, plan.n_wires)[:, plan.n_dropped :]
+    real = element >= 0
+    positions = torch.arange(plan.n).expand(rows, -1)
+    ranks[real.nonzero()[:, 0], element[real]] = positions[real]
+    return ranks
+
+
+@lru_cache(maxsize=256)
+def sorts_every_input(network: str, n: int) -> bool:
+    """Whether the hard version of ``network`` sorts ``VALIDITY_TRIALS`` random permutations.
+
+    A failure is certain proof that the layout is not a sorting network; diffsort's bitonic
+    layout fails for n = 22, 38, 42-46, 54, ... (tests check which).
+    """
+    plan = _plan_on_cpu(network, n)
+    generator = torch.Generator().manual_seed(n)
+    perms = torch.stack([torch.randperm(n, generator=generator) for _ in range(VALIDITY_TRIALS)])
+    return bool((hard_sort_ranks(plan, perms.to(torch.float64)) == perms).all())
 
 
 @lru_cache(maxsize=256)
 def _plan_on_cpu(network: str, n: int) -> SortingPlan:
     n_wires, stages = _BUILDERS[network](n)
     return SortingPlan(network, n, n_wires, stages)
+
+
+def check_sorts(network: str, n: int) -> None:
+    """Raise unless ``network`` is known and sorts ``n`` inputs.
+
+    Raises:
+        ValueError: If ``network`` is unknown, ``n < 1``, or the layout mis-sorts some inputs of
+            size ``n`` (diffsort 0.2.0's bitonic layout at n = 22, 38, 42-46, 54, 70, ...).
+    """
+    if network not in _BUILDERS:
+        raise ValueError(f"network must be one of {list(NETWORKS)} but is {network!r}.")
+    if n < 1:
+        raise ValueError(f"n must be >= 1 but is {n}.")
+    if not sorts_every_input(network, n):
+        raise ValueError(
+            f"network='{network}' for n={n} is not a sorting network: diffsort 0.2.0's bitonic "
+            "layout for sizes that are not a power of two drops its padding wires and mis-sorts "
+            "some inputs at this n. Use network='bitonic_padded' (a bitonic network that sorts "
+            "every n) or 'odd_even', or another n."
+        )
 
 
 @lru_cache(maxsize=256)
@@ -150,7 +249,7 @@ def sorting_plan(
     """The comparator schedule of ``network`` for ``n`` inputs, with sign tensors on ``device``.
 
     Args:
-        network: ``"bitonic"`` or ``"odd_even"``.
+        network: ``"bitonic"``, ``"bitonic_padded"`` or ``"odd_even"``.
         n: Number of inputs, ``n >= 1``.
         device: Device of the sign tensors.
         dtype: Floating dtype of the sign tensors (the compute dtype).
@@ -159,12 +258,10 @@ def sorting_plan(
         The cached plan.
 
     Raises:
-        ValueError: If ``network`` is unknown or ``n < 1``.
+        ValueError: If ``network`` is unknown, ``n < 1``, or the network does not sort ``n``
+            inputs (diffsort's bitonic layout at some n).
     """
-    if network not in _BUILDERS:
-        raise ValueError(f"network must be one of {list(NETWORKS)} but is {network!r}.")
-    if n < 1:
-        raise ValueError(f"n must be >= 1 but is {n}.")
+    check_sorts(network, n)
     plan = _plan_on_cpu(network, n)
     stages = tuple(
         Stage(
@@ -176,6 +273,7 @@ def sorting_plan(
                     layer.chunks,
                     layer.half,
                     None if layer.sign is None else layer.sign.to(device=device, dtype=dtype),
+                    None if layer.fixed is None else layer.fixed.to(device=device, dtype=dtype),
                 )
                 for layer in stage.layers
             ),

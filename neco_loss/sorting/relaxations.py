@@ -99,10 +99,12 @@ def _optimal(delta: Tensor, steepness: float, art_lambda: float) -> Tensor:
 
 def _optimal_grad(delta: Tensor, steepness: float, art_lambda: float) -> Tensor:
     v = steepness * delta
+    inside = (v.abs() < 0.25).to(v.dtype)
     outside = (v.abs() > 0.25).to(v.dtype)
     tail = 1 / 16 / (v.abs() + OPTIMAL_EPSILON).pow(2)
-    # clamp passes the gradient on [-0.25, 0.25] (inclusive), the tail term beyond it.
-    return steepness * ((1 - outside) + outside * tail)
+    # As autograd differentiates diffsort's s_best: clamp passes the gradient strictly inside
+    # (-0.25, 0.25), the tail term strictly outside; exactly at |v| = 0.25 both give 0.
+    return steepness * (inside + outside * tail)
 
 
 RELAXATIONS: dict[str, Relaxation] = {

@@ -1,0 +1,19 @@
+"""Hypothesis profiles: bounded and deterministic by default so that CI stays fast and stable.
+
+Set HYPOTHESIS_PROFILE=thorough for a longer, randomised search.
+"""
+
+import os
+
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "ci",
+    max_examples=25,
+    deadline=None,
+    derandomize=True,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile("thorough", max_examples=500, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
