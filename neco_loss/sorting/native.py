@@ -122,18 +122,24 @@ def _coefficients(alpha: Tensor, layer: Layer) -> tuple[Tensor, Tensor]:
     return c1, c2
 
 
-def _merge_groups(perm: Tensor) -> Tensor:
-    """Block-diagonal merge ``(rows, G, S, S) -> (rows, G / 2, 2S, 2S)`` of adjacent groups."""
+def _merge_groups(perm: Tensor, first_element: int = 0) -> Tensor:
+    """Block-diagonal merge ``(rows, G, S, S) -> (rows, G / 2, 2S, 2S - first_element)``.
+
+    Adjacent groups become one; columns before ``first_element`` (padding elements, which never
+    mix with real ones) are left out.
+    """
     rows, groups, size, _ = perm.shape
     pairs = perm.view(rows, groups // 2, 2, size, size)
-    merged = perm.new_zeros(rows, groups // 2, 2 * size, 2 * size)
-    merged[:, :, :size, :size] = pairs[:, :, 0]
-    merged[:, :, size:, size:] = pairs[:, :, 1]
+    merged = perm.new_zeros(rows, groups // 2, 2 * size, 2 * size - first_element)
+    merged[:, :, :size, : size - first_element] = pairs[:, :, 0, :, first_element:]
+    merged[:, :, size:, size - first_element :] = pairs[:, :, 1]
     return merged
 
 
-def _split_groups(grad: Tensor) -> Tensor:
-    """Adjoint of ``_merge_groups``: keep the diagonal blocks, ``(rows, G, 2S, 2S) -> (rows, 2G, S, S)``."""
+def _split_groups(grad: Tensor, first_element: int = 0) -> Tensor:
+    """Adjoint of ``_merge_groups``: the diagonal blocks, ``(rows, G, 2S, 2S - f) -> (rows, 2G, S, S)``."""
+    if first_element:
+        grad = torch.nn.functional.pad(grad, (first_element, 0))
     rows, groups, size2, _ = grad.shape
     size = size2 // 2
     blocks = grad.view(rows, groups, 2, size, 2, size)
@@ -156,101 +162,144 @@ def _initial_perm(rows: int, plan: SortingPlan, like: Tensor) -> Tensor:
 
 
 @dataclass
-class _LayerRecord:
-    """What backward needs of one layer: its inputs and swap probabilities."""
+class _ValuePass:
+    """The network run on the values of all rows: what the permutation pass and backward need.
 
-    values: Tensor  # (rows, G, S)
-    perm: Tensor | None  # (rows, G, S, S)
-    delta: Tensor  # (rows, G, C, half)
-    c1: Tensor
-    c2: Tensor
-
-
-def _run_network(
-    x: Tensor, settings: _SortSettings, with_perm: bool, record: bool
-) -> tuple[Tensor, Tensor | None, list[_LayerRecord]]:
-    """Run the relaxed network on ``x (rows, n)``.
-
-    Returns:
-        ``sorted (rows, n)``, the wire-major permutation ``(rows, n_wires, n_wires)`` with
-        ``[r, wire, element]`` (or ``None`` without ``with_perm``), and per-layer records when
-        ``record`` is set.
+    Per layer, in execution order: ``c1``, ``c2`` ``(rows, G, C, half)`` weights; with
+    ``record`` also the layer's input values ``(rows, G, S)`` and gaps ``delta = b - a``.
     """
+
+    sorted_x: Tensor  # (rows, n)
+    c1: list[Tensor]
+    c2: list[Tensor]
+    values: list[Tensor]
+    delta: list[Tensor]
+
+
+def _value_pass(x: Tensor, settings: _SortSettings, record: bool) -> _ValuePass:
+    """Run the relaxed network on the values ``x (rows, n)`` and keep its weights."""
     plan = settings.plan
     rows = x.shape[0]
     values = _pad(x, plan)
-    perm = None
-    records: list[_LayerRecord] = []
-    for index, stage in enumerate(plan.stages):
+    result = _ValuePass(x, [], [], [], [])
+    for stage in plan.stages:
         values = values.reshape(rows, stage.groups, stage.group_size)
-        if with_perm:
-            perm = _initial_perm(rows, plan, x) if index == 0 else _merge_groups(perm)
         for layer in stage.layers:
             first, second = _pair_views(values, layer)
             delta = second - first
             alpha = settings.relaxation.alpha(delta, settings.steepness, settings.art_lambda)
             c1, c2 = _coefficients(alpha, layer)
+            result.c1.append(c1)
+            result.c2.append(c2)
             if record:
-                records.append(_LayerRecord(values, perm, delta, c1, c2))
+                result.values.append(values)
+                result.delta.append(delta)
             values = _mix_exact(values, layer, c1, c2)
-            if perm is not None:
-                perm = _mix_perm(perm, layer, c1)
-    values = values.reshape(rows, plan.n_wires)
-    if with_perm and perm is None:  # n == 1: no layer at all
-        perm = x.new_ones(rows, 1, 1)
-    if perm is not None:
-        perm = perm.reshape(rows, plan.n_wires, plan.n_wires)
-    return values[:, plan.n_dropped :], perm, records
+    result.sorted_x = values.reshape(rows, plan.n_wires)[:, plan.n_dropped :]
+    return result
 
 
-def _backward_chunk(
-    x: Tensor, grad_sorted: Tensor | None, grad_perm: Tensor | None, settings: _SortSettings
-) -> Tensor:
-    """Gradient w.r.t. ``x (rows, n)`` for one chunk of rows (recomputes the forward)."""
-    plan = settings.plan
-    rows = x.shape[0]
-    with_perm = grad_perm is not None
-    _, _, records = _run_network(x, settings, with_perm=with_perm, record=True)
-    grad_values = _pad(grad_sorted if grad_sorted is not None else torch.zeros_like(x), plan)
-    grad_state = None
-    if grad_perm is not None:
-        # element-major (rows, n, n) -> wire-major, zero rows/columns for the dropped wires
-        wire_major = grad_perm.transpose(1, 2)
-        grad_state = wire_major.new_zeros(rows, 1, plan.n_wires, plan.n_wires)
-        grad_state[:, 0, plan.n_dropped :, plan.n_dropped :] = wire_major
-    layer_index = len(records)
-    for index in reversed(range(len(plan.stages))):
-        stage = plan.stages[index]
-        grad_values = grad_values.reshape(rows, stage.groups, stage.group_size)
-        if grad_state is not None and grad_state.shape[1] != stage.groups:
-            grad_state = _split_groups(grad_state)
+def _perm_pass(c1: list[Tensor], plan: SortingPlan, record: bool) -> tuple[Tensor, list[Tensor]]:
+    """Build the wire-major permutation of a chunk of rows from its layer weights ``c1``.
+
+    The last stage carries the real elements only (its largest state skips the padding columns).
+
+    Returns:
+        ``(rows, n_wires, n)`` with ``[r, wire, element]``, and with ``record`` every layer's
+        input state (block layout of its stage).
+    """
+    rows = c1[0].shape[0]
+    last = len(plan.stages) - 1
+    perm = None
+    states: list[Tensor] = []
+    index = 0
+    for stage_index, stage in enumerate(plan.stages):
+        if stage_index == 0:
+            perm = _initial_perm(rows, plan, c1[0])
+            if last == 0 and plan.n_dropped:
+                perm = perm[..., plan.n_dropped :].contiguous()
+        else:
+            perm = _merge_groups(perm, plan.n_dropped if stage_index == last else 0)
+        for layer in stage.layers:
+            if record:
+                states.append(perm)
+            perm = _mix_perm(perm, layer, c1[index])
+            index += 1
+    assert perm is not None
+    return perm.reshape(rows, plan.n_wires, plan.n), states
+
+
+def _perm_grad_alpha(
+    c1: list[Tensor], grad_perm: Tensor, plan: SortingPlan
+) -> list[Tensor]:
+    """d loss / d alpha of every layer through the permutation, for a chunk of rows.
+
+    Args:
+        c1: Layer weights of the chunk.
+        grad_perm: ``(rows, n, n)`` element-major gradient of the permutation.
+        plan: The network.
+
+    Returns:
+        Per layer ``(rows, G, C, half)``, in the "wire a gets alpha" orientation.
+    """
+    rows = grad_perm.shape[0]
+    _, states = _perm_pass(c1, plan, record=True)
+    # element-major (rows, n, n) -> wire-major (rows, 1, n_wires, n), zero rows for padding wires
+    grad_state = grad_perm.new_zeros(rows, 1, plan.n_wires, plan.n)
+    grad_state[:, 0, plan.n_dropped :] = grad_perm.transpose(1, 2)
+    grads: list[Tensor] = [grad_perm] * len(states)
+    index = len(states)
+    for stage_index in reversed(range(len(plan.stages))):
+        stage = plan.stages[stage_index]
+        if stage_index < len(plan.stages) - 1:
+            is_last_split = stage_index == len(plan.stages) - 2
+            grad_state = _split_groups(grad_state, plan.n_dropped if is_last_split else 0)
         for layer in reversed(stage.layers):
-            layer_index -= 1
-            rec = records[layer_index]
+            index -= 1
+            h_first, h_second = _pair_views(grad_state, layer)
+            p_first, p_second = _pair_views(states[index], layer)
+            grads[index] = torch.linalg.vecdot(h_first - h_second, p_first - p_second)
+            grad_state = _mix_perm(grad_state, layer, c1[index])
+    return grads
+
+
+def _values_backward(
+    forward: _ValuePass,
+    grad_sorted: Tensor | None,
+    perm_grad_alpha: list[Tensor] | None,
+    settings: _SortSettings,
+) -> Tensor:
+    """Gradient w.r.t. ``x`` through the values, adding the permutation's d loss / d alpha."""
+    plan = settings.plan
+    rows = forward.sorted_x.shape[0]
+    if grad_sorted is None:
+        grad_sorted = torch.zeros_like(forward.sorted_x)
+    grad_values = _pad(grad_sorted, plan)
+    index = len(forward.c1)
+    for stage in reversed(plan.stages):
+        grad_values = grad_values.reshape(rows, stage.groups, stage.group_size)
+        for layer in reversed(stage.layers):
+            index -= 1
             g_first, g_second = _pair_views(grad_values, layer)
-            v_first, v_second = _pair_views(rec.values, layer)
-            # d loss / d alpha of the "a gets alpha" orientation, summed over what the wire carries
+            v_first, v_second = _pair_views(forward.values[index], layer)
+            # d loss / d alpha in the "wire a gets alpha" orientation, then the comparator's sign
             grad_alpha = (g_first - g_second) * (v_first - v_second)
-            if grad_state is not None:
-                h_first, h_second = _pair_views(grad_state, layer)
-                p_first, p_second = _pair_views(rec.perm, layer)
-                grad_alpha = grad_alpha + ((h_first - h_second) * (p_first - p_second)).sum(-1)
+            if perm_grad_alpha is not None:
+                grad_alpha = grad_alpha + perm_grad_alpha[index]
             if layer.sign is not None:
                 grad_alpha = grad_alpha * layer.sign
             grad_delta = grad_alpha * settings.relaxation.dalpha(
-                rec.delta, settings.steepness, settings.art_lambda
+                forward.delta[index], settings.steepness, settings.art_lambda
             )
-            grad_values = _mix_exact(grad_values, layer, rec.c1, rec.c2)
+            grad_values = _mix_exact(grad_values, layer, forward.c1[index], forward.c2[index])
             g_first, g_second = _pair_views(grad_values, layer)
             g_first.sub_(grad_delta)
             g_second.add_(grad_delta)
-            if grad_state is not None:
-                grad_state = _mix_perm(grad_state, layer, rec.c1)
     return grad_values.reshape(rows, plan.n_wires)[:, plan.n_dropped :]
 
 
 def _rows_per_chunk(plan: SortingPlan, element_size: int, with_records: bool) -> int:
-    """Rows processed at once, so that each working tensor stays small.
+    """Rows of the permutation pass processed at once, so that each working tensor stays small.
 
     Chunks keep every allocation below glibc's largest mmap threshold (32 MiB), so freed
     buffers are reused instead of being returned to the system and page-faulted in again, which
@@ -260,7 +309,7 @@ def _rows_per_chunk(plan: SortingPlan, element_size: int, with_records: bool) ->
     numbers_per_row = plan.n_wires * plan.n_wires
     if with_records:
         numbers_per_row = sum(
-            len(stage.layers) * plan.n_wires * (stage.group_size + 4) for stage in plan.stages
+            len(stage.layers) * plan.n_wires * stage.group_size for stage in plan.stages
         )
     budget = BACKWARD_CHUNK_BYTES if with_records else FORWARD_CHUNK_BYTES
     return max(1, budget // max(1, numbers_per_row * element_size))
@@ -274,38 +323,42 @@ class _NativeSort(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.settings = settings
         ctx.save_for_backward(x)
+        plan = settings.plan
         rows, n = x.shape
-        dropped = settings.plan.n_dropped
-        sorted_x = torch.empty_like(x)
+        values = _value_pass(x, settings, record=False)
+        if not plan.stages:  # n == 1
+            return values.sorted_x.clone(), x.new_ones(rows, 1, 1)
         perm = x.new_empty(rows, n, n)
-        chunk = _rows_per_chunk(settings.plan, x.element_size(), with_records=False)
+        chunk = _rows_per_chunk(plan, x.element_size(), with_records=False)
         for start in range(0, rows, chunk):
             part = slice(start, start + chunk)
-            sorted_part, wire_major, _ = _run_network(x[part], settings, True, record=False)
-            assert wire_major is not None
-            sorted_x[part] = sorted_part
-            perm[part] = wire_major[:, dropped:, dropped:].transpose(1, 2)
-        return sorted_x, perm
+            wire_major, _ = _perm_pass([c[part] for c in values.c1], plan, record=False)
+            perm[part] = wire_major[:, plan.n_dropped :].transpose(1, 2)
+        return values.sorted_x, perm
 
     @staticmethod
     def backward(  # type: ignore[override]
         ctx, grad_sorted: Tensor | None, grad_perm: Tensor | None
     ) -> tuple[Tensor | None, None]:
         (x,) = ctx.saved_tensors
+        settings: _SortSettings = ctx.settings
+        plan = settings.plan
         if grad_sorted is None and grad_perm is None:
             return None, None
-        settings: _SortSettings = ctx.settings
-        chunk = _rows_per_chunk(settings.plan, x.element_size(), with_records=True)
-        grads = [
-            _backward_chunk(
-                x[start : start + chunk],
-                None if grad_sorted is None else grad_sorted[start : start + chunk],
-                None if grad_perm is None else grad_perm[start : start + chunk],
-                settings,
-            )
-            for start in range(0, x.shape[0], chunk)
-        ]
-        return torch.cat(grads, dim=0), None
+        values = _value_pass(x, settings, record=True)
+        perm_grad_alpha = None
+        if grad_perm is not None and plan.stages:
+            chunk = _rows_per_chunk(plan, x.element_size(), with_records=True)
+            parts = [
+                _perm_grad_alpha(
+                    [c[start : start + chunk] for c in values.c1],
+                    grad_perm[start : start + chunk],
+                    plan,
+                )
+                for start in range(0, x.shape[0], chunk)
+            ]
+            perm_grad_alpha = [torch.cat(layer, dim=0) for layer in zip(*parts)]
+        return _values_backward(values, grad_sorted, perm_grad_alpha, settings), None
 
 
 def native_soft_sort(

@@ -1,0 +1,82 @@
+"""The native backend computes what diffsort 0.2.0 computes: values and gradients."""
+
+import pytest
+import torch
+
+from neco_loss import soft_permutation
+from neco_loss.sorting.networks import sorts_every_input
+from tests.strategies import RELAXATIONS
+
+VALID_BITONIC_SIZES = [n for n in range(1, 131) if sorts_every_input("bitonic", n)]
+GRADIENT_SIZES = [1, 2, 3, 5, 8, 16, 17, 31, 49, 64, 100, 128]
+# diffsort's gaussian backward keeps sigma = 1 / steepness as a float32 tensor, so its float64
+# gradients carry float32 rounding.
+GRADIENT_RTOL = {"gaussian": 1e-6}
+
+
+def run(x: torch.Tensor, backend: str, network: str, relaxation: str):
+    x = x.detach().requires_grad_()
+    sorted_x, perm = soft_permutation(x, network, 30.0, relaxation, backend)
+    weight_perm = torch.linspace(-1, 1, perm.numel(), dtype=x.dtype).view_as(perm)
+    weight_sorted = torch.linspace(1, -1, sorted_x.numel(), dtype=x.dtype).view_as(sorted_x)
+    ((perm * weight_perm).sum() + (sorted_x * weight_sorted).sum()).backward()
+    return sorted_x.detach(), perm.detach(), x.grad
+
+
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-5), (torch.float64, 1e-9)])
+@pytest.mark.parametrize("relaxation", RELAXATIONS)
+@pytest.mark.parametrize("network", ["bitonic", "odd_even"])
+def test_values_match_for_every_size(network, relaxation, dtype, atol):
+    sizes = VALID_BITONIC_SIZES if network == "bitonic" else range(1, 131)
+    generator = torch.Generator().manual_seed(0)
+    for n in sizes:
+        x = torch.randn(2, n, generator=generator).to(dtype)
+        with torch.no_grad():
+            ours = soft_permutation(x, network, 30.0, relaxation, "native")
+            reference = soft_permutation(x, network, 30.0, relaxation, "diffsort")
+        for mine, theirs in zip(ours, reference):
+            torch.testing.assert_close(mine, theirs, rtol=0, atol=atol, msg=f"n={n}")
+
+
+# float32 gradients through 100+ layers differ from float64 by up to ~1e-4 of their scale in
+# both backends (diffsort's own deviation is the larger one), hence the float32 tolerance.
+@pytest.mark.parametrize("dtype, rtol", [(torch.float32, 5e-4), (torch.float64, 1e-9)])
+@pytest.mark.parametrize("relaxation", RELAXATIONS)
+@pytest.mark.parametrize("network", ["bitonic", "odd_even"])
+def test_gradients_match(network, relaxation, dtype, rtol):
+    rtol = max(rtol, GRADIENT_RTOL.get(relaxation, 0.0))
+    generator = torch.Generator().manual_seed(1)
+    for n in GRADIENT_SIZES:
+        x = torch.randn(3, n, generator=generator).to(dtype)
+        *_, grad_native = run(x, "native", network, relaxation)
+        *_, grad_diffsort = run(x, "diffsort", network, relaxation)
+        scale = grad_diffsort.abs().max().item()
+        torch.testing.assert_close(
+            grad_native, grad_diffsort, rtol=0, atol=rtol * scale, msg=f"n={n}"
+        )
+
+
+def test_half_inputs_are_computed_in_float32():
+    x = torch.randn(4, 49, generator=torch.Generator().manual_seed(2))
+    for dtype in (torch.float16, torch.bfloat16):
+        sorted_half, perm_half = soft_permutation(x.to(dtype))
+        sorted_ref, perm_ref = soft_permutation(x.to(dtype).float(), backend="diffsort")
+        assert perm_half.dtype == torch.float32 and sorted_half.dtype == torch.float32
+        torch.testing.assert_close(perm_half, perm_ref, rtol=0, atol=1e-5)
+        torch.testing.assert_close(sorted_half, sorted_ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("n", [22, 45, 70])
+@pytest.mark.parametrize("backend", ["native", "diffsort"])
+def test_mis_sorting_bitonic_sizes_are_refused(backend, n):
+    with pytest.raises(ValueError, match=rf"n={n} is not a sorting network.*bitonic_padded"):
+        soft_permutation(torch.randn(2, n), "bitonic", backend=backend)
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 8, 32, 64, 128])
+def test_padded_bitonic_is_diffsort_for_powers_of_two(n):
+    x = torch.randn(3, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
+    for mine, theirs in zip(
+        soft_permutation(x, "bitonic_padded"), soft_permutation(x, "bitonic", backend="diffsort")
+    ):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-12)
