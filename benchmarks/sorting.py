@@ -63,7 +63,7 @@ def step(backend: str, network: str, student: torch.Tensor, teacher: torch.Tenso
 
 
 def held_bytes_per_row(backend: str, network: str, n: int, rows: int = 8) -> float:
-    """Bytes autograd keeps for backward of the student's sort, per row (exact, distinct tensors)."""
+    """Bytes autograd keeps for backward of the student's sort, per row (distinct tensors)."""
     sizes: dict[tuple[int, tuple[int, ...]], int] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
@@ -93,9 +93,7 @@ def peak_rss_bytes(backend: str, network: str, rows: int, n: int) -> float:
     return float(queue.get())
 
 
-def measure(
-    backend: str, network: str, n: int, rows: int, args: argparse.Namespace
-) -> Result:
+def measure(backend: str, network: str, n: int, rows: int, args: argparse.Namespace) -> Result:
     if backend == "diffsort" and network == "bitonic_padded":
         return Result(network, n, rows, backend, None, 0, None, None, "not offered by diffsort")
     if not sorts_every_input(network, n):
@@ -118,7 +116,10 @@ def measure(
 
 
 def table(results: list[Result]) -> str:
-    header = "| network | n | rows | backend | ms / step | µs / row | vs native (time) | held for backward | vs native (held) | peak RSS | loss - native |"
+    header = (
+        "| network | n | rows | backend | ms / step | µs / row | vs native (time) "
+        "| held for backward | vs native (held) | peak RSS | loss - native |"
+    )
     lines = [header, "|" + "---|" * 11]
     by_key = {(r.network, r.n, r.rows, r.backend): r for r in results}
     for r in results:
@@ -144,7 +145,9 @@ def table(results: list[Result]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="bitonic, n in {49, 128}, rows 3136")
     parser.add_argument("--sizes", type=int, nargs="+", default=[16, 49, 64, 128, 256])
     parser.add_argument("--rows", type=int, nargs="+", default=[784, 3136])
@@ -167,12 +170,16 @@ def main() -> None:
                     result = measure(backend, network, n, rows, args)
                     results.append(result)
                     shown = "-" if result.seconds is None else f"{result.seconds * 1e3:.0f} ms"
-                    print(f"{network:15s} n={n:<4d} rows={rows:<5d} {backend:10s} {shown} {result.note}", flush=True)
+                    print(
+                        f"{network:15s} n={n:<4d} rows={rows:<5d} {backend:10s}",
+                        shown,
+                        result.note,
+                        flush=True,
+                    )
 
     text = (
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}\n\n"
-        + table(results)
-        + "\n"
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{platform.processor() or platform.machine()}\n\n" + table(results) + "\n"
     )
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(text)

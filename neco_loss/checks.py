@@ -14,6 +14,7 @@ def check_choice(value: str, name: str, choices: Iterable[str]) -> str:
 
     Raises:
         ValueError: Naming ``name``, the value seen and the valid choices.
+
     """
     valid = list(choices)
     if value not in valid:
@@ -27,6 +28,7 @@ def check_positive_finite(value: float, name: str) -> float:
     Raises:
         TypeError: If ``value`` is not a real number.
         ValueError: If it is not finite or not positive.
+
     """
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a real number but is {type(value).__name__}: {value!r}.")
@@ -41,6 +43,7 @@ def check_float_tensor(x: object, name: str, dims: int) -> Tensor:
     Raises:
         TypeError: If ``x`` is not a tensor or not floating point.
         ValueError: If it has another number of dimensions or holds NaN or Inf.
+
     """
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor but is {type(x).__name__}.")
@@ -55,5 +58,5 @@ def check_float_tensor(x: object, name: str, dims: int) -> Tensor:
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Dtype to compute in: float32 for the half types (they cannot hold a permutation), else ``dtype``."""
+    """Dtype to compute in: float32 for half types (too coarse for Q), else ``dtype``."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype

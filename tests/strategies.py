@@ -22,11 +22,15 @@ def score_matrices(draw, max_n: int = 24, max_rows: int = 4) -> torch.Tensor:
         unit = st.floats(-1.0, 1.0, allow_subnormal=False)
         values = draw(st.lists(unit, min_size=rows * n, max_size=rows * n))
     elif kind == "ties":
-        values = draw(st.lists(st.sampled_from([-1.0, 0.0, 0.5, 1.0]), min_size=rows * n, max_size=rows * n))
+        values = draw(
+            st.lists(st.sampled_from([-1.0, 0.0, 0.5, 1.0]), min_size=rows * n, max_size=rows * n)
+        )
     elif kind == "constant":
         values = [draw(st.floats(-1.0, 1.0))] * (rows * n)
     else:
-        values = draw(st.lists(st.sampled_from([0.25, -0.75]), min_size=rows * n, max_size=rows * n))
+        values = draw(
+            st.lists(st.sampled_from([0.25, -0.75]), min_size=rows * n, max_size=rows * n)
+        )
     return torch.tensor(values, dtype=torch.float64).view(rows, n) * magnitude
 
 

@@ -5,7 +5,13 @@ import pytest
 import torch
 from diffsort.networks import bitonic_network, odd_even_network
 
-from neco_loss.sorting.networks import sorting_plan
+from neco_loss import soft_permutation
+from neco_loss.sorting.networks import (
+    _plan_on_cpu,
+    hard_sort_ranks,
+    sorting_plan,
+    sorts_every_input,
+)
 
 
 def diffsort_comparators(layers) -> list[set[tuple[int, int, str]]]:
@@ -49,7 +55,7 @@ def native_comparators(plan) -> list[set[tuple[int, int, str]]]:
 
 @pytest.mark.parametrize("n", list(range(1, 70)) + [127, 128, 129, 130])
 def test_bitonic_matches_diffsort(n: int) -> None:
-    plan = sorting_plan("bitonic", n, torch.device("cpu"), torch.float64)
+    plan = _plan_on_cpu("bitonic", n)  # the layout itself, also where it mis-sorts
     expected = diffsort_comparators(bitonic_network(n)) if n > 1 else []
     assert native_comparators(plan) == expected
 
@@ -68,5 +74,48 @@ def test_bitonic_groups_double_per_stage() -> None:
 
 
 def test_unknown_network_lists_valid_names() -> None:
-    with pytest.raises(ValueError, match=r"network must be one of \['bitonic', 'odd_even'\].*'quick'"):
+    with pytest.raises(
+        ValueError,
+        match=r"network must be one of \['bitonic', 'bitonic_padded', 'odd_even'\].*'quick'",
+    ):
         sorting_plan("quick", 4, torch.device("cpu"), torch.float32)
+
+
+def test_diffsort_bitonic_layout_mis_sorts_these_sizes():
+    broken = [n for n in range(1, 100) if not sorts_every_input("bitonic", n)]
+    assert broken == [22, 38, 42, 43, 44, 45, 46, 54, 70, 74, 75, 76, 77, 78] + list(range(82, 95))
+
+
+@pytest.mark.parametrize("n", [22, 45])
+def test_mis_sorting_is_diffsorts_own_behaviour(n):
+    """The counterexample our hard simulation finds also mis-sorts in diffsort itself."""
+    plan = _plan_on_cpu("bitonic", n)
+    generator = torch.Generator().manual_seed(0)
+    perms = torch.stack([torch.randperm(n, generator=generator) for _ in range(64)])
+    wrong = (hard_sort_ranks(plan, perms.double()) != perms).any(dim=1)
+    counterexample = perms[wrong][:1].double()
+    from diffsort import DiffSortNet
+
+    _, perm = DiffSortNet("bitonic", n, steepness=1e4)(counterexample)
+    assert not torch.equal(perm.argmax(dim=2), counterexample.long())
+
+
+@pytest.mark.parametrize("network", ["bitonic_padded", "odd_even"])
+@pytest.mark.parametrize("n", range(1, 15))
+def test_zero_one_principle(network, n):
+    """A comparator network sorts every input iff it sorts every 0-1 input (Knuth 5.3.4)."""
+    plan = _plan_on_cpu(network, n)
+    bits = (torch.arange(2**n).unsqueeze(1) >> torch.arange(n)) & 1
+    # distinct values that order like the bits, ties broken by position
+    values = bits.double() * n + torch.arange(n)
+    ranks = hard_sort_ranks(plan, values)
+    assert torch.equal(ranks, values.argsort(dim=1).argsort(dim=1))
+
+
+@pytest.mark.parametrize("n", [3, 22, 45, 100, 130])
+def test_padded_bitonic_sorts_softly_too(n):
+    x = torch.stack(
+        [torch.randperm(n, generator=torch.Generator().manual_seed(s)) for s in range(8)]
+    )
+    _, perm = soft_permutation(x.double(), "bitonic_padded", steepness=1000.0)
+    assert torch.equal(perm.argmax(dim=2), x)

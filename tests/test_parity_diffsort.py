@@ -34,7 +34,7 @@ def test_values_match_for_every_size(network, relaxation, dtype, atol):
         with torch.no_grad():
             ours = soft_permutation(x, network, 30.0, relaxation, "native")
             reference = soft_permutation(x, network, 30.0, relaxation, "diffsort")
-        for mine, theirs in zip(ours, reference):
+        for mine, theirs in zip(ours, reference, strict=True):
             torch.testing.assert_close(mine, theirs, rtol=0, atol=atol, msg=f"n={n}")
 
 
@@ -76,7 +76,7 @@ def test_mis_sorting_bitonic_sizes_are_refused(backend, n):
 @pytest.mark.parametrize("n", [1, 2, 4, 8, 32, 64, 128])
 def test_padded_bitonic_is_diffsort_for_powers_of_two(n):
     x = torch.randn(3, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
-    for mine, theirs in zip(
-        soft_permutation(x, "bitonic_padded"), soft_permutation(x, "bitonic", backend="diffsort")
-    ):
+    ours = soft_permutation(x, "bitonic_padded")
+    reference = soft_permutation(x, "bitonic", backend="diffsort")
+    for mine, theirs in zip(ours, reference, strict=True):
         torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-12)

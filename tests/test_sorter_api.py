@@ -20,7 +20,7 @@ class TestRegistry:
         x = torch.randn(5, 49)
         sorter = get_sorter("odd_even", relaxation="logistic", steepness=20.0)
         assert isinstance(sorter, SoftSorter)
-        for a, b in zip(sorter(x), soft_permutation(x, "odd_even", 20.0, "logistic")):
+        for a, b in zip(sorter(x), soft_permutation(x, "odd_even", 20.0, "logistic"), strict=True):
             assert torch.equal(a, b)
 
     def test_defaults_are_the_reference_code(self):
@@ -31,8 +31,15 @@ class TestRegistry:
     @pytest.mark.parametrize(
         "kwargs, match",
         [
-            ({"network": "merge"}, r"network must be one of \['bitonic', 'bitonic_padded', 'odd_even'\] but is 'merge'"),
-            ({"backend": "cuda"}, r"backend must be one of \['native', 'diffsort', 'torchsort'\] but is 'cuda'"),
+            (
+                {"network": "merge"},
+                r"network must be one of \['bitonic', 'bitonic_padded', 'odd_even'\] "
+                r"but is 'merge'",
+            ),
+            (
+                {"backend": "cuda"},
+                r"backend must be one of \['native', 'diffsort', 'torchsort'\] but is 'cuda'",
+            ),
             ({"relaxation": "softmax"}, r"relaxation must be one of \['cauchy'.*but is 'softmax'"),
             ({"steepness": 0.0}, r"steepness must be finite and > 0 but is 0.0"),
             ({"steepness": -5}, r"steepness must be finite and > 0 but is -5"),
@@ -61,7 +68,9 @@ class TestInputErrors:
             soft_permutation(torch.randn(3, 0))
 
     def test_integer_dtype(self):
-        with pytest.raises(TypeError, match=r"x must have a floating dtype but has dtype torch.int64"):
+        with pytest.raises(
+            TypeError, match=r"x must have a floating dtype but has dtype torch.int64"
+        ):
             soft_permutation(torch.arange(6).view(2, 3))
 
     def test_not_a_tensor(self):

@@ -24,8 +24,12 @@ def n_layers(network: str, n: int) -> int:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@given(x=score_matrices(), steepness=steepnesses, network=st.sampled_from(NETWORKS),
-       relaxation=st.sampled_from(RELAXATIONS))
+@given(
+    x=score_matrices(),
+    steepness=steepnesses,
+    network=st.sampled_from(NETWORKS),
+    relaxation=st.sampled_from(RELAXATIONS),
+)
 def test_perm_is_stochastic_and_sorts_x(backend, x, steepness, network, relaxation):
     assume(supported(backend, network, x.shape[1]))
     sorted_x, perm = soft_permutation(x, network, steepness, relaxation, backend)
@@ -43,8 +47,12 @@ def test_perm_is_stochastic_and_sorts_x(backend, x, steepness, network, relaxati
 
 
 @pytest.mark.parametrize("backend", SORTING_NETWORK_BACKENDS)
-@given(x=score_matrices(), steepness=steepnesses, network=st.sampled_from(NETWORKS),
-       relaxation=st.sampled_from(RELAXATIONS))
+@given(
+    x=score_matrices(),
+    steepness=steepnesses,
+    network=st.sampled_from(NETWORKS),
+    relaxation=st.sampled_from(RELAXATIONS),
+)
 def test_sorted_is_ascending_within_steepness_tolerance(backend, x, steepness, network, relaxation):
     assume(supported(backend, network, x.shape[1]))
     sorted_x, _ = soft_permutation(x, network, steepness, relaxation, backend)
@@ -55,8 +63,12 @@ def test_sorted_is_ascending_within_steepness_tolerance(backend, x, steepness, n
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@given(data=separated_rows(), steepness=st.floats(100.0, 1000.0),
-       network=st.sampled_from(NETWORKS), relaxation=st.sampled_from(RELAXATIONS))
+@given(
+    data=separated_rows(),
+    steepness=st.floats(100.0, 1000.0),
+    network=st.sampled_from(NETWORKS),
+    relaxation=st.sampled_from(RELAXATIONS),
+)
 def test_hard_ranks_for_separated_values(backend, data, steepness, network, relaxation):
     x, _ = data
     assume(supported(backend, network, x.shape[1]))
@@ -66,9 +78,13 @@ def test_hard_ranks_for_separated_values(backend, data, steepness, network, rela
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@given(data=separated_rows(), steepness=st.floats(10.0, 1000.0),
-       network=st.sampled_from(NETWORKS), relaxation=st.sampled_from(RELAXATIONS),
-       seed=st.integers(0, 2**16))
+@given(
+    data=separated_rows(),
+    steepness=st.floats(10.0, 1000.0),
+    network=st.sampled_from(NETWORKS),
+    relaxation=st.sampled_from(RELAXATIONS),
+    seed=st.integers(0, 2**16),
+)
 def test_permuting_inputs_permutes_rows(backend, data, steepness, network, relaxation, seed):
     x, gap = data
     assume(supported(backend, network, x.shape[1]))
@@ -82,8 +98,13 @@ def test_permuting_inputs_permutes_rows(backend, data, steepness, network, relax
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@given(x=score_matrices(), steepness=steepnesses, network=st.sampled_from(NETWORKS),
-       relaxation=st.sampled_from(RELAXATIONS), dtype=st.sampled_from([torch.float32, torch.float64]))
+@given(
+    x=score_matrices(),
+    steepness=steepnesses,
+    network=st.sampled_from(NETWORKS),
+    relaxation=st.sampled_from(RELAXATIONS),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+)
 def test_gradients_are_finite(backend, x, steepness, network, relaxation, dtype):
     assume(supported(backend, network, x.shape[1]))
     x = x.to(dtype).requires_grad_()
@@ -97,8 +118,9 @@ def test_gradients_are_finite(backend, x, steepness, network, relaxation, dtype)
 @pytest.mark.parametrize("relaxation", RELAXATIONS)
 @pytest.mark.parametrize("n", [1, 2, 3, 5, 8])
 def test_native_gradcheck(network, relaxation, n):
-    x = (torch.randn(3, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
-         .requires_grad_())
+    x = torch.randn(
+        3, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n)
+    ).requires_grad_()
 
     def both(values):
         return soft_permutation(values, network, 3.0, relaxation, "native")
@@ -111,9 +133,13 @@ def cross_entropy(q_teacher: torch.Tensor, q_student: torch.Tensor) -> torch.Ten
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@given(x=score_matrices(max_n=12), steepness=st.floats(1.0, 100.0),
-       network=st.sampled_from(NETWORKS), relaxation=st.sampled_from(RELAXATIONS),
-       seed=st.integers(0, 2**16))
+@given(
+    x=score_matrices(max_n=12),
+    steepness=st.floats(1.0, 100.0),
+    network=st.sampled_from(NETWORKS),
+    relaxation=st.sampled_from(RELAXATIONS),
+    seed=st.integers(0, 2**16),
+)
 def test_cross_entropy_is_minimal_at_the_teacher(backend, x, steepness, network, relaxation, seed):
     assume(supported(backend, network, x.shape[1]))
     x = x / (x.abs().max() + 1e-12)  # unit scale, so that perturbations are comparable

@@ -50,6 +50,7 @@ def diffsort_soft_sort(
     Raises:
         ImportError: If diffsort is not installed.
         ValueError: For ``"bitonic_padded"``, or an n at which diffsort's layout mis-sorts.
+
     """
     diffsort = _import_diffsort()
     if network not in DIFFSORT_NETWORKS:

@@ -42,6 +42,7 @@ def _pair_views(state: Tensor, layer: Layer) -> tuple[Tensor, Tensor]:
 
     Returns:
         Two views of shape ``(rows, groups, chunks, half, *tail)``.
+
     """
     span = state[:, :, layer.start : layer.stop].unflatten(2, (layer.chunks, 2, layer.half))
     return span[:, :, :, 0], span[:, :, :, 1]
@@ -61,6 +62,7 @@ def _mix_exact(values: Tensor, layer: Layer, c1: Tensor, c2: Tensor) -> Tensor:
 
     Returns:
         The new values, same shape.
+
     """
     out = _copy_untouched(values, layer)
     a, b = _pair_views(values, layer)
@@ -86,6 +88,7 @@ def _mix_perm(state: Tensor, layer: Layer, c1: Tensor) -> Tensor:
 
     Returns:
         The new state, same shape.
+
     """
     out = _copy_untouched(state, layer)
     weight = c1.unsqueeze(-1)
@@ -137,7 +140,7 @@ def _merge_groups(perm: Tensor, first_element: int = 0) -> Tensor:
 
 
 def _split_groups(grad: Tensor, first_element: int = 0) -> Tensor:
-    """Adjoint of ``_merge_groups``: the diagonal blocks, ``(rows, G, 2S, 2S - f) -> (rows, 2G, S, S)``."""
+    """Adjoint of ``_merge_groups``: ``(rows, G, 2S, 2S - f) -> (rows, 2G, S, S)`` diagonals."""
     if first_element:
         grad = torch.nn.functional.pad(grad, (first_element, 0))
     rows, groups, size2, _ = grad.shape
@@ -207,32 +210,28 @@ def _perm_pass(c1: list[Tensor], plan: SortingPlan, record: bool) -> tuple[Tenso
     Returns:
         ``(rows, n_wires, n)`` with ``[r, wire, element]``, and with ``record`` every layer's
         input state (block layout of its stage).
+
     """
     rows = c1[0].shape[0]
     last = len(plan.stages) - 1
-    perm = None
+    perm = _initial_perm(rows, plan, c1[0])
+    if last == 0 and plan.n_dropped:
+        perm = perm[..., plan.n_dropped :].contiguous()
     states: list[Tensor] = []
     index = 0
     for stage_index, stage in enumerate(plan.stages):
-        if stage_index == 0:
-            perm = _initial_perm(rows, plan, c1[0])
-            if last == 0 and plan.n_dropped:
-                perm = perm[..., plan.n_dropped :].contiguous()
-        else:
+        if stage_index > 0:
             perm = _merge_groups(perm, plan.n_dropped if stage_index == last else 0)
         for layer in stage.layers:
             if record:
                 states.append(perm)
             perm = _mix_perm(perm, layer, c1[index])
             index += 1
-    assert perm is not None
     return perm.reshape(rows, plan.n_wires, plan.n), states
 
 
-def _perm_grad_alpha(
-    c1: list[Tensor], grad_perm: Tensor, plan: SortingPlan
-) -> list[Tensor]:
-    """d loss / d alpha of every layer through the permutation, for a chunk of rows.
+def _perm_grad_alpha(c1: list[Tensor], grad_perm: Tensor, plan: SortingPlan) -> list[Tensor]:
+    """D loss / d alpha of every layer through the permutation, for a chunk of rows.
 
     Args:
         c1: Layer weights of the chunk.
@@ -241,6 +240,7 @@ def _perm_grad_alpha(
 
     Returns:
         Per layer ``(rows, G, C, half)``, in the "wire a gets alpha" orientation.
+
     """
     rows = grad_perm.shape[0]
     _, states = _perm_pass(c1, plan, record=True)
@@ -357,7 +357,7 @@ class _NativeSort(torch.autograd.Function):
                 )
                 for start in range(0, x.shape[0], chunk)
             ]
-            perm_grad_alpha = [torch.cat(layer, dim=0) for layer in zip(*parts)]
+            perm_grad_alpha = [torch.cat(layer, dim=0) for layer in zip(*parts, strict=True)]
         return _values_backward(values, grad_sorted, perm_grad_alpha, settings), None
 
 
@@ -376,6 +376,7 @@ def native_soft_sort(
     Returns:
         ``sorted_x (rows, n)`` and ``perm (rows, n, n)`` with ``perm[r, i, j]`` the probability
         that element ``i`` lands at rank ``j``.
+
     """
     settings = _SortSettings(plan, relaxation, float(steepness), float(art_lambda))
     return _NativeSort.apply(x, settings)

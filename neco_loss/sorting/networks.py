@@ -43,6 +43,7 @@ class Layer:
             when every comparator is ascending.
         fixed: ``(groups, chunks, half)`` weight ``c1`` of the fixed comparators (sign 0): 1 keeps
             the wires, 0 swaps them; ``None`` when ``sign`` is ``None``.
+
     """
 
     start: int
@@ -75,6 +76,7 @@ class SortingPlan:
         n: Number of inputs.
         n_wires: Number of wires including dropped ones (bitonic pads to a power of two).
         stages: Stages in execution order; group sizes double from one stage to the next.
+
     """
 
     network: str
@@ -126,7 +128,9 @@ def _bitonic_plan(n: int, track_padding: bool) -> tuple[int, tuple[Stage, ...]]:
             hard = pad_a | pad_b
             sign = torch.where(descending, -1.0, 1.0).masked_fill(hard, 0.0)
             # The padding must end on the minimum's wire: a if ascending, b if descending.
-            swap = (pad_a ^ pad_b) & (pad_b ^ descending) if track_padding else torch.zeros_like(hard)
+            swap = (
+                (pad_a ^ pad_b) & (pad_b ^ descending) if track_padding else torch.zeros_like(hard)
+            )
             fixed = (~swap).to(torch.float64)
             is_padding[wire_a.flatten()], is_padding[wire_b.flatten()] = (
                 torch.where(swap, pad_b, pad_a).flatten(),
@@ -172,6 +176,7 @@ def hard_sort_ranks(plan: SortingPlan, values: torch.Tensor) -> torch.Tensor:
 
     Returns:
         ``(rows, n)`` integer ranks, ``-1`` where an element ended on a padding wire.
+
     """
     rows = values.shape[0]
     wires = torch.cat((values.new_full((rows, plan.n_dropped), -math.inf), values), dim=1)
@@ -228,6 +233,7 @@ def check_sorts(network: str, n: int) -> None:
     Raises:
         ValueError: If ``network`` is unknown, ``n < 1``, or the layout mis-sorts some inputs of
             size ``n`` (diffsort 0.2.0's bitonic layout at n = 22, 38, 42-46, 54, 70, ...).
+
     """
     if network not in _BUILDERS:
         raise ValueError(f"network must be one of {list(NETWORKS)} but is {network!r}.")
@@ -243,9 +249,7 @@ def check_sorts(network: str, n: int) -> None:
 
 
 @lru_cache(maxsize=256)
-def sorting_plan(
-    network: str, n: int, device: torch.device, dtype: torch.dtype
-) -> SortingPlan:
+def sorting_plan(network: str, n: int, device: torch.device, dtype: torch.dtype) -> SortingPlan:
     """The comparator schedule of ``network`` for ``n`` inputs, with sign tensors on ``device``.
 
     Args:
@@ -260,6 +264,7 @@ def sorting_plan(
     Raises:
         ValueError: If ``network`` is unknown, ``n < 1``, or the network does not sort ``n``
             inputs (diffsort's bitonic layout at some n).
+
     """
     check_sorts(network, n)
     plan = _plan_on_cpu(network, n)

@@ -32,6 +32,7 @@ class Relaxation:
         name: Registry name (diffsort's ``distribution`` argument).
         alpha: ``(delta, steepness, art_lambda) -> alpha``, elementwise, alpha in [0, 1].
         dalpha: ``(delta, steepness, art_lambda) -> d alpha / d delta``, elementwise.
+
     """
 
     name: str
@@ -132,6 +133,7 @@ def get_relaxation(name: str) -> Relaxation:
 
     Raises:
         ValueError: If the name is unknown; the message lists the valid names.
+
     """
     if name not in RELAXATIONS:
         raise ValueError(f"relaxation must be one of {list(RELAXATIONS)} but is {name!r}.")

@@ -48,6 +48,7 @@ class SoftSorter:
         relaxation: Swap probability, diffsort's names; ``"cauchy"`` is diffsort 0.2.0's default.
         steepness: Inverse temperature, > 0 (reference code: 100).
         art_lambda: Exponent of ``logistic_phi`` (diffsort's default 0.25).
+
     """
 
     network: str = "bitonic"
@@ -78,6 +79,7 @@ class SoftSorter:
         Raises:
             TypeError: If ``x`` is not a floating tensor.
             ValueError: If ``x`` is not 2-D, has no column, or holds NaN/Inf.
+
         """
         check_float_tensor(x, "x", dims=2)
         if x.shape[1] == 0:
@@ -111,6 +113,7 @@ def get_sorter(
     Raises:
         ValueError: For an unknown name (the message lists the valid ones) or a steepness that
             is not finite and positive.
+
     """
     return SoftSorter(network, backend, relaxation, steepness, art_lambda)
 
@@ -145,6 +148,7 @@ def soft_permutation(
         >>> sorted_x, perm = soft_permutation(torch.randn(8, 49))
         >>> perm.shape
         torch.Size([8, 49, 49])
+
     """
     return get_sorter(
         network, backend=backend, relaxation=relaxation, steepness=steepness, art_lambda=art_lambda

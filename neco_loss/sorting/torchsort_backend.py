@@ -1,4 +1,4 @@
-"""Backend ``torchsort``: a soft permutation built from ``torchsort.soft_rank`` (Blondel et al. 2020).
+"""Backend ``torchsort``: a soft permutation from ``torchsort.soft_rank`` (Blondel et al. 2020).
 
 Construction. ``r = soft_rank(x, regularization="l2", regularization_strength=1 / steepness)``
 gives ranks ``r_i`` in ``[1, n]`` (projection onto the permutahedron). Element ``i`` is spread over
@@ -52,6 +52,7 @@ def torchsort_soft_sort(
 
     Raises:
         ImportError: If torchsort is not installed.
+
     """
     torchsort = _import_torchsort()
     ranks = torchsort.soft_rank(x, regularization="l2", regularization_strength=1.0 / steepness)
