@@ -1,6 +1,7 @@
 """Hypothesis strategies for score matrices with the cases sorting gets wrong most easily."""
 
 import torch
+from hypothesis import given
 from hypothesis import strategies as st
 
 SORTING_NETWORK_BACKENDS = ["native", "diffsort"]
@@ -9,6 +10,8 @@ NETWORKS = ["bitonic", "bitonic_padded", "odd_even"]
 RELAXATIONS = ["cauchy", "logistic", "logistic_phi", "gaussian", "reciprocal", "optimal"]
 
 steepnesses = st.floats(1.0, 1000.0)
+networks = st.sampled_from(NETWORKS)
+relaxations = st.sampled_from(RELAXATIONS)
 
 
 @st.composite
@@ -52,3 +55,10 @@ def supported(backend: str, network: str, n: int) -> bool:
     if backend == "diffsort" and network == "bitonic_padded":
         return False
     return sorts_every_input(network, n)
+
+
+def given_score_cases(test):
+    """Run ``test(backend, x, steepness, network, relaxation)`` on generated score matrices."""
+    return given(
+        x=score_matrices(), steepness=steepnesses, network=networks, relaxation=relaxations
+    )(test)

@@ -12,6 +12,9 @@ from tests.strategies import (
     NETWORKS,
     RELAXATIONS,
     SORTING_NETWORK_BACKENDS,
+    given_score_cases,
+    networks,
+    relaxations,
     score_matrices,
     separated_rows,
     steepnesses,
@@ -24,12 +27,7 @@ def n_layers(network: str, n: int) -> int:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@given(
-    x=score_matrices(),
-    steepness=steepnesses,
-    network=st.sampled_from(NETWORKS),
-    relaxation=st.sampled_from(RELAXATIONS),
-)
+@given_score_cases
 def test_perm_is_stochastic_and_sorts_x(backend, x, steepness, network, relaxation):
     assume(supported(backend, network, x.shape[1]))
     sorted_x, perm = soft_permutation(x, network, steepness, relaxation, backend)
@@ -47,12 +45,7 @@ def test_perm_is_stochastic_and_sorts_x(backend, x, steepness, network, relaxati
 
 
 @pytest.mark.parametrize("backend", SORTING_NETWORK_BACKENDS)
-@given(
-    x=score_matrices(),
-    steepness=steepnesses,
-    network=st.sampled_from(NETWORKS),
-    relaxation=st.sampled_from(RELAXATIONS),
-)
+@given_score_cases
 def test_sorted_is_ascending_within_steepness_tolerance(backend, x, steepness, network, relaxation):
     assume(supported(backend, network, x.shape[1]))
     sorted_x, _ = soft_permutation(x, network, steepness, relaxation, backend)
@@ -66,8 +59,8 @@ def test_sorted_is_ascending_within_steepness_tolerance(backend, x, steepness, n
 @given(
     data=separated_rows(),
     steepness=st.floats(100.0, 1000.0),
-    network=st.sampled_from(NETWORKS),
-    relaxation=st.sampled_from(RELAXATIONS),
+    network=networks,
+    relaxation=relaxations,
 )
 def test_hard_ranks_for_separated_values(backend, data, steepness, network, relaxation):
     x, _ = data
@@ -81,8 +74,8 @@ def test_hard_ranks_for_separated_values(backend, data, steepness, network, rela
 @given(
     data=separated_rows(),
     steepness=st.floats(10.0, 1000.0),
-    network=st.sampled_from(NETWORKS),
-    relaxation=st.sampled_from(RELAXATIONS),
+    network=networks,
+    relaxation=relaxations,
     seed=st.integers(0, 2**16),
 )
 def test_permuting_inputs_permutes_rows(backend, data, steepness, network, relaxation, seed):
@@ -101,8 +94,8 @@ def test_permuting_inputs_permutes_rows(backend, data, steepness, network, relax
 @given(
     x=score_matrices(),
     steepness=steepnesses,
-    network=st.sampled_from(NETWORKS),
-    relaxation=st.sampled_from(RELAXATIONS),
+    network=networks,
+    relaxation=relaxations,
     dtype=st.sampled_from([torch.float32, torch.float64]),
 )
 def test_gradients_are_finite(backend, x, steepness, network, relaxation, dtype):
@@ -136,8 +129,8 @@ def cross_entropy(q_teacher: torch.Tensor, q_student: torch.Tensor) -> torch.Ten
 @given(
     x=score_matrices(max_n=12),
     steepness=st.floats(1.0, 100.0),
-    network=st.sampled_from(NETWORKS),
-    relaxation=st.sampled_from(RELAXATIONS),
+    network=networks,
+    relaxation=relaxations,
     seed=st.integers(0, 2**16),
 )
 def test_cross_entropy_is_minimal_at_the_teacher(backend, x, steepness, network, relaxation, seed):
