@@ -80,3 +80,18 @@ def test_padded_bitonic_is_diffsort_for_powers_of_two(n):
     reference = soft_permutation(x, "bitonic", backend="diffsort")
     for mine, theirs in zip(ours, reference, strict=True):
         torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-12)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("network", ["bitonic", "bitonic_padded", "odd_even"])
+def test_native_on_cuda_matches_cpu(network):
+    x = torch.randn(256, 49, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    weights = torch.randn(256, 49, 49, dtype=torch.float64)
+    results = []
+    for device in ("cpu", "cuda"):
+        values = x.to(device).requires_grad_()
+        sorted_x, perm = soft_permutation(values, network)
+        (perm * weights.to(device)).sum().backward()
+        results.append((sorted_x.detach().cpu(), perm.detach().cpu(), values.grad.cpu()))
+    for on_cpu, on_cuda in zip(*results, strict=True):
+        torch.testing.assert_close(on_cuda, on_cpu, rtol=0, atol=1e-9)
