@@ -247,7 +247,7 @@ def _perm_grad_alpha(c1: list[Tensor], grad_perm: Tensor, plan: SortingPlan) -> 
     # element-major (rows, n, n) -> wire-major (rows, 1, n_wires, n), zero rows for padding wires
     grad_state = grad_perm.new_zeros(rows, 1, plan.n_wires, plan.n)
     grad_state[:, 0, plan.n_dropped :] = grad_perm.transpose(1, 2)
-    grads: list[Tensor] = [grad_perm] * len(states)
+    grads_reversed: list[Tensor] = []
     index = len(states)
     for stage_index in reversed(range(len(plan.stages))):
         stage = plan.stages[stage_index]
@@ -258,9 +258,9 @@ def _perm_grad_alpha(c1: list[Tensor], grad_perm: Tensor, plan: SortingPlan) -> 
             index -= 1
             h_first, h_second = _pair_views(grad_state, layer)
             p_first, p_second = _pair_views(states[index], layer)
-            grads[index] = torch.linalg.vecdot(h_first - h_second, p_first - p_second)
+            grads_reversed.append(torch.linalg.vecdot(h_first - h_second, p_first - p_second))
             grad_state = _mix_perm(grad_state, layer, c1[index])
-    return grads
+    return grads_reversed[::-1]
 
 
 def _values_backward(
