@@ -1,0 +1,364 @@
+"""``NeCoLoss``: the NeCo loss on multi-crop patch maps, as most users call it.
+
+Reference: Pariza et al., "Near, far: Patch-ordering enhances vision foundation models' scene
+understanding", arXiv 2408.11054 (2024); reference code github.com/vpariza/NeCo.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import replace
+
+import torch
+from torch import Tensor, nn
+
+from neco_loss.checks import check_choice, check_float_tensor, compute_dtype
+from neco_loss.diagnostics import NeCoStats, permutation_entropy, spearman
+from neco_loss.functional import (
+    REFERENCE_STEEPNESS,
+    SIMILARITIES,
+    NeCoTerms,
+    SortOptions,
+    similarity_scores,
+    soft_permutation_loss,
+)
+from neco_loss.geometry import REFERENCE_ROI_SIZE, align_pair, check_boxes
+from neco_loss.permutation_losses import EPSILON, check_top_k
+from neco_loss.references import (
+    DEFAULT_QUEUE_LENGTH,
+    REFERENCE_IMAGES,
+    REFERENCE_SOURCES,
+    REFERENCE_STRATEGIES,
+    ReferenceQueue,
+    fraction_count,
+    per_image_references,
+    shared_references,
+)
+from neco_loss.sorting.networks import sorts_every_input
+
+PERMUTATION_WARNING_BYTES = 8 * 2**30  # warn before a step whose Q_s alone exceeds 8 GiB
+
+
+class NeCoLoss(nn.Module):
+    """NeCo loss between a student's views and an EMA teacher's global views.
+
+    Every teacher global view ``c`` is paired with every student view ``v != c``; both patch maps
+    are ROI-aligned on the intersection of the two crops (``roi_size x roi_size`` tokens), each
+    aligned patch is compared with reference patches, the similarities are soft-sorted, and the
+    student's soft permutation is pulled towards the teacher's. The loss is the mean over all
+    overlapping (image, pair) combinations, i.e. the reference code's ``mean_c sum_{v != c} /
+    (V - 1)`` when every pair overlaps. Pairs whose crops do not overlap are left out and
+    counted in ``last_stats``.
+
+    Args:
+        roi_size: Side of the aligned grid (reference: 7, so N = 49 patches per pair).
+        references: ``"per_image"`` (reference code), ``"fraction"``, ``"count"`` or
+            ``"queue"``; see ``neco_loss.references``.
+        reference_fraction: ``f`` of ``R = f * B * N`` for ``references="fraction"``.
+        num_references: ``R`` for ``"count"`` (required) and ``"queue"`` (default
+            ``roi_size**2``).
+        queue_length: Tokens per queue for ``"queue"`` (reference DINOv2 configs: 8192).
+        reference_images: ``"any"``, ``"intra"`` or ``"inter"`` (paper Table 5c).
+        reference_source: ``"teacher"`` (reference code) or ``"student"`` (paper text) patches
+            as references; always detached.
+        network: Sorting network (``"bitonic"``, ``"bitonic_padded"``, ``"odd_even"``).
+        steepness: ``(student, teacher)`` or one value (reference configs: 100, 100).
+        relaxation: Swap probability (diffsort 0.2.0's default ``"cauchy"``).
+        backend: ``"native"``, ``"diffsort"`` or ``"torchsort"``.
+        similarity: ``"cosine"`` (reference configs) or ``"euclidean"``.
+        loss: ``"ce"`` (reference), ``"l1"`` or ``"l2"``.
+        direction: CE direction: ``"teacher_to_student"`` (reference code),
+            ``"student_to_teacher"`` or ``"both"`` (the paper's formula).
+        top_k: Compare only the ``k`` nearest-neighbour ranks (paper Table 9a).
+        epsilon: Clamp of probabilities before their log.
+        seed: Seeds a private CPU generator for the reference draws; ``None`` uses the global RNG.
+        compute_stats: Fill ``last_stats`` after every call.
+
+    Attributes:
+        last_stats: ``NeCoStats`` of the last call (``None`` before the first call).
+
+    Examples:
+        >>> import torch
+        >>> criterion = NeCoLoss()
+        >>> student_maps = [torch.randn(2, 32, 16, 16) for _ in range(2)]
+        >>> student_maps += [torch.randn(2, 32, 7, 7) for _ in range(2)]
+        >>> teacher_maps = [torch.randn(2, 32, 16, 16) for _ in range(2)]
+        >>> boxes = torch.tensor([[0, 0, 100, 100], [20, 20, 120, 120],
+        ...                       [10, 10, 50, 50], [60, 60, 90, 90]]).float().expand(2, -1, -1)
+        >>> loss = criterion(student_maps, teacher_maps, boxes)
+        >>> criterion.last_stats.valid_pairs
+        12
+
+    """
+
+    def __init__(
+        self,
+        roi_size: int = REFERENCE_ROI_SIZE,
+        references: str = "per_image",
+        *,
+        reference_fraction: float | None = None,
+        num_references: int | None = None,
+        queue_length: int = DEFAULT_QUEUE_LENGTH,
+        reference_images: str = "any",
+        reference_source: str = "teacher",
+        network: str = "bitonic",
+        steepness: float | tuple[float, float] = (REFERENCE_STEEPNESS, REFERENCE_STEEPNESS),
+        relaxation: str = "cauchy",
+        backend: str = "native",
+        similarity: str = "cosine",
+        loss: str = "ce",
+        direction: str = "teacher_to_student",
+        top_k: int | None = None,
+        epsilon: float = EPSILON,
+        seed: int | None = None,
+        compute_stats: bool = True,
+    ) -> None:
+        super().__init__()
+        if isinstance(roi_size, bool) or not isinstance(roi_size, int) or roi_size < 1:
+            raise ValueError(f"roi_size must be an int >= 1 but is {roi_size!r}.")
+        check_choice(references, "references", REFERENCE_STRATEGIES)
+        check_choice(reference_images, "reference_images", REFERENCE_IMAGES)
+        check_choice(reference_source, "reference_source", REFERENCE_SOURCES)
+        check_choice(similarity, "similarity", SIMILARITIES)
+        self.options = SortOptions(
+            network, steepness, relaxation, backend, loss, direction, top_k, epsilon
+        )
+        self.roi_size = roi_size
+        self.references = references
+        self.reference_fraction = _check_fraction(references, reference_fraction)
+        self.num_references = _check_num_references(references, num_references, roi_size)
+        self.reference_images = reference_images
+        self.reference_source = reference_source
+        self.similarity = similarity
+        self.compute_stats = compute_stats
+        if references == "queue" and reference_images != "any":
+            raise ValueError(
+                f"reference_images={reference_images!r} needs references from the batch; the "
+                "queue mixes images: use references='per_image', 'fraction' or 'count'."
+            )
+        if self.num_references is not None:
+            check_top_k(top_k, self.num_references)
+            self.options.check_size(self.num_references)
+        self.queue = ReferenceQueue(queue_length) if references == "queue" else None
+        self.generator = None if seed is None else torch.Generator().manual_seed(seed)
+        self.last_stats: NeCoStats | None = None
+
+    def forward(
+        self, student_maps: Sequence[Tensor], teacher_maps: Sequence[Tensor], boxes: Tensor
+    ) -> Tensor:
+        """Compute the loss.
+
+        Args:
+            student_maps: ``V`` student patch maps ``(B, D, h_v, w_v)``, global views first.
+            teacher_maps: ``C`` teacher patch maps ``(B, D, h_c, w_c)`` of the first ``C``
+                views (the global views), ``1 <= C <= V``.
+            boxes: ``(B, V, 4 or 5)`` every view's crop box in original-image pixels
+                ``(x0, y0, x1, y1[, flip])``.
+
+        Returns:
+            Scalar loss (float32 for half inputs).
+
+        Raises:
+            TypeError: If maps or boxes are not floating tensors.
+            ValueError: If views, boxes and maps disagree in number, batch or feature size, boxes
+                are malformed, or no pair of crops overlaps in any image.
+
+        """
+        batch, views = _check_views(student_maps, teacher_maps, boxes)
+        with torch.autocast(device_type=boxes.device.type, enabled=False):
+            return self._loss(student_maps, teacher_maps, boxes, batch, views)
+
+    def _loss(
+        self,
+        student_maps: Sequence[Tensor],
+        teacher_maps: Sequence[Tensor],
+        boxes: Tensor,
+        batch: int,
+        views: int,
+    ) -> Tensor:
+        if self.queue is not None:
+            source_maps = teacher_maps if self.reference_source == "teacher" else student_maps
+            for view in range(len(teacher_maps)):
+                # Reference code: the queue is updated before the loss of the step.
+                tokens = source_maps[view].flatten(2).transpose(1, 2)  # (B, h * w, D)
+                self.queue.push(view, tokens, len(teacher_maps), self.generator)
+        groups: dict[int, list[tuple[Tensor, Tensor]]] = {}
+        valid_pairs = 0
+        for teacher_view, teacher_map in enumerate(teacher_maps):
+            for student_view in range(views):
+                if student_view == teacher_view:
+                    continue
+                teacher, student, valid = align_pair(
+                    teacher_map,
+                    student_maps[student_view],
+                    boxes[:, teacher_view],
+                    boxes[:, student_view],
+                    self.roi_size,
+                )
+                if not bool(valid.any()):
+                    continue
+                valid_pairs += int(valid.sum())
+                teacher, student = teacher[valid], student[valid]
+                references = self._references(teacher_view, teacher, student)
+                scores = (
+                    similarity_scores(student, references, self.similarity).flatten(0, 1),
+                    similarity_scores(teacher.detach(), references, self.similarity).flatten(0, 1),
+                )
+                groups.setdefault(references.shape[-2], []).append(scores)
+        total_pairs = batch * len(teacher_maps) * (views - 1)
+        if valid_pairs == 0:
+            raise ValueError(
+                f"no crop pair overlaps in any of the {batch} images ({total_pairs} pairs): "
+                "check the boxes (original-image pixels, (x0, y0, x1, y1))."
+            )
+        terms = [self._terms(pairs) for pairs in groups.values()]
+        per_row = torch.cat([term.per_row for term in terms])
+        loss = per_row.mean()
+        if self.compute_stats:
+            self.last_stats = self._stats(loss, terms, valid_pairs, total_pairs)
+        return loss
+
+    def _terms(self, pairs: list[tuple[Tensor, Tensor]]) -> NeCoTerms:
+        """Sort the scores of all pairs with the same ``R`` in one call."""
+        student_scores = torch.cat([student for student, _ in pairs])
+        teacher_scores = torch.cat([teacher for _, teacher in pairs])
+        rows, count = student_scores.shape
+        if rows * count * count * 4 > PERMUTATION_WARNING_BYTES:
+            warnings.warn(
+                f"NeCoLoss: {rows} rows x R = {count} references make soft permutations of "
+                f"{rows * count * count * 4 / 2**30:.1f} GiB; lower the reference fraction or "
+                "count, or the batch size.",
+                stacklevel=3,
+            )
+        return soft_permutation_loss(student_scores, teacher_scores, self._options_for(count))
+
+    def _options_for(self, count: int) -> SortOptions:
+        """The sort options for ``R = count``.
+
+        ``R = f * B * N`` follows the batch, so for ``references="fraction"`` a size at which
+        diffsort's bitonic layout mis-sorts switches to ``"bitonic_padded"`` (with a warning)
+        instead of failing mid-training. Fixed sizes were checked by the constructor.
+        """
+        if (
+            self.references != "fraction"
+            or self.options.network != "bitonic"
+            or self.options.backend != "native"
+            or sorts_every_input("bitonic", count)
+        ):
+            return self.options
+        warnings.warn(
+            f"NeCoLoss: diffsort's bitonic layout mis-sorts R = {count} references; using "
+            "network='bitonic_padded' for this step.",
+            stacklevel=4,
+        )
+        return replace(self.options, network="bitonic_padded")
+
+    def _references(self, teacher_view: int, teacher: Tensor, student: Tensor) -> Tensor:
+        """References for one pair: ``(B, R, D)`` or shared ``(R, D)``; no gradient."""
+        pool = (teacher if self.reference_source == "teacher" else student).detach()
+        batch, patches, _ = pool.shape
+        if self.queue is not None and self.queue.is_full(teacher_view):
+            count = self.num_references or patches
+            return self.queue.sample(teacher_view, batch, count, self.generator).to(pool.dtype)
+        if self.references in ("per_image", "queue"):
+            return per_image_references(pool, patches, self.reference_images, self.generator)
+        if self.references == "fraction":
+            assert self.reference_fraction is not None  # set by the constructor
+            count = fraction_count(self.reference_fraction, batch, patches, self.reference_images)
+        else:
+            assert self.num_references is not None  # set by the constructor
+            count = self.num_references
+        if self.reference_images == "any":
+            return shared_references(pool, count, self.generator)
+        return per_image_references(pool, count, self.reference_images, self.generator)
+
+    def _stats(
+        self, loss: Tensor, terms: list[NeCoTerms], valid_pairs: int, total_pairs: int
+    ) -> NeCoStats:
+        with torch.no_grad():
+            rows = sum(len(term.per_row) for term in terms)
+            references = sum(len(term.per_row) * term.q_student.shape[-1] for term in terms)
+            agreement = sum(
+                float(spearman(term.student_scores.detach(), term.teacher_scores).sum())
+                for term in terms
+            )
+            entropy = sum(float(permutation_entropy(term.q_teacher).sum()) for term in terms)
+        return NeCoStats(
+            loss=float(loss.detach()),
+            valid_pairs=valid_pairs,
+            total_pairs=total_pairs,
+            num_references=references / rows,
+            rank_agreement=agreement / rows,
+            teacher_entropy=entropy / rows,
+            queue_full=None if self.queue is None else self.queue.is_full(0),
+        )
+
+
+def _check_fraction(references: str, fraction: float | None) -> float | None:
+    if references != "fraction":
+        if fraction is not None:
+            raise ValueError(
+                f"reference_fraction applies to references='fraction', not {references!r}."
+            )
+        return None
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)):
+        raise ValueError(
+            f"references='fraction' needs reference_fraction in (0, 1] but it is {fraction!r}."
+        )
+    if not 0 < fraction <= 1:
+        raise ValueError(f"reference_fraction must be in (0, 1] but is {fraction!r}.")
+    return float(fraction)
+
+
+def _check_num_references(references: str, count: int | None, roi_size: int) -> int | None:
+    if references in ("per_image", "fraction"):
+        if count is not None:
+            raise ValueError(
+                f"num_references applies to references='count' or 'queue', not {references!r} "
+                f"(per_image uses roi_size**2 = {roi_size**2}, fraction uses f * B * N)."
+            )
+        return roi_size**2 if references == "per_image" else None
+    if count is None:
+        if references == "count":
+            raise ValueError("references='count' needs num_references (an int >= 1).")
+        return roi_size**2
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"num_references must be an int >= 1 but is {count!r}.")
+    return count
+
+
+def _check_views(
+    student_maps: Sequence[Tensor], teacher_maps: Sequence[Tensor], boxes: Tensor
+) -> tuple[int, int]:
+    """Validate the inputs of ``NeCoLoss.forward``; return ``(B, V)``."""
+    for name, maps in (("student_maps", student_maps), ("teacher_maps", teacher_maps)):
+        if isinstance(maps, Tensor) or not isinstance(maps, Sequence):
+            raise TypeError(f"{name} must be a list of (B, D, h, w) tensors, one per view.")
+        for index, feature_map in enumerate(maps):
+            check_float_tensor(feature_map, f"{name}[{index}]", dims=4)
+    views = len(student_maps)
+    if views < 2:
+        raise ValueError(f"student_maps must hold >= 2 views but holds {views}.")
+    if not 1 <= len(teacher_maps) <= views:
+        raise ValueError(
+            f"teacher_maps must hold 1 to {views} views (the global views) but holds "
+            f"{len(teacher_maps)}."
+        )
+    batch, dim = student_maps[0].shape[:2]
+    for name, maps in (("student_maps", student_maps), ("teacher_maps", teacher_maps)):
+        for index, feature_map in enumerate(maps):
+            if tuple(feature_map.shape[:2]) != (batch, dim):
+                raise ValueError(
+                    f"{name}[{index}] must have (B, D) = {(batch, dim)} like student_maps[0] but "
+                    f"has shape {tuple(feature_map.shape)}."
+                )
+    check_boxes(boxes)
+    if boxes.dim() != 3 or boxes.shape[:2] != (batch, views):
+        raise ValueError(
+            f"boxes must be (B, V, 4 or 5) = ({batch}, {views}, 4 or 5) for {views} views of "
+            f"{batch} images but has shape {tuple(boxes.shape)}."
+        )
+    if compute_dtype(boxes.dtype) != boxes.dtype:
+        raise TypeError(f"boxes must be float32 or float64 but have dtype {boxes.dtype}.")
+    return batch, views
