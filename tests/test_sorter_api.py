@@ -123,8 +123,7 @@ def test_native_backward_matches_in_chunks(monkeypatch):
         return x.grad.clone()
 
     whole = grad()
-    monkeypatch.setattr(native, "BACKWARD_CHUNK_BYTES", 1)
-    monkeypatch.setattr(native, "FORWARD_CHUNK_BYTES", 1)
+    monkeypatch.setattr(native, "CHUNK_BYTES", {"cpu": (1, 1), "cuda": (1, 1)})
     torch.testing.assert_close(grad(), whole, rtol=0, atol=1e-12)
 
 

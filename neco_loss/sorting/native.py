@@ -21,8 +21,10 @@ from torch import Tensor
 from neco_loss.sorting.networks import Layer, SortingPlan
 from neco_loss.sorting.relaxations import Relaxation
 
-FORWARD_CHUNK_BYTES = 8 * 2**20  # one permutation state of a chunk of rows
-BACKWARD_CHUNK_BYTES = 64 * 2**20  # all recomputed layer states of a backward chunk
+# Working-set budgets of a chunk of rows: (forward permutation state, backward layer states).
+# On the CPU small chunks keep allocations below glibc's mmap threshold; on a GPU every chunk
+# costs a few hundred kernel launches, so chunks are as large as memory comfortably allows.
+CHUNK_BYTES = {"cpu": (8 * 2**20, 64 * 2**20), "cuda": (512 * 2**20, 2 * 2**30)}
 
 
 @dataclass(frozen=True)
@@ -298,7 +300,7 @@ def _values_backward(
     return grad_values.reshape(rows, plan.n_wires)[:, plan.n_dropped :]
 
 
-def _rows_per_chunk(plan: SortingPlan, element_size: int, with_records: bool) -> int:
+def _rows_per_chunk(plan: SortingPlan, like: Tensor, with_records: bool) -> int:
     """Rows of the permutation pass processed at once, so that each working tensor stays small.
 
     Chunks keep every allocation below glibc's largest mmap threshold (32 MiB), so freed
@@ -311,8 +313,9 @@ def _rows_per_chunk(plan: SortingPlan, element_size: int, with_records: bool) ->
         numbers_per_row = sum(
             len(stage.layers) * plan.n_wires * stage.group_size for stage in plan.stages
         )
-    budget = BACKWARD_CHUNK_BYTES if with_records else FORWARD_CHUNK_BYTES
-    return max(1, budget // max(1, numbers_per_row * element_size))
+    budgets = CHUNK_BYTES.get(like.device.type, CHUNK_BYTES["cuda"])
+    budget = budgets[1] if with_records else budgets[0]
+    return max(1, budget // max(1, numbers_per_row * like.element_size()))
 
 
 class _NativeSort(torch.autograd.Function):
@@ -329,7 +332,7 @@ class _NativeSort(torch.autograd.Function):
         if not plan.stages:  # n == 1
             return values.sorted_x.clone(), x.new_ones(rows, 1, 1)
         perm = x.new_empty(rows, n, n)
-        chunk = _rows_per_chunk(plan, x.element_size(), with_records=False)
+        chunk = _rows_per_chunk(plan, x, with_records=False)
         for start in range(0, rows, chunk):
             part = slice(start, start + chunk)
             wire_major, _ = _perm_pass([c[part] for c in values.c1], plan, record=False)
@@ -348,7 +351,7 @@ class _NativeSort(torch.autograd.Function):
         values = _value_pass(x, settings, record=True)
         perm_grad_alpha = None
         if grad_perm is not None and plan.stages:
-            chunk = _rows_per_chunk(plan, x.element_size(), with_records=True)
+            chunk = _rows_per_chunk(plan, x, with_records=True)
             parts = [
                 _perm_grad_alpha(
                     [c[start : start + chunk] for c in values.c1],
