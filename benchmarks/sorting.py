@@ -13,6 +13,7 @@ Usage:
     python benchmarks/sorting.py                 # full grid, writes outputs/benchmarks/sorting.md
     python benchmarks/sorting.py --quick         # bitonic, n in {49, 128}, rows 3136
     python benchmarks/sorting.py --peak-rss      # also the peak RSS of one step per process
+    python benchmarks/sorting.py --quick --device cuda --backends native diffsort
 """
 
 from __future__ import annotations
@@ -101,12 +102,12 @@ def measure(backend: str, network: str, n: int, rows: int, args: argparse.Namesp
     if held > args.max_held_gib * 2**30:
         note = f"skipped: would hold {held / 2**30:.1f} GiB"
         return Result(network, n, rows, backend, None, held, None, None, note)
-    student, teacher = inputs(rows, n)
+    student, teacher = (tensor.to(args.device) for tensor in inputs(rows, n))
     loss = step(backend, network, student, teacher)  # warm-up (plans, caches, allocator)
     times = []
     for _ in range(args.repeats):
         start = time.perf_counter()
-        step(backend, network, student, teacher)
+        step(backend, network, student, teacher)  # returns the loss as a float: a device sync
         times.append(time.perf_counter() - start)
         if times[-1] > args.max_step_seconds:
             break
@@ -155,6 +156,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--max-step-seconds", type=float, default=20.0)
     parser.add_argument("--max-held-gib", type=float, default=8.0)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (peak RSS is CPU-only)")
     parser.add_argument("--peak-rss", action="store_true", help="peak RSS of one step per process")
     parser.add_argument("--output", type=Path, default=Path("outputs/benchmarks/sorting.md"))
     args = parser.parse_args()

@@ -2,7 +2,7 @@
 
 For every query patch, the similarities to ``R`` reference patches are soft-sorted ascending by
 a sorting network; the student's soft permutation ``Q_s`` must match the teacher's ``Q_t``
-(Pariza et al., 2024, Eq. 2-4; reference code ``NeCo.knn_loss``).
+(Pariza et al., 2024; reference code ``NeCo.knn_loss``).
 
 >>> import torch
 >>> student, teacher = torch.randn(2, 49, 16), torch.randn(2, 49, 16)
