@@ -89,7 +89,7 @@ def test_native_on_cuda_matches_cpu(network):
     weights = torch.randn(256, 49, 49, dtype=torch.float64)
     results = []
     for device in ("cpu", "cuda"):
-        values = x.to(device).requires_grad_()  # a new leaf per device
+        values = x.clone().to(device).requires_grad_()  # a fresh leaf on each device
         sorted_x, perm = soft_permutation(values, network)
         (perm * weights.to(device)).sum().backward()
         results.append((sorted_x.detach().cpu(), perm.detach().cpu(), values.grad.cpu()))
