@@ -75,8 +75,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--backends", nargs="+", default=["native", "diffsort"])
     args = parser.parse_args()
-    print(f"NeCoLoss step, batch {args.batch}, 2 x {args.global_grid}^2 + 4 x {LOCAL_GRID}^2 "
-          f"tokens, D = {args.dim}, {args.device}, torch {torch.__version__}")  # fmt: skip
+    print(
+        f"NeCoLoss step, batch {args.batch}, 2 x {args.global_grid}^2 + 4 x {LOCAL_GRID}^2 "
+        f"tokens, D = {args.dim}, {args.device}, torch {torch.__version__}"
+    )
     print("| backend | ms / step | vs native | peak GiB (CUDA) | loss |")
     print("|---|---|---|---|---|")
     baseline = None

@@ -118,8 +118,10 @@ class TestPairing:
                 t, s, valid = align_pair(teacher[c], student[v], boxes[:, c], boxes[:, v])
                 t, s = t[valid], s[valid]
                 references = per_image_references(t, 49, "any", generator)
-                per_image += [neco_loss(s[i : i + 1], t[i : i + 1], references[i : i + 1])
-                              for i in range(len(s))]  # fmt: skip
+                per_image += [
+                    neco_loss(s[i : i + 1], t[i : i + 1], references[i : i + 1])
+                    for i in range(len(s))
+                ]
         torch.testing.assert_close(loss, torch.stack(per_image).mean())
 
     def test_flipped_views(self):
@@ -255,11 +257,13 @@ class TestPrecision:
     def test_bf16_maps_and_autocast(self):
         student, teacher = random_maps()
         _, _, boxes = scene()
-        exact = NeCoLoss(seed=0)([m.bfloat16().float() for m in student],
-                                 [m.bfloat16().float() for m in teacher], boxes)  # fmt: skip
+        exact = NeCoLoss(seed=0)(
+            [m.bfloat16().float() for m in student], [m.bfloat16().float() for m in teacher], boxes
+        )
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            half = NeCoLoss(seed=0)([m.bfloat16() for m in student],
-                                    [m.bfloat16() for m in teacher], boxes)  # fmt: skip
+            half = NeCoLoss(seed=0)(
+                [m.bfloat16() for m in student], [m.bfloat16() for m in teacher], boxes
+            )
         assert half.dtype == torch.float32
         torch.testing.assert_close(half, exact)
 

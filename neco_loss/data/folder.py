@@ -1,0 +1,60 @@
+"""``ImageFolder``: a user's own images, found recursively; unreadable files are skipped."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+
+
+class ImageFolder(Dataset):
+    """All images below ``root`` (any depth), as RGB PIL images; no labels.
+
+    A file that cannot be decoded is skipped with a warning (once per file) and counted in
+    ``skipped``; the next readable image is returned in its place.
+
+    Args:
+        root: Folder to search.
+        suffixes: File name endings that count as images (case-insensitive).
+
+    Raises:
+        FileNotFoundError: If ``root`` does not exist or is not a folder.
+        ValueError: If it holds no image files.
+
+    """
+
+    def __init__(self, root: str | Path, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> None:
+        self.root = Path(root).expanduser()
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"image folder {self.root} does not exist or is no folder.")
+        self.files = sorted(
+            path
+            for path in self.root.rglob("*")
+            if path.is_file() and path.suffix.lower() in suffixes
+        )
+        if not self.files:
+            raise ValueError(
+                f"no images ({', '.join(suffixes)}) found below {self.root}; point the dataset "
+                "at a folder of images (sub-folders are searched)."
+            )
+        self.skipped: set[Path] = set()
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> Image.Image:
+        for offset in range(len(self.files)):
+            path = self.files[(index + offset) % len(self.files)]
+            if path in self.skipped:
+                continue
+            try:
+                with Image.open(path) as image:
+                    return image.convert("RGB")
+            except (OSError, UnidentifiedImageError, ValueError) as error:
+                self.skipped.add(path)
+                warnings.warn(f"skipping unreadable image {path}: {error}", stacklevel=2)
+        raise ValueError(f"none of the {len(self.files)} images below {self.root} is readable.")

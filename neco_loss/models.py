@@ -1,0 +1,206 @@
+"""Dense patch features from timm ViTs, the NeCo projection head, and the EMA teacher.
+
+Needs timm (``pip install 'neco-loss[train]'``).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+DINOV2_REGISTERS = "vit_small_patch14_reg4_dinov2"  # reference configs: dinov2-reg ViT-S/14
+HEAD_HIDDEN_DIM = 2048  # reference configs: projection_hidden_dim
+HEAD_OUT_DIM = 256  # reference configs: projection_feat_dim
+
+
+def load_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """Weights from a local checkpoint: a state dict, or one under ``"model"``/``"state_dict"``.
+
+    Loaded with ``weights_only=True``: a checkpoint cannot run code.
+
+    Raises:
+        FileNotFoundError: If the file does not exist.
+        ValueError: If it holds no tensor dictionary.
+
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist.")
+    content = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("model", "state_dict"):
+        if isinstance(content, dict) and isinstance(content.get(key), dict):
+            content = content[key]
+    if not isinstance(content, dict) or not all(isinstance(v, Tensor) for v in content.values()):
+        raise ValueError(f"checkpoint {path} holds no state dict of tensors.")
+    return content
+
+
+class DenseViT(nn.Module):
+    """A timm ViT that returns patch maps ``(B, D, h, w)`` without CLS and register tokens.
+
+    Args:
+        model: A timm model name (e.g. ``"vit_small_patch14_reg4_dinov2"``) or a timm
+            ``VisionTransformer`` instance.
+        pretrained: Load timm's pretrained weights (needs the HuggingFace hub, i.e. internet).
+        checkpoint: A local weights file to load instead (see ``load_state_dict``).
+        **model_kwargs: Passed to ``timm.create_model`` (e.g. ``drop_path_rate=0.1``, or
+            ``img_size``, ``patch_size``, ``embed_dim``, ``depth``, ``num_heads`` for a small ViT).
+
+    Examples:
+        >>> vit = DenseViT("vit_small_patch14_reg4_dinov2", embed_dim=48, depth=1, num_heads=2)
+        >>> vit(torch.randn(2, 3, 98, 126)).shape
+        torch.Size([2, 48, 7, 9])
+
+    """
+
+    def __init__(
+        self,
+        model: str | nn.Module = DINOV2_REGISTERS,
+        pretrained: bool = False,
+        checkpoint: str | Path | None = None,
+        **model_kwargs: Any,
+    ) -> None:
+        super().__init__()
+        if isinstance(model, str):
+            import timm
+
+            model = timm.create_model(
+                model, pretrained=pretrained, dynamic_img_size=True, num_classes=0, **model_kwargs
+            )
+        if not hasattr(model, "forward_features") or not hasattr(model, "patch_embed"):
+            raise TypeError(f"model must be a timm ViT but is {type(model).__name__}.")
+        vit: Any = model  # a timm VisionTransformer; its attributes are untyped
+        self.vit = vit
+        patch = vit.patch_embed.patch_size
+        self.patch_size = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
+        self.embed_dim = int(vit.embed_dim)
+        self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 1))
+        if checkpoint is not None:
+            missing, unexpected = self.vit.load_state_dict(
+                load_state_dict(checkpoint), strict=False
+            )
+            if missing:
+                raise ValueError(
+                    f"checkpoint {checkpoint} lacks {len(missing)} weights of the model, e.g. "
+                    f"{missing[:3]} (unexpected keys: {unexpected[:3]})."
+                )
+
+    def forward(self, images: Tensor) -> Tensor:
+        """``(B, 3, H, W)`` images, H and W divisible by the patch size -> ``(B, D, h, w)``."""
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be (B, 3, H, W) but have shape {tuple(images.shape)}.")
+        height, width = images.shape[2:]
+        if height % self.patch_size or width % self.patch_size:
+            raise ValueError(
+                f"image size {height}x{width} is not divisible by the patch size {self.patch_size}."
+            )
+        tokens = self.vit.forward_features(images)[:, self.num_prefix_tokens :]
+        grid = (height // self.patch_size, width // self.patch_size)
+        return tokens.transpose(1, 2).unflatten(2, grid)
+
+
+class ProjectionHead(nn.Module):
+    """Per-token MLP ``D -> hidden -> hidden -> out`` with GELU, then L2 normalisation.
+
+    Reference configs: ``projection_hidden_dim: 2048``, ``projection_feat_dim: 256``,
+    ``n_layers_projection_head: 3``, trunc-normal(0.02) weights, zero biases.
+
+    Args:
+        in_dim: Feature size ``D`` of the backbone.
+        hidden_dim: Hidden width.
+        out_dim: Output size.
+
+    """
+
+    def __init__(
+        self, in_dim: int, hidden_dim: int = HEAD_HIDDEN_DIM, out_dim: int = HEAD_OUT_DIM
+    ) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(in_dim, hidden_dim),
+            nn.GELU(),
+            nn.Linear(hidden_dim, hidden_dim),
+            nn.GELU(),
+            nn.Linear(hidden_dim, out_dim),
+        )
+        for layer in self.mlp:
+            if isinstance(layer, nn.Linear):
+                nn.init.trunc_normal_(layer.weight, std=0.02)
+                nn.init.zeros_(layer.bias)
+
+    def forward(self, feature_map: Tensor) -> Tensor:
+        """``(B, D, h, w)`` -> ``(B, out_dim, h, w)`` with unit-norm tokens."""
+        tokens = self.mlp(feature_map.permute(0, 2, 3, 1))
+        return nn.functional.normalize(tokens, dim=-1).permute(0, 3, 1, 2)
+
+
+class DenseEncoder(nn.Module):
+    """Backbone + projection head: ``images -> (B, out_dim, h, w)`` unit-norm tokens."""
+
+    def __init__(self, backbone: DenseViT, head: ProjectionHead) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, images: Tensor) -> Tensor:
+        """``(B, 3, H, W)`` -> ``(B, out_dim, h, w)``."""
+        return self.head(self.backbone(images))
+
+
+def momentum_at(step: int, total_steps: int, start: float = 0.9995, end: float = 1.0) -> float:
+    """Cosine EMA momentum from ``start`` at step 0 to ``end`` at ``total_steps`` (reference)."""
+    progress = min(max(step / max(1, total_steps), 0.0), 1.0)
+    return end - (end - start) * (math.cos(math.pi * progress) + 1) / 2
+
+
+class EMATeacher(nn.Module):
+    """A frozen copy of a module, moved towards it by an exponential moving average.
+
+    Unlike the reference code, the teacher never builds an autograd graph: its parameters do
+    not require gradients, it runs under ``no_grad`` and stays in eval mode (no drop-path).
+    ``update`` blends parameters and copies buffers.
+
+    Args:
+        student: The module to copy.
+
+    """
+
+    def __init__(self, student: nn.Module) -> None:
+        super().__init__()
+        self.module = copy.deepcopy(student)
+        self.module.requires_grad_(False)
+        self.module.eval()
+
+    def train(self, mode: bool = True) -> EMATeacher:
+        """The teacher stays in eval mode whatever the caller asks."""
+        super().train(mode)
+        self.module.eval()
+        return self
+
+    @torch.no_grad()
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The copied module's forward, without gradient."""
+        return self.module(*args, **kwargs)
+
+    @torch.no_grad()
+    def update(self, student: nn.Module, momentum: float) -> None:
+        """``teacher = momentum * teacher + (1 - momentum) * student``; buffers copied.
+
+        Raises:
+            ValueError: If ``momentum`` is outside [0, 1].
+
+        """
+        if not 0 <= momentum <= 1:
+            raise ValueError(f"momentum must be in [0, 1] but is {momentum!r}.")
+        teacher_parameters: list[Tensor] = list(self.module.parameters())
+        student_parameters = [p.detach() for p in student.parameters()]
+        torch._foreach_lerp_(teacher_parameters, student_parameters, 1 - momentum)
+        for teacher_buffer, student_buffer in zip(
+            self.module.buffers(), student.buffers(), strict=True
+        ):
+            teacher_buffer.copy_(student_buffer)
