@@ -6,12 +6,13 @@ Needs timm (``pip install 'neco-loss[train]'``).
 from __future__ import annotations
 
 import copy
-import math
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from neco_loss.schedules import cosine
 
 DINOV2_REGISTERS = "vit_small_patch14_reg4_dinov2"  # reference configs: dinov2-reg ViT-S/14
 HEAD_HIDDEN_DIM = 2048  # reference configs: projection_hidden_dim
@@ -154,8 +155,7 @@ class DenseEncoder(nn.Module):
 
 def momentum_at(step: int, total_steps: int, start: float = 0.9995, end: float = 1.0) -> float:
     """Cosine EMA momentum from ``start`` at step 0 to ``end`` at ``total_steps`` (reference)."""
-    progress = min(max(step / max(1, total_steps), 0.0), 1.0)
-    return end - (end - start) * (math.cos(math.pi * progress) + 1) / 2
+    return cosine(step, total_steps, start, end)
 
 
 class EMATeacher(nn.Module):

@@ -1,0 +1,6 @@
+"""NeCo post-pretraining: configuration, the training loop, checkpoints."""
+
+from neco_loss.training.config import TrainConfig, build_config, load_config
+from neco_loss.training.trainer import Trainer, TrainResult, train
+
+__all__ = ["TrainConfig", "TrainResult", "Trainer", "build_config", "load_config", "train"]

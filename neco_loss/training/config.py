@@ -1,0 +1,226 @@
+"""``TrainConfig``: every knob of ``neco train``; YAML keys = CLI flags = field names.
+
+Defaults are the reference configuration for DINOv2-registers ViT-S/14
+(``experiments/configs/models/small/neco_dinov2r.yml`` of the NeCo code), except
+``crop sizes`` (224 / 98 here, 518 / 98 there) and the queue (off here, on there).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class TrainConfig:
+    """Configuration of a NeCo post-pretraining run.
+
+    Attributes:
+        model: timm model name (reference: DINOv2 ViT-S/14 with 4 registers).
+        model_kwargs: Extra ``timm.create_model`` arguments (e.g. a small ViT for CPU runs).
+        pretrained: Load timm's pretrained weights (needs internet on first use).
+        weights: Local backbone weights to start from (overrides ``pretrained``).
+        drop_path_rate: Student stochastic depth (reference: 0.1).
+        head_hidden_dim: Projection head width (reference: 2048).
+        head_out_dim: Projection head output (reference: 256).
+        dataset: ``"synthetic"`` (built-in ``SyntheticScenes``) or a folder of images.
+        image_size: Side of the synthetic images.
+        train_images: Number of synthetic training images (``None``: the dataset default).
+        global_size: Global crop side (reference: 224 or 518).
+        local_size: Local crop side (reference: 98).
+        num_global: Global crops per image (reference: 2).
+        num_local: Local crops per image (reference: 4).
+        global_scale: Global crop area range (reference: (0.25, 1)).
+        local_scale: Local crop area range (reference: (0.05, 0.25)).
+        min_overlap: Minimum crop overlap as a fraction of the image (reference: 0.01).
+        flip: Random horizontal flips (reference: off).
+        loss: Keyword arguments of ``NeCoLoss`` (e.g. ``{steepness: [10, 100], top_k: 5}``).
+        batch_size: Images per step (reference: 64).
+        epochs: Passes over the data (reference: 25 on COCO).
+        max_steps: Stop after this many steps (``None``: ``epochs`` decide).
+        lr_backbone: Peak backbone learning rate (reference: 1e-5).
+        lr_head: Peak head learning rate (reference: 1e-4).
+        final_lr: Learning rate at the end of the cosine schedule (reference: 0).
+        weight_decay: Weight decay at the start (reference: 0.04).
+        weight_decay_end: Weight decay at the end, cosine (reference: 0.5).
+        momentum: EMA momentum at the start (reference: 0.9995).
+        momentum_end: EMA momentum at the end, cosine (reference: 1.0).
+        grad_clip: Gradient norm clipping (``None``: off, reference).
+        num_workers: Data loader worker processes.
+        seed: Seed of everything (data order, augmentations, references, initialisation).
+        device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
+        precision: ``"auto"`` (bf16 autocast on CUDA, float32 on CPU), ``"bf16"`` or ``"fp32"``.
+        output_dir: Where checkpoints, logs and the config go.
+        checkpoint_every: Save a checkpoint every N steps (0: only at the end).
+        log_every: Write a metrics row every N steps.
+
+    """
+
+    model: str = "vit_small_patch14_reg4_dinov2"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    pretrained: bool = False
+    weights: str | None = None
+    drop_path_rate: float = 0.1
+    head_hidden_dim: int = 2048
+    head_out_dim: int = 256
+    dataset: str = "synthetic"
+    image_size: int = 96
+    train_images: int | None = None
+    global_size: int = 224
+    local_size: int = 98
+    num_global: int = 2
+    num_local: int = 4
+    global_scale: list[float] = field(default_factory=lambda: [0.25, 1.0])
+    local_scale: list[float] = field(default_factory=lambda: [0.05, 0.25])
+    min_overlap: float = 0.01
+    flip: bool = False
+    loss: dict[str, Any] = field(default_factory=dict)
+    batch_size: int = 64
+    epochs: int = 25
+    max_steps: int | None = None
+    lr_backbone: float = 1e-5
+    lr_head: float = 1e-4
+    final_lr: float = 0.0
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.5
+    momentum: float = 0.9995
+    momentum_end: float = 1.0
+    grad_clip: float | None = None
+    num_workers: int = 0
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    output_dir: str = "outputs/train"
+    checkpoint_every: int = 0
+    log_every: int = 1
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        for name in ("batch_size", "epochs", "head_hidden_dim", "head_out_dim", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 but is {getattr(self, name)}.")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1 or null but is {self.max_steps}.")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]' but is {self.device!r}.")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(
+                f"precision must be 'auto', 'bf16' or 'fp32' but is {self.precision!r}."
+            )
+        if self.dataset != "synthetic" and not Path(self.dataset).expanduser().is_dir():
+            raise FileNotFoundError(
+                f"dataset must be 'synthetic' or an existing folder of images; {self.dataset} is "
+                "neither."
+            )
+        if self.weights is not None and not Path(self.weights).expanduser().is_file():
+            raise FileNotFoundError(f"weights file {self.weights} does not exist.")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data, as YAML writes it."""
+        return dataclasses.asdict(self)
+
+
+def _matches(value: Any, annotation: Any) -> bool:
+    origin = typing.get_origin(annotation)
+    if annotation is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, option) for option in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        return isinstance(value, list) and all(_matches(v, item) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, annotation)
+
+
+def _yaml_float(text: str) -> float | str:
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def _check_types(config: TrainConfig) -> None:
+    hints = typing.get_type_hints(TrainConfig)
+    for item in dataclasses.fields(config):
+        value = getattr(config, item.name)
+        if hints[item.name] in (float, float | None) and isinstance(value, str):
+            value = _yaml_float(value)  # YAML 1.1 reads "1e-3" as a string
+            setattr(config, item.name, value)
+        if not _matches(value, hints[item.name]):
+            raise TypeError(
+                f"config key {item.name!r} must be {hints[item.name]} but is "
+                f"{type(value).__name__}: {value!r}."
+            )
+        if hints[item.name] is float or hints[item.name] == float | None:
+            if isinstance(value, int):
+                setattr(config, item.name, float(value))
+
+
+def _apply(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``data[key] = value``; ``a.b`` sets ``data["a"]["b"]`` (e.g. ``loss.top_k``)."""
+    head, _, rest = key.partition(".")
+    if rest:
+        nested = data.setdefault(head, {})
+        if not isinstance(nested, dict):
+            raise ValueError(f"override {key!r}: {head!r} is not a mapping.")
+        _apply(nested, rest, value)
+    else:
+        data[head] = value
+
+
+def build_config(
+    data: dict[str, Any] | None = None, overrides: list[str] | None = None
+) -> TrainConfig:
+    """A ``TrainConfig`` from a mapping plus ``["--key", "value", ...]`` overrides.
+
+    Values of overrides are parsed as YAML (``--epochs 3``, ``--loss.steepness "[10, 100]"``).
+
+    Raises:
+        ValueError: For unknown keys (the valid ones are listed) or malformed overrides.
+        TypeError: For values of the wrong type.
+
+    """
+    data = dict(data or {})
+    overrides = list(overrides or [])
+    if len(overrides) % 2:
+        raise ValueError(f"overrides must come as '--key value' pairs but got {overrides}.")
+    for flag, text in zip(overrides[::2], overrides[1::2], strict=True):
+        if not flag.startswith("--"):
+            raise ValueError(f"override {flag!r} must start with '--'.")
+        _apply(data, flag[2:].replace("-", "_"), yaml.safe_load(text))
+    valid = [item.name for item in dataclasses.fields(TrainConfig)]
+    unknown = sorted(set(data) - set(valid))
+    if unknown:
+        raise ValueError(f"unknown config keys {unknown}; valid keys: {valid}.")
+    return TrainConfig(**data)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a YAML config (safe loader) and apply overrides; see ``build_config``.
+
+    Raises:
+        FileNotFoundError: If the file does not exist.
+        ValueError: If it is not a YAML mapping, or for unknown keys.
+
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist.")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping of keys to values.")
+    return build_config(data, overrides)
