@@ -1,116 +1,92 @@
-"""The ``neco`` command.
-
-``neco demo`` runs the sorting demo on an embedded default (no downloads): a soft permutation at
-several steepness values (printed and drawn), the native backend against diffsort (the reference
-code's sorter) on a NeCo-sized problem, and one loss step of each, timed.
-"""
+"""The ``neco`` command: ``demo``, ``train``, ``eval in-context``, ``sort-demo``."""
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import time
 from pathlib import Path
 
-import torch
 
-from neco_loss.permutation_losses import permutation_loss
-from neco_loss.sorting import soft_permutation
+def _eval_in_context(args: argparse.Namespace) -> None:
+    from neco_loss.data import SyntheticScenes
+    from neco_loss.evaluation import in_context_miou
+    from neco_loss.evaluation.datasets import Normalized
+    from neco_loss.models import DenseViT
+    from neco_loss.training import load_config
 
-DEMO_STEEPNESS = (1.0, 10.0, 100.0)
-REPEATS = 3  # timed steps after one warm-up; the median is shown
-
-
-def _loss_step(backend: str, student: torch.Tensor, teacher: torch.Tensor) -> tuple[float, float]:
-    """One CE(Q_t, Q_s) forward + backward; returns (loss, seconds)."""
-    start = time.perf_counter()
-    with torch.no_grad():
-        _, q_teacher = soft_permutation(teacher, backend=backend)
-    student = student.detach().requires_grad_()
-    _, q_student = soft_permutation(student, backend=backend)
-    loss = permutation_loss(q_student, q_teacher).mean()
-    loss.backward()
-    return float(loss.detach()), time.perf_counter() - start
-
-
-def _draw(example: torch.Tensor, perms: list[torch.Tensor], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(1, len(perms), figsize=(3.2 * len(perms), 3.4))
-    for axis, steepness, perm in zip(axes, DEMO_STEEPNESS, perms, strict=True):
-        axis.imshow(perm.numpy(), cmap="viridis", vmin=0, vmax=1)
-        axis.set_title(f"steepness {steepness:g}")
-        axis.set_xlabel("rank j")
-        axis.set_ylabel("element i")
-        axis.set_xticks(range(perm.shape[1]))
-        axis.set_yticks(range(perm.shape[0]), [f"{v:g}" for v in example.tolist()])
-    figure.suptitle("Soft permutation P[i, j] = P(element i lands at rank j), bitonic, Cauchy")
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-
-
-def demo(output: Path, rows: int, n: int) -> None:
-    """Run the sorting demo; see the module docstring."""
-    example = torch.tensor([0.3, -1.2, 0.25, 2.0, 0.9, -0.4])
-    print("1. Soft permutation of", [round(v, 2) for v in example.tolist()])
-    perms = []
-    for steepness in DEMO_STEEPNESS:
-        sorted_x, perm = soft_permutation(example.unsqueeze(0), steepness=steepness)
-        perms.append(perm[0])
-        print(
-            f"   steepness {steepness:>5g}: soft-sorted",
-            [round(v, 3) for v in sorted_x[0].tolist()],
+    config = load_config(args.config)
+    backbone = DenseViT(config.model, checkpoint=args.weights, **config.model_kwargs).eval()
+    size = args.image_size or config.image_size
+    if args.dataset != "synthetic":
+        raise SystemExit(
+            f"dataset {args.dataset!r}: only 'synthetic' is available so far (real dataset "
+            "loaders come with the evaluation suite)."
         )
-    print(f"   hard ranks (argmax over ranks): {perms[-1].argmax(dim=1).tolist()}")
-    if importlib.util.find_spec("matplotlib") is not None:
-        figure = output / "soft_permutation.png"
-        _draw(example, perms, figure)
-        print(f"   figure: {figure}")
-
-    print(f"2. native vs diffsort on NeCo's size: {rows} rows (64 images x 49 patches), n = {n}")
-    generator = torch.Generator().manual_seed(0)
-    student = torch.randn(rows, n, generator=generator)
-    teacher = torch.randn(rows, n, generator=generator)
-    if importlib.util.find_spec("diffsort") is None:
-        print(
-            "   diffsort is not installed (pip install 'neco-loss[diffsort]'): comparison skipped"
-        )
-        loss, seconds = _loss_step("native", student, teacher)
-        print(f"   native loss {loss:.6f}, {seconds * 1e3:.0f} ms per step")
-        return
-    with torch.no_grad():
-        _, ours = soft_permutation(student)
-        _, reference = soft_permutation(student, backend="diffsort")
-    print(f"   max |P_native - P_diffsort| = {(ours - reference).abs().max():.2e}")
-    results = {}
-    for backend in ("native", "diffsort"):
-        runs = [_loss_step(backend, student, teacher) for _ in range(1 + REPEATS)][1:]  # warm-up
-        results[backend] = sorted(runs, key=lambda run: run[1])[REPEATS // 2]  # median time
-        loss, seconds = results[backend]
-        print(
-            f"   {backend:8s} CE loss {loss:.6f}  step (teacher + student sort, CE, backward)"
-            f" {seconds * 1e3:6.0f} ms"
-        )
-    speedup = results["diffsort"][1] / results["native"][1]
-    print(f"   native is {speedup:.1f}x faster; full tables: make bench (docs/performance.md)")
+    train_set = Normalized(SyntheticScenes("train", size, args.train_images, seed=config.seed))
+    val_set = Normalized(SyntheticScenes("val", size, args.val_images, seed=config.seed))
+    result = in_context_miou(
+        backbone, train_set, val_set, SyntheticScenes.num_classes, progress=True
+    )
+    print(f"in-context mIoU: {result.miou:.4f}")
+    print("IoU per class:", [round(v, 4) for v in result.iou.tolist()])
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``neco`` command."""
-    parser = argparse.ArgumentParser(prog="neco", description="NeCo loss tools.")
+    parser = argparse.ArgumentParser(prog="neco", description="NeCo post-pretraining tools.")
     commands = parser.add_subparsers(dest="command", required=True)
-    demo_parser = commands.add_parser("demo", help="soft sorting demo on an embedded default")
-    demo_parser.add_argument("--output", type=Path, default=Path("outputs/demo"))
-    demo_parser.add_argument("--rows", type=int, default=3136)
-    demo_parser.add_argument("--n", type=int, default=49)
-    args = parser.parse_args(argv)
+
+    demo = commands.add_parser("demo", help="the main job on the built-in synthetic scenes")
+    demo.add_argument("--output", type=Path, default=Path("outputs/demo"))
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--neco-steps", type=int, default=None)
+    demo.add_argument("--dino-steps", type=int, default=None)
+
+    train = commands.add_parser(
+        "train", help="NeCo post-pretraining from a YAML config; extra '--key value' override it"
+    )
+    train.add_argument("config", type=Path)
+    train.add_argument("--resume", action="store_true", help="continue from output_dir")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    evaluate = commands.add_parser("eval", help="evaluation protocols")
+    protocols = evaluate.add_subparsers(dest="protocol", required=True)
+    in_context = protocols.add_parser("in-context", help="dense nearest-neighbour segmentation")
+    in_context.add_argument("--config", type=Path, required=True, help="the run's config.yaml")
+    in_context.add_argument("--weights", type=Path, required=True, help="backbone.pt of a run")
+    in_context.add_argument("--dataset", default="synthetic")
+    in_context.add_argument("--image-size", type=int, default=None)
+    in_context.add_argument("--train-images", type=int, default=200)
+    in_context.add_argument("--val-images", type=int, default=64)
+
+    sort_demo = commands.add_parser("sort-demo", help="soft sorting demo, native vs diffsort")
+    sort_demo.add_argument("--output", type=Path, default=Path("outputs/sort_demo"))
+    sort_demo.add_argument("--rows", type=int, default=3136)
+    sort_demo.add_argument("--n", type=int, default=49)
+
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "train":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "demo":
-        demo(args.output, args.rows, args.n)
+        from neco_loss.demo import DINO_STEPS, run_demo
+
+        run_demo(args.output, args.seed, args.neco_steps, args.dino_steps or DINO_STEPS)
+    elif args.command == "train":
+        from neco_loss.training import load_config
+        from neco_loss.training import train as run_training
+
+        result = run_training(
+            load_config(args.config, extra), resume=args.resume, progress=not args.quiet
+        )
+        print(
+            f"trained {result.steps} steps, last loss {result.last_loss:.4f}; "
+            f"checkpoint {result.checkpoint}, backbone weights {result.backbone}"
+        )
+    elif args.command == "eval":
+        _eval_in_context(args)
+    else:
+        from neco_loss.sort_demo import demo as sorting_demo
+
+        sorting_demo(args.output, args.rows, args.n)
 
 
 if __name__ == "__main__":

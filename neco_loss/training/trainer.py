@@ -210,6 +210,11 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             student_maps = _encode_views(self.student, views)
             teacher_maps = _encode_views(self.teacher, views[: self.config.num_global])
+        if not all(bool(torch.isfinite(m).all()) for m in student_maps + teacher_maps):
+            raise FloatingPointError(
+                f"the model produced NaN/Inf features at step {self.step}: training stopped. "
+                "Lower the learning rates, or enable grad_clip."
+            )
         loss = self.criterion(student_maps, teacher_maps, boxes)
         if not torch.isfinite(loss):
             raise FloatingPointError(

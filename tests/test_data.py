@@ -1,0 +1,150 @@
+"""SyntheticScenes, NeCoMultiCrop boxes, ImageFolder."""
+
+import math
+import warnings
+
+import pytest
+import torch
+from PIL import Image
+
+from neco_loss.data import CLASS_NAMES, ImageFolder, NeCoMultiCrop, SyntheticScenes
+from neco_loss.geometry import intersect
+
+
+class TestSyntheticScenes:
+    def test_deterministic_and_split_dependent(self):
+        first = SyntheticScenes("train", size=48)[3]
+        again = SyntheticScenes("train", size=48)[3]
+        assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+        assert not torch.equal(first[0], SyntheticScenes("val", size=48)[3][0])
+        assert not torch.equal(first[0], SyntheticScenes("train", size=48, seed=1)[3][0])
+
+    def test_shapes_values_and_classes(self):
+        scenes = SyntheticScenes("val", size=64, length=40)
+        assert len(scenes) == 40
+        seen = torch.zeros(len(CLASS_NAMES), dtype=torch.long)
+        for image, mask in scenes:
+            assert image.shape == (3, 64, 64) and image.dtype == torch.float32
+            assert 0 <= image.min() and image.max() <= 1
+            assert mask.shape == (64, 64) and mask.dtype == torch.long
+            seen += torch.bincount(mask.flatten(), minlength=len(CLASS_NAMES))
+        assert (seen > 0).all()  # every class occurs
+        assert 0.1 < seen[1:].sum() / seen.sum() < 0.8  # objects cover a good part
+
+    @pytest.mark.parametrize(
+        "label, area",
+        [
+            (1, math.pi * 0.7),  # ellipse pi * r * (r * aspect), r = 1 unit
+            (2, 4 * 0.7),  # rectangle (2r) x (2r * aspect)
+            (3, 3 * math.sqrt(3) / 4 * 1.0**2),  # equilateral triangle, inradius r / 2
+        ],
+    )
+    def test_shape_areas(self, label, area, monkeypatch):
+        """Masks are the shapes they claim to be: areas match the closed forms."""
+        scenes = SyntheticScenes("train", size=400)
+        values = iter([0.25, 0.5, 0.5, 0.3, 0.7])  # radius 100 px, centre, angle, aspect 0.7
+        monkeypatch.setattr(
+            "neco_loss.data.synthetic._uniform", lambda g, low, high: low + (high - low) * next(values)
+        )
+        ys, xs = torch.meshgrid(torch.arange(400.0) + 0.5, torch.arange(400.0) + 0.5, indexing="ij")
+        inside, _, _ = scenes._shape(label, xs, ys, torch.Generator())
+        radius = (0.13 + 0.25 * (0.3 - 0.13)) * 400
+        assert inside.sum().item() == pytest.approx(area * radius**2, rel=0.03)
+
+    def test_bad_arguments(self):
+        with pytest.raises(ValueError, match="split must be one of"):
+            SyntheticScenes("test")
+        with pytest.raises(ValueError, match="size must be an int >= 16"):
+            SyntheticScenes(size=8)
+        with pytest.raises(IndexError):
+            SyntheticScenes("val", length=2)[2]
+
+
+def coordinate_image(height: int, width: int) -> torch.Tensor:
+    """(3, H, W): channel 0 = x / W, channel 1 = y / H of each pixel centre."""
+    ys, xs = torch.meshgrid(torch.arange(height) + 0.5, torch.arange(width) + 0.5, indexing="ij")
+    return torch.stack([xs / width, ys / height, torch.zeros_like(xs)])
+
+
+class TestNeCoMultiCrop:
+    @pytest.mark.parametrize("flip", [False, True])
+    def test_boxes_locate_the_pixels(self, flip):
+        torch.manual_seed(0)
+        height, width = 120, 160
+        transform = NeCoMultiCrop(64, 32, flip=flip, photometric=False, normalize=False)
+        for _ in range(5):
+            views, boxes = transform(coordinate_image(height, width))
+            assert len(views) == 6 and boxes.shape == (6, 5)
+            for view, (x0, y0, x1, y1, flipped) in zip(views, boxes.tolist(), strict=True):
+                size = view.shape[-1]
+                centres = (torch.arange(size) + 0.5) / size
+                xs = (x0 + centres * (x1 - x0)) / width
+                if flipped:
+                    xs = xs.flip(0)
+                ys = (y0 + centres * (y1 - y0)) / height
+                inner = slice(2, size - 2)  # resampling blurs the outermost pixels
+                pixel = 1.5 / width  # within a pixel and a half of the original image
+                assert (view[0, inner, inner] - xs[inner]).abs().max() < pixel
+                assert (view[1, inner, inner] - ys[inner, None]).abs().max() < 1.5 / height
+            if flip:
+                assert set(boxes[:, 4].tolist()) <= {0.0, 1.0}
+
+    def test_overlap_constraint(self):
+        torch.manual_seed(1)
+        transform = NeCoMultiCrop(min_overlap=0.1)
+        area = 200 * 300
+        for _ in range(50):
+            boxes = transform.sample_boxes(200, 300)
+            for index in range(1, 6):
+                shared = intersect(boxes[index], boxes[: min(index, 2)])
+                overlap = (shared[:, 2] - shared[:, 0]).clamp(min=0) * (
+                    shared[:, 3] - shared[:, 1]
+                ).clamp(min=0)
+                required = 0.1 * area * (2 if index < 2 else 1)
+                assert (overlap > required).all()
+            assert (boxes[:, 2] <= 300).all() and (boxes[:, 3] <= 200).all()
+
+    def test_impossible_overlap_is_an_error(self):
+        transform = NeCoMultiCrop(local_scale=(0.05, 0.1), min_overlap=0.5, max_tries=20)
+        with pytest.raises(ValueError, match="could not sample crop"):
+            transform.sample_boxes(100, 100)
+
+    def test_pil_input_normalised_views(self):
+        image = Image.new("RGB", (90, 70), color=(200, 10, 10))
+        views, boxes = NeCoMultiCrop(28, 14, num_local=2)(image)
+        assert [tuple(v.shape) for v in views] == [(3, 28, 28)] * 2 + [(3, 14, 14)] * 2
+        assert boxes.dtype == torch.float32 and (boxes[:, 4] == 0).all()
+
+    def test_bad_arguments(self):
+        with pytest.raises(ValueError, match="global_scale must be"):
+            NeCoMultiCrop(global_scale=(0.5, 0.2))
+        with pytest.raises(ValueError, match="min_overlap must be in"):
+            NeCoMultiCrop(min_overlap=1.0)
+        with pytest.raises(ValueError, match="image must be a PIL image or a"):
+            NeCoMultiCrop()(torch.rand(4, 10, 10))
+
+
+class TestImageFolder:
+    def test_recursive_formats_and_corrupt_files(self, tmp_path):
+        (tmp_path / "a" / "b").mkdir(parents=True)
+        Image.new("RGB", (8, 6)).save(tmp_path / "one.png")
+        Image.new("L", (8, 6)).save(tmp_path / "a" / "two.JPG")
+        Image.new("RGB", (8, 6)).save(tmp_path / "a" / "b" / "three.webp")
+        (tmp_path / "a" / "broken.jpg").write_bytes(b"not an image")
+        (tmp_path / "notes.txt").write_text("skip me")
+        folder = ImageFolder(tmp_path)
+        assert len(folder) == 4
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            images = [folder[i] for i in range(len(folder))]
+        assert all(image.mode == "RGB" and image.size == (8, 6) for image in images)
+        assert len(folder.skipped) == 1 and "broken.jpg" in str(caught[0].message)
+
+    def test_errors(self, tmp_path):
+        with pytest.raises(FileNotFoundError, match="does not exist"):
+            ImageFolder(tmp_path / "missing")
+        with pytest.raises(ValueError, match="no images"):
+            ImageFolder(tmp_path)
+        (tmp_path / "bad.png").write_bytes(b"x")
+        with pytest.warns(UserWarning), pytest.raises(ValueError, match="none of the 1 images"):
+            ImageFolder(tmp_path)[0]

@@ -1,0 +1,142 @@
+"""neco train: a tiny run, exact resume, configs and their errors."""
+
+import pytest
+import torch
+import yaml
+
+from neco_loss.training import Trainer, build_config, load_config, train
+from neco_loss.training.checkpoint import LAST, load_checkpoint
+
+TINY = {
+    "model_kwargs": {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2},
+    "head_hidden_dim": 32,
+    "head_out_dim": 16,
+    "image_size": 48,
+    "train_images": 8,
+    "global_size": 32,
+    "local_size": 16,
+    "num_local": 2,
+    "batch_size": 4,
+    "epochs": 5,
+    "loss": {"roi_size": 2},
+    "lr_backbone": 1e-3,
+    "lr_head": 1e-3,
+    "momentum": 0.9,
+}
+
+
+def tiny_config(tmp_path, **changes):
+    return build_config({**TINY, "output_dir": str(tmp_path), **changes})
+
+
+def test_three_steps_train_save_and_move_the_teacher(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, max_steps=3), progress=False)
+    initial = {k: v.clone() for k, v in trainer.student.state_dict().items()}
+    result = trainer.fit()
+    assert result.steps == 3 and torch.isfinite(torch.tensor(result.last_loss))
+    for name in (LAST, "backbone.pt", "config.yaml", "metrics.csv"):
+        assert (tmp_path / name).is_file()
+    assert len((tmp_path / "metrics.csv").read_text().splitlines()) == 1 + 3
+    student = trainer.student.state_dict()
+    teacher = trainer.teacher.module.state_dict()
+    name = "backbone.vit.blocks.0.attn.qkv.weight"
+    assert not torch.equal(student[name], initial[name])  # the student learned
+    assert not torch.equal(teacher[name], initial[name])  # the teacher moved by EMA ...
+    assert not torch.equal(teacher[name], student[name])  # ... but is not the student
+    assert all(not p.requires_grad for p in trainer.teacher.parameters())
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert saved["max_steps"] == 3 and saved["loss"] == {"roi_size": 2}
+
+
+def test_resume_reaches_the_identical_state(tmp_path, monkeypatch):
+    straight = Trainer(tiny_config(tmp_path / "straight", max_steps=3), progress=False)
+    straight.fit()
+
+    config = tiny_config(tmp_path / "resumed", max_steps=3, checkpoint_every=2)
+    interrupted = Trainer(config, progress=False)
+    original_step = interrupted._train_step
+
+    def crash_at_third_step(views, boxes):
+        if interrupted.step == 2:
+            raise KeyboardInterrupt
+        return original_step(views, boxes)
+
+    monkeypatch.setattr(interrupted, "_train_step", crash_at_third_step)
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.fit()
+    assert load_checkpoint(tmp_path / "resumed" / LAST)["step"] == 2
+
+    resumed = Trainer(config, progress=False)
+    resumed.resume()
+    resumed.fit()
+    for name, expected in straight.state().items():
+        if name in ("student", "teacher", "criterion"):
+            for key, value in expected.items():
+                assert torch.equal(resumed.state()[name][key], value), (name, key)
+    assert resumed.state()["optimizer"]["state"].keys() == expected_keys(straight)
+    metrics = (tmp_path / "resumed" / "metrics.csv").read_text().splitlines()
+    assert [row.split(",")[0] for row in metrics[1:]] == ["1", "2", "3"]
+
+
+def expected_keys(trainer):
+    return trainer.state()["optimizer"]["state"].keys()
+
+
+def test_resume_refuses_another_config_and_bad_files(tmp_path):
+    Trainer(tiny_config(tmp_path, max_steps=1), progress=False).fit()
+    with pytest.raises(ValueError, match=r"other values for \['lr_head'\]"):
+        Trainer(tiny_config(tmp_path, max_steps=2, lr_head=0.5), progress=False).resume()
+    (tmp_path / LAST).write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="cannot be read"):
+        Trainer(tiny_config(tmp_path, max_steps=2), progress=False).resume()
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        Trainer(tiny_config(tmp_path / "empty", max_steps=2), progress=False).resume()
+
+
+def test_non_finite_features_stop_training_with_the_step(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, max_steps=2), progress=False)
+    with torch.no_grad():
+        trainer.student.head.mlp[0].weight.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="at step 0"):
+        trainer.fit()
+
+
+def test_train_from_an_image_folder(tmp_path):
+    from PIL import Image
+
+    for index in range(4):
+        Image.new("RGB", (40, 30), color=(index * 60, 20, 200)).save(tmp_path / f"{index}.png")
+    result = train(
+        tiny_config(tmp_path / "out", dataset=str(tmp_path), max_steps=1, train_images=None),
+        progress=False,
+    )
+    assert result.steps == 1
+
+
+class TestConfig:
+    def test_yaml_and_overrides(self, tmp_path):
+        path = tmp_path / "run.yaml"
+        path.write_text(yaml.safe_dump({"epochs": 3, "loss": {"top_k": 5}}))
+        config = load_config(path, ["--lr-head", "1e-3", "--loss.steepness", "[10, 100]"])
+        assert config.epochs == 3 and config.lr_head == 1e-3
+        assert config.loss == {"top_k": 5, "steepness": [10, 100]}
+
+    def test_errors(self, tmp_path):
+        with pytest.raises(ValueError, match=r"unknown config keys \['epoch'\]; valid keys"):
+            build_config({"epoch": 3})
+        with pytest.raises(TypeError, match="config key 'batch_size' must be"):
+            build_config({"batch_size": "64"})
+        with pytest.raises(FileNotFoundError, match="an existing folder of images"):
+            build_config({"dataset": str(tmp_path / "missing")})
+        with pytest.raises(FileNotFoundError, match="weights file"):
+            build_config({"weights": str(tmp_path / "missing.pt")})
+        with pytest.raises(ValueError, match="precision must be"):
+            build_config({"precision": "fp8"})
+        with pytest.raises(ValueError, match="'--key value' pairs"):
+            build_config({}, ["--epochs"])
+        with pytest.raises(FileNotFoundError, match="config file"):
+            load_config(tmp_path / "none.yaml")
+        with pytest.raises(ValueError, match="batch_size 64"):
+            Trainer(tiny_config(tmp_path, batch_size=64), progress=False)
+        with pytest.raises(ValueError, match="not divisible by the patch size"):
+            Trainer(tiny_config(tmp_path, local_size=12), progress=False)
