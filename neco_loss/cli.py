@@ -13,8 +13,13 @@ def _eval_in_context(args: argparse.Namespace) -> None:
     from neco_loss.models import DenseViT
     from neco_loss.training import load_config
 
-    config = load_config(args.config)
-    backbone = DenseViT(config.model, checkpoint=args.weights, **config.model_kwargs).eval()
+    weights, config_path = args.checkpoint, args.config
+    if weights.is_dir():  # a run's output_dir
+        weights, config_path = weights / "backbone.pt", config_path or weights / "config.yaml"
+    if config_path is None:
+        raise SystemExit("--config is needed when --checkpoint is a weights file.")
+    config = load_config(config_path)
+    backbone = DenseViT(config.model, checkpoint=weights, **config.model_kwargs).eval()
     size = args.image_size or config.image_size
     if args.dataset != "synthetic":
         raise SystemExit(
@@ -51,8 +56,13 @@ def main(argv: list[str] | None = None) -> None:
     evaluate = commands.add_parser("eval", help="evaluation protocols")
     protocols = evaluate.add_subparsers(dest="protocol", required=True)
     in_context = protocols.add_parser("in-context", help="dense nearest-neighbour segmentation")
-    in_context.add_argument("--config", type=Path, required=True, help="the run's config.yaml")
-    in_context.add_argument("--weights", type=Path, required=True, help="backbone.pt of a run")
+    in_context.add_argument(
+        "--checkpoint",
+        type=Path,
+        required=True,
+        help="a run's output_dir, or a backbone weights file (then also --config)",
+    )
+    in_context.add_argument("--config", type=Path, default=None, help="the run's config.yaml")
     in_context.add_argument("--dataset", default="synthetic")
     in_context.add_argument("--image-size", type=int, default=None)
     in_context.add_argument("--train-images", type=int, default=200)

@@ -17,13 +17,13 @@ from typing import Any
 
 import torch
 
-from neco_loss.data import NeCoMultiCrop, SyntheticScenes
+from neco_loss.data import SyntheticScenes
 from neco_loss.dino_warmup import dino_warmup
 from neco_loss.evaluation import InContextResult, in_context_miou
 from neco_loss.evaluation.datasets import Normalized
-from neco_loss.models import DenseViT
+from neco_loss.models import DenseEncoder, DenseViT
 from neco_loss.training import Trainer, build_config
-from neco_loss.training.trainer import build_backbone
+from neco_loss.training.trainer import build_backbone, multicrop_transform
 
 # A ViT-S/14-registers architecture shrunk for 2 CPU cores: 8 px patches on 64 px crops.
 DEMO_CONFIG: dict[str, Any] = {
@@ -55,6 +55,7 @@ class DemoResult:
     seed: int
     miou_before: float
     miou_after: float
+    miou_after_teacher: float
     iou_before: list[float]
     iou_after: list[float]
     dino_steps: int
@@ -68,8 +69,13 @@ def evaluate(backbone: DenseViT, image_size: int, seed: int, keep: int = 0) -> I
     val_set = Normalized(SyntheticScenes("val", image_size, EVAL_VAL_IMAGES, seed=seed))
     was_training = backbone.training
     backbone.eval()
+    device = next(backbone.parameters()).device
     result = in_context_miou(
-        backbone, train_set, val_set, SyntheticScenes.num_classes, keep_predictions=keep
+        lambda images: backbone(images.to(device)),
+        train_set,
+        val_set,
+        SyntheticScenes.num_classes,
+        keep_predictions=keep,
     )
     backbone.train(was_training)
     return result
@@ -135,7 +141,7 @@ def run_demo(
         f"-parameter ViT for {dino_steps} steps (NeCo post-pretrains a pretrained backbone)"
     )
     images = SyntheticScenes("train", config.image_size, config.train_images, seed=seed)
-    transform = NeCoMultiCrop(config.global_size, config.local_size)
+    transform = multicrop_transform(config)
     dino_warmup(
         backbone,
         images,
@@ -154,10 +160,13 @@ def run_demo(
     trainer = Trainer(config, progress=progress)
     trainer.fit()
     after = evaluate(trainer.student.backbone, config.image_size, seed, keep=6)
+    teacher: DenseEncoder = trainer.teacher.module  # type: ignore[assignment]
+    after_teacher = evaluate(teacher.backbone, config.image_size, seed)
     result = DemoResult(
         seed,
         before.miou,
         after.miou,
+        after_teacher.miou,
         before.iou.tolist(),
         after.iou.tolist(),
         dino_steps,
@@ -167,7 +176,10 @@ def run_demo(
     (output / "results.json").write_text(json.dumps(asdict(result), indent=2))
     figure = output / "in_context.png"
     draw(before, after, config.image_size, seed, figure)
-    print(f"in-context mIoU: before {before.miou:.4f} -> after {after.miou:.4f}")
+    print(
+        f"in-context mIoU: before {before.miou:.4f} -> after {after.miou:.4f} "
+        f"(EMA teacher {after_teacher.miou:.4f})"
+    )
     print(
         f"   figure {figure}, checkpoint {trainer.output_dir / 'checkpoint_last.pt'}, "
         f"{result.seconds / 60:.1f} min"

@@ -9,6 +9,8 @@ Needs lightly (``pip install 'neco-loss[lightly]'``).
 
 from __future__ import annotations
 
+import copy
+import warnings
 from typing import Any
 
 import torch
@@ -31,7 +33,9 @@ class _PooledDino(nn.Module):
         from lightly.models.modules import DINOProjectionHead
 
         self.backbone = backbone
-        self.head = DINOProjectionHead(backbone.embed_dim, 256, 64, DINO_OUTPUT_DIM)
+        with warnings.catch_warnings():  # lightly 1.6 still uses the old weight_norm API
+            warnings.simplefilter("ignore", FutureWarning)
+            self.head = DINOProjectionHead(backbone.embed_dim, 256, 64, DINO_OUTPUT_DIM)
 
     def forward(self, images: Tensor) -> Tensor:
         return self.head(self.backbone(images).mean(dim=(2, 3)))
@@ -72,9 +76,15 @@ def dino_warmup(
     from neco_loss.training.trainer import MultiCropDataset
 
     torch.manual_seed(seed)
-    student = _PooledDino(backbone)
-    teacher = EMATeacher(student)
-    criterion = DINOLoss(output_dim=DINO_OUTPUT_DIM, warmup_teacher_temp_epochs=0)
+    student = _PooledDino(backbone).to(next(backbone.parameters()).device)
+    # lightly's DINO head uses weight norm, which cannot be deep-copied: build the copy.
+    teacher = EMATeacher(
+        student,
+        copy_into=_PooledDino(copy.deepcopy(backbone)).to(next(backbone.parameters()).device),
+    )
+    criterion = DINOLoss(output_dim=DINO_OUTPUT_DIM, warmup_teacher_temp_epochs=0).to(
+        next(backbone.parameters()).device
+    )
     optimizer = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.04)
     dataset = MultiCropDataset(images, transform, seed)
     loader = DataLoader(
@@ -83,8 +93,10 @@ def dino_warmup(
     losses: list[float] = []
     bar = tqdm(total=steps, desc="DINO warm-up", disable=not progress, unit="step")
     student.train()
+    device = next(backbone.parameters()).device
     while len(losses) < steps:
         for views in loader:
+            views = [view.to(device) for view in views]
             step = len(losses)
             if step == steps:
                 break

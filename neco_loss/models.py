@@ -167,12 +167,19 @@ class EMATeacher(nn.Module):
 
     Args:
         student: The module to copy.
+        copy_into: A freshly built module of the same architecture to load the student's state
+            into, for modules that cannot be deep-copied (e.g. weight-normed layers); by default
+            the student is deep-copied.
 
     """
 
-    def __init__(self, student: nn.Module) -> None:
+    def __init__(self, student: nn.Module, copy_into: nn.Module | None = None) -> None:
         super().__init__()
-        self.module = copy.deepcopy(student)
+        if copy_into is None:
+            self.module = copy.deepcopy(student)
+        else:
+            copy_into.load_state_dict(student.state_dict())
+            self.module = copy_into
         self.module.requires_grad_(False)
         self.module.eval()
 

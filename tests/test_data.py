@@ -10,6 +10,8 @@ from PIL import Image
 from neco_loss.data import CLASS_NAMES, ImageFolder, NeCoMultiCrop, SyntheticScenes
 from neco_loss.geometry import intersect
 
+ASPECT = 0.55 + 0.45 * 0.7  # the aspect drawn from u = 0.7 in (0.55, 1.0)
+
 
 class TestSyntheticScenes:
     def test_deterministic_and_split_dependent(self):
@@ -34,17 +36,18 @@ class TestSyntheticScenes:
     @pytest.mark.parametrize(
         "label, area",
         [
-            (1, math.pi * 0.7),  # ellipse pi * r * (r * aspect), r = 1 unit
-            (2, 4 * 0.7),  # rectangle (2r) x (2r * aspect)
-            (3, 3 * math.sqrt(3) / 4 * 1.0**2),  # equilateral triangle, inradius r / 2
+            (1, math.pi * ASPECT),  # ellipse pi * r * (r * aspect), in units of r^2
+            (2, 4 * ASPECT),  # rectangle (2r) x (2r * aspect)
+            (3, 3 * math.sqrt(3) / 4),  # equilateral triangle of inradius r / 2
         ],
     )
     def test_shape_areas(self, label, area, monkeypatch):
         """Masks are the shapes they claim to be: areas match the closed forms."""
         scenes = SyntheticScenes("train", size=400)
-        values = iter([0.25, 0.5, 0.5, 0.3, 0.7])  # radius 100 px, centre, angle, aspect 0.7
+        values = iter([0.25, 0.5, 0.5, 0.3, 0.7])  # radius, centre x, y, angle, aspect
         monkeypatch.setattr(
-            "neco_loss.data.synthetic._uniform", lambda g, low, high: low + (high - low) * next(values)
+            "neco_loss.data.synthetic._uniform",
+            lambda g, low, high: low + (high - low) * next(values),
         )
         ys, xs = torch.meshgrid(torch.arange(400.0) + 0.5, torch.arange(400.0) + 0.5, indexing="ij")
         inside, _, _ = scenes._shape(label, xs, ys, torch.Generator())

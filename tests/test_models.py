@@ -35,7 +35,9 @@ class TestDenseViT:
 
     def test_sizes_not_divisible_by_the_patch(self):
         vit = DenseViT("vit_small_patch14_reg4_dinov2", **SMALL)
-        with pytest.raises(ValueError, match="image size 100x98 is not divisible by the patch size"):
+        with pytest.raises(
+            ValueError, match="image size 100x98 is not divisible by the patch size"
+        ):
             vit(torch.randn(1, 3, 100, 98))
         with pytest.raises(ValueError, match=r"images must be \(B, 3, H, W\)"):
             vit(torch.randn(3, 98, 98))

@@ -73,6 +73,8 @@ class NeCoMultiCrop:
         photometric: Apply the reference colour augmentations.
         normalize: Normalise with ImageNet statistics.
         max_tries: Resampling attempts per crop before giving up with a ``ValueError``.
+        jitter_strength: Scales the colour jitter (reference configs: 1.0).
+        blur_strength: Scales the blur's sigma range (reference configs: 1.0).
 
     Returns (per call):
         ``views``: list of ``num_global + num_local`` tensors ``(3, size, size)``, global first;
@@ -99,6 +101,8 @@ class NeCoMultiCrop:
         photometric: bool = True,
         normalize: bool = True,
         max_tries: int = 1000,
+        jitter_strength: float = 1.0,
+        blur_strength: float = 1.0,
     ) -> None:
         for name, value in (("global_size", global_size), ("local_size", local_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -118,7 +122,9 @@ class NeCoMultiCrop:
         self.min_overlap = min_overlap
         self.flip = flip
         self.max_tries = max_tries
-        self.photometric = photometric_augmentation() if photometric else None
+        self.photometric = (
+            photometric_augmentation(jitter_strength, blur_strength) if photometric else None
+        )
         self.normalize = v2.Normalize(IMAGENET_MEAN, IMAGENET_STD) if normalize else None
 
     def sample_boxes(self, height: int, width: int) -> Tensor:

@@ -40,6 +40,8 @@ class TrainConfig:
         local_scale: Local crop area range (reference: (0.05, 0.25)).
         min_overlap: Minimum crop overlap as a fraction of the image (reference: 0.01).
         flip: Random horizontal flips (reference: off).
+        jitter_strength: Colour jitter strength (reference: 1.0).
+        blur_strength: Blur strength (reference: 1.0).
         loss: Keyword arguments of ``NeCoLoss`` (e.g. ``{steepness: [10, 100], top_k: 5}``).
         batch_size: Images per step (reference: 64).
         epochs: Passes over the data (reference: 25 on COCO).
@@ -80,6 +82,8 @@ class TrainConfig:
     local_scale: list[float] = field(default_factory=lambda: [0.05, 0.25])
     min_overlap: float = 0.01
     flip: bool = False
+    jitter_strength: float = 1.0
+    blur_strength: float = 1.0
     loss: dict[str, Any] = field(default_factory=dict)
     batch_size: int = 64
     epochs: int = 25

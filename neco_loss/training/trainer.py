@@ -108,6 +108,22 @@ def training_images(config: TrainConfig) -> Any:
     return ImageFolder(config.dataset)
 
 
+def multicrop_transform(config: TrainConfig) -> NeCoMultiCrop:
+    """The multi-crop transform a config describes."""
+    return NeCoMultiCrop(
+        config.global_size,
+        config.local_size,
+        config.num_global,
+        config.num_local,
+        tuple(config.global_scale),
+        tuple(config.local_scale),
+        config.min_overlap,
+        config.flip,
+        jitter_strength=config.jitter_strength,
+        blur_strength=config.blur_strength,
+    )
+
+
 def _device(config: TrainConfig) -> torch.device:
     if config.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -161,16 +177,7 @@ class Trainer:
         self.teacher = EMATeacher(self.student).to(self.device)
         self.criterion = NeCoLoss(seed=config.seed, **config.loss).to(self.device)
         self.optimizer = torch.optim.AdamW(_parameter_groups(self.student, config), lr=0.0)
-        transform = NeCoMultiCrop(
-            config.global_size,
-            config.local_size,
-            config.num_global,
-            config.num_local,
-            tuple(config.global_scale),
-            tuple(config.local_scale),
-            config.min_overlap,
-            config.flip,
-        )
+        transform = multicrop_transform(config)
         for size in (config.global_size, config.local_size):
             if size % backbone.patch_size:
                 raise ValueError(
@@ -298,8 +305,15 @@ class Trainer:
             )
             yield from loader
 
-    def fit(self) -> TrainResult:
-        """Train until ``total_steps``, logging metrics and writing checkpoints."""
+    def fit(self, stop_at: int | None = None) -> TrainResult:
+        """Train until ``total_steps`` (or ``stop_at``), logging metrics, writing checkpoints.
+
+        Args:
+            stop_at: Pause after this step (schedules still span ``total_steps``); a later
+                ``fit`` or a resumed run continues from there.
+
+        """
+        end = self.total_steps if stop_at is None else min(stop_at, self.total_steps)
         from tqdm.auto import tqdm
 
         self.student.train()
@@ -330,7 +344,7 @@ class Trainer:
                 unit="step",
             )
             batches = self._batches()
-            while self.step < self.total_steps:
+            while self.step < end:
                 views, boxes = next(batches)
                 start = time.perf_counter()
                 last_loss = self._train_step(views, boxes)
@@ -355,7 +369,7 @@ class Trainer:
                     )
                     log_file.flush()
                 every = self.config.checkpoint_every
-                if every and self.step % every == 0 and self.step < self.total_steps:
+                if every and self.step % every == 0 and self.step < end:
                     self.save()
             bar.close()
         checkpoint = self.save()

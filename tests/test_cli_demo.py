@@ -1,0 +1,61 @@
+"""The ``neco`` command and the demo (the README's first command), in short form."""
+
+import json
+
+import pytest
+import yaml
+
+from neco_loss.cli import main
+from tests.test_training import TINY
+
+
+def test_train_then_eval_in_context(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({**TINY, "output_dir": str(tmp_path / "out")}))
+    main(["train", str(config), "--max-steps", "2", "--quiet"])
+    assert "trained 2 steps" in capsys.readouterr().out
+    main(["train", str(config), "--max-steps", "3", "--quiet", "--resume"])
+    assert "trained 3 steps" in capsys.readouterr().out
+    sizes = ["--train-images", "4", "--val-images", "2"]
+    main(["eval", "in-context", "--checkpoint", str(tmp_path / "out"), *sizes])
+    assert "in-context mIoU: " in capsys.readouterr().out
+    weights = str(tmp_path / "out" / "backbone.pt")
+    config = str(tmp_path / "out" / "config.yaml")
+    main(["eval", "in-context", "--checkpoint", weights, "--config", config, *sizes])
+    assert "in-context mIoU: " in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--config is needed"):
+        main(["eval", "in-context", "--checkpoint", weights, *sizes])
+
+
+def test_train_reports_config_errors(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"epochz": 1}))
+    with pytest.raises(ValueError, match=r"unknown config keys \['epochz'\]"):
+        main(["train", str(config)])
+
+
+def test_unknown_arguments_outside_train():
+    with pytest.raises(SystemExit):
+        main(["demo", "--epochs", "3"])
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end(tmp_path, capsys):
+    main(["demo", "--output", str(tmp_path), "--neco-steps", "2", "--dino-steps", "2"])
+    out = capsys.readouterr().out
+    assert "in-context mIoU: before" in out and "-> after" in out
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert 0 <= result["miou_before"] <= 1 and 0 <= result["miou_after"] <= 1
+    assert (tmp_path / "in_context.png").stat().st_size > 10_000
+    assert (tmp_path / "neco" / "checkpoint_last.pt").is_file()
+
+
+def test_tiny_cpu_recipe_is_the_demo_configuration():
+    from pathlib import Path
+
+    from neco_loss.demo import DEMO_CONFIG
+    from neco_loss.training import build_config, load_config
+
+    recipe = load_config(Path(__file__).parents[1] / "examples" / "recipes" / "tiny_cpu.yaml")
+    expected = build_config({**DEMO_CONFIG, "output_dir": "outputs/tiny_cpu"})
+    assert recipe == expected
