@@ -76,8 +76,19 @@ def patch_label_histograms(
     return (pooled / total).flatten(2).transpose(1, 2)
 
 
-def _batches(dataset: SegmentationDataset, batch_size: int) -> Iterable[tuple[Tensor, Tensor]]:
-    yield from DataLoader(dataset, batch_size=batch_size, shuffle=False)  # type: ignore[arg-type]
+def _batches(
+    dataset: SegmentationDataset, batch_size: int, desc: str, progress: bool
+) -> Iterable[tuple[Tensor, Tensor]]:
+    """``(images, masks)`` batches in order, with a progress bar when asked."""
+    from tqdm.auto import tqdm
+
+    loader: DataLoader[Any] = DataLoader(dataset, batch_size=batch_size)  # type: ignore[arg-type]
+    yield from tqdm(loader, desc=desc, disable=not progress, total=len(loader))
+
+
+def _unit_tokens(feature_map: Tensor) -> Tensor:
+    """``(B, h * w, D)`` L2-normalised float32 tokens on the CPU of ``(B, D, h, w)`` maps."""
+    return F.normalize(feature_map.flatten(2).transpose(1, 2).float(), dim=-1).cpu()
 
 
 @torch.no_grad()
@@ -97,20 +108,13 @@ def build_memory(
     ``memory_size`` caps ``M``: each image contributes ``memory_size // len(dataset)`` random
     patches (hummingbird's per-image sampling); ``None`` keeps every patch.
     """
-    from tqdm.auto import tqdm
-
     generator = torch.Generator().manual_seed(seed)
     per_image = None if memory_size is None else max(1, memory_size // len(dataset))
     keys, labels = [], []
-    for images, masks in tqdm(
-        _batches(dataset, batch_size),
-        desc="memory bank",
-        disable=not progress,
-        total=-(-len(dataset) // batch_size),
-    ):
+    for images, masks in _batches(dataset, batch_size, "memory bank", progress):
         feature_map = features(images)
         grid = (feature_map.shape[2], feature_map.shape[3])
-        tokens = F.normalize(feature_map.flatten(2).transpose(1, 2).float(), dim=-1).cpu()
+        tokens = _unit_tokens(feature_map)
         histograms = patch_label_histograms(masks, grid, num_classes, ignore_index)
         if per_image is not None and per_image < tokens.shape[1]:
             chosen = torch.rand(tokens.shape[:2], generator=generator).argsort(1)[:, :per_image]
@@ -174,8 +178,6 @@ def in_context_miou(
         ``InContextResult``.
 
     """
-    from tqdm.auto import tqdm
-
     keys, labels = build_memory(
         features,
         train_set,
@@ -187,15 +189,10 @@ def in_context_miou(
     )
     confusion = ConfusionMatrix(num_classes, ignore_index)
     kept: list[Tensor] = []
-    for images, masks in tqdm(
-        _batches(val_set, batch_size),
-        desc="in-context eval",
-        disable=not progress,
-        total=-(-len(val_set) // batch_size),
-    ):
+    for images, masks in _batches(val_set, batch_size, "in-context eval", progress):
         feature_map = features(images)
         batch, _, height, width = feature_map.shape
-        queries = F.normalize(feature_map.flatten(2).transpose(1, 2).float(), dim=-1).cpu()
+        queries = _unit_tokens(feature_map)
         scores = predict_patches(queries.flatten(0, 1), keys, labels, k, temperature)
         scores = scores.view(batch, height, width, num_classes).permute(0, 3, 1, 2)
         upsampled = F.interpolate(
