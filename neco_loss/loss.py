@@ -7,10 +7,11 @@ understanding", arXiv 2408.11054 (2024); reference code github.com/vpariza/NeCo.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from neco_loss.checks import check_choice, check_float_tensor, compute_dtype
@@ -74,6 +75,11 @@ class NeCoLoss(nn.Module):
         epsilon: Clamp of probabilities before their log.
         seed: Seeds a private CPU generator for the reference draws; ``None`` uses the global RNG.
         compute_stats: Fill ``last_stats`` after every call.
+        gather: Draw references from the batches of all processes: a function returning a
+            tensor from every process, in rank order (e.g. ``lightly.utils.dist.gather``, or
+            ``neco_loss.references.all_gather``). Every process must use the same ``seed``;
+            then each process's loss equals the single-process loss on the concatenated batch
+            restricted to its images. The queue stays per process.
 
     Attributes:
         last_stats: ``NeCoStats`` of the last call (``None`` before the first call).
@@ -113,6 +119,7 @@ class NeCoLoss(nn.Module):
         epsilon: float = EPSILON,
         seed: int | None = None,
         compute_stats: bool = True,
+        gather: Callable[[Tensor], Sequence[Tensor]] | None = None,
     ) -> None:
         super().__init__()
         if isinstance(roi_size, bool) or not isinstance(roi_size, int) or roi_size < 1:
@@ -142,6 +149,7 @@ class NeCoLoss(nn.Module):
             self.options.check_size(self.num_references)
         self.queue = ReferenceQueue(queue_length) if references == "queue" else None
         self.generator = None if seed is None else torch.Generator().manual_seed(seed)
+        self.gather = gather
         self.last_stats: NeCoStats | None = None
 
     def forward(
@@ -196,16 +204,17 @@ class NeCoLoss(nn.Module):
                     boxes[:, student_view],
                     self.roi_size,
                 )
-                if not bool(valid.any()):
+                if not bool(valid.any()) and self.gather is None:
                     continue
                 valid_pairs += int(valid.sum())
+                references = self._pair_references(teacher_view, teacher, student, valid)
                 teacher, student = teacher[valid], student[valid]
-                references = self._references(teacher_view, teacher, student)
                 scores = (
                     similarity_scores(student, references, self.similarity).flatten(0, 1),
                     similarity_scores(teacher.detach(), references, self.similarity).flatten(0, 1),
                 )
-                groups.setdefault(references.shape[-2], []).append(scores)
+                if len(student):  # with gather, a process may hold no valid image here
+                    groups.setdefault(references.shape[-2], []).append(scores)
         total_pairs = batch * len(teacher_maps) * (views - 1)
         if valid_pairs == 0:
             raise ValueError(
@@ -254,9 +263,27 @@ class NeCoLoss(nn.Module):
         )
         return replace(self.options, network="bitonic_padded")
 
-    def _references(self, teacher_view: int, teacher: Tensor, student: Tensor) -> Tensor:
-        """References for one pair: ``(B, R, D)`` or shared ``(R, D)``; no gradient."""
+    def _pair_references(
+        self, teacher_view: int, teacher: Tensor, student: Tensor, valid: Tensor
+    ) -> Tensor:
+        """References of the valid images of one pair: ``(B_valid, R, D)`` or ``(R, D)``.
+
+        With ``gather``, the references are drawn for the valid images of every process, as
+        one process would draw them for the whole batch, and this process keeps its images'.
+        """
         pool = (teacher if self.reference_source == "teacher" else student).detach()
+        if self.gather is None:
+            return self._references(teacher_view, pool[valid])
+        pools = torch.cat(list(self.gather(pool.contiguous())))  # (world * B, N, D)
+        valids = torch.cat(list(self.gather(valid.to(pool.dtype).contiguous()))).bool()
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        counts = valids.view(-1, len(valid)).sum(dim=1)  # valid images per process
+        offset, mine = int(counts[:rank].sum()), int(counts[rank])
+        references = self._references(teacher_view, pools[valids])
+        return references if references.dim() == 2 else references[offset : offset + mine]
+
+    def _references(self, teacher_view: int, pool: Tensor) -> Tensor:
+        """References for a pool ``(B, N, D)`` of valid images: ``(B, R, D)`` or ``(R, D)``."""
         batch, patches, _ = pool.shape
         if self.queue is not None and self.queue.is_full(teacher_view):
             count = self.num_references or patches

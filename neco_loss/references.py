@@ -31,6 +31,18 @@ DEFAULT_QUEUE_LENGTH = 8192  # reference DINOv2 configs: queue_length: 8192
 QUEUE_PUSH_PER_IMAGE = 10  # reference code update_queue: min(bs * 10, queue_length) per step
 
 
+def all_gather(tensor: Tensor) -> tuple[Tensor, ...]:
+    """``tensor`` from every process in rank order (``torch.distributed``; no gradient).
+
+    Returns ``(tensor,)`` when no process group is initialised. Shapes must be equal everywhere.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return (tensor,)
+    parts = [torch.empty_like(tensor) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(parts, tensor)
+    return tuple(parts)
+
+
 def _randperm(n: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
     """``torch.randperm`` drawn on the CPU (seeded by a CPU generator) and moved to ``device``."""
     return torch.randperm(n, generator=generator).to(device)
