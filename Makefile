@@ -14,8 +14,9 @@ test: setup
 	$(PY) -m pytest -q
 
 lint: setup
-	$(VENV)/bin/ruff check neco_loss tests benchmarks
-	$(VENV)/bin/ruff format --check neco_loss tests benchmarks
+	$(VENV)/bin/ruff check neco_loss integrations examples tests benchmarks
+	$(VENV)/bin/ruff format --check neco_loss integrations examples tests benchmarks
+	$(VENV)/bin/mypy neco_loss integrations
 
 bench: setup
 	$(PY) benchmarks/sorting.py

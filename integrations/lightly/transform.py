@@ -18,6 +18,7 @@ from lightly.transforms.random_crop_and_flip_with_grid import (
     RandomHorizontalFlipWithLocation,
     RandomResizedCropWithLocation,
 )
+from lightly.transforms.utils import IMAGENET_NORMALIZE
 from lightly.transforms.vicregl_transform import VICRegLViewTransform
 from PIL import Image
 from torch import Tensor
@@ -27,7 +28,7 @@ from neco_loss.geometry import intersect
 
 
 def location_box(location: Location) -> Tensor:
-    """``(5,)`` box ``(x0, y0, x1, y1, flip)`` in original-image pixels of a lightly ``Location``."""
+    """``(5,)`` box ``(x0, y0, x1, y1, flip)`` in original-image pixels of a ``Location``."""
     return torch.tensor(
         [
             location.left,
@@ -66,8 +67,8 @@ class NeCoTransform:
         hf_prob: Probability of a horizontal flip per view (recorded in the boxes).
         max_tries: Resampling attempts per crop.
         cj_prob, cj_strength, cj_bright, cj_contrast, cj_sat, cj_hue, random_gray_scale,
-        gaussian_blur_prob, gaussian_blur_sigmas, solarize_prob: passed to lightly's
-            ``VICRegLViewTransform``.
+        gaussian_blur_prob, gaussian_blur_sigmas, solarize_prob, normalize: passed to lightly's
+            ``VICRegLViewTransform`` (``normalize=None`` leaves pixels in [0, 1]).
 
     Returns (per call):
         ``[view_0, ..., view_{V-1}, box_0, ..., box_{V-1}]``: views ``(3, size, size)``,
@@ -96,6 +97,7 @@ class NeCoTransform:
         gaussian_blur_prob: float = 0.5,
         gaussian_blur_sigmas: tuple[float, float] = (0.1, 2.0),
         solarize_prob: float = 0.0,
+        normalize: dict[str, list[float]] | None = IMAGENET_NORMALIZE,
     ) -> None:
         if n_global_views < 1 or n_local_views < 0:
             raise ValueError(
@@ -124,9 +126,12 @@ class NeCoTransform:
             cj_sat=cj_sat,
             cj_hue=cj_hue,
             random_gray_scale=random_gray_scale,
+            normalize=normalize,
         )
 
-    def _crop(self, image: Image.Image, index: int, boxes: list[Tensor]) -> tuple[Image.Image, Tensor]:
+    def _crop(
+        self, image: Image.Image, index: int, boxes: list[Tensor]
+    ) -> tuple[Image.Image, Tensor]:
         """Crop ``index``, resampled until it overlaps the earlier global crops enough."""
         area = image.width * image.height
         required = self.min_overlap * area * (2 if index < self.n_global_views else 1)
@@ -153,9 +158,8 @@ class NeCoTransform:
 
     def __call__(self, image: Image.Image | Tensor) -> list[Tensor]:
         """Views followed by boxes; see the class docstring."""
-        if isinstance(image, Tensor):
-            image = to_pil_image(image)
-        image = image.convert("RGB")
+        pil_image = to_pil_image(image) if isinstance(image, Tensor) else image
+        image = pil_image.convert("RGB")
         views: list[Tensor] = []
         boxes: list[Tensor] = []
         for index in range(len(self.crops)):

@@ -1,0 +1,118 @@
+"""``NeCo``: a LightningModule in the style of lightly's examples (``examples/pytorch_lightning``).
+
+Student ViT + projection head, a teacher copy with ``deactivate_requires_grad`` moved by
+``update_momentum`` on a ``cosine_schedule`` over the global steps, the core ``NeCoLoss``, and
+AdamW over lightly's ``get_weight_decay_parameters`` (no decay on norms and biases).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from lightly.models.utils import (
+    deactivate_requires_grad,
+    get_weight_decay_parameters,
+    update_momentum,
+)
+from lightly.utils.dist import gather
+from lightly.utils.scheduler import cosine_schedule
+from neco_loss.integrations.lightly.transform import split_views_and_boxes
+from torch import Tensor
+
+from neco_loss.loss import NeCoLoss
+from neco_loss.models import DINOV2_REGISTERS, DenseViT, ProjectionHead
+
+
+class NeCo(pl.LightningModule):
+    """NeCo post-pretraining of a ViT as a LightningModule.
+
+    Batches are what ``LightlyDataset`` (or any dataset) with ``NeCoTransform`` and
+    ``MultiViewCollate`` yields: ``(views_then_boxes, targets, filenames)`` or
+    ``(views_then_boxes, targets)``.
+
+    Args:
+        backbone: A ``DenseViT``, or a timm model name for one (``backbone_kwargs`` passed on).
+        head_hidden_dim: Projection head width (reference: 2048).
+        head_out_dim: Projection head output (reference: 256).
+        lr_backbone: Backbone learning rate (reference: 1e-5 for DINOv2 ViT-S).
+        lr_head: Head learning rate (reference: 1e-4).
+        weight_decay: AdamW weight decay (reference: 0.04 at the start).
+        momentum_start: EMA momentum at step 0 (reference: 0.9995; cosine to 1).
+        n_global_views: Number of global views (the teacher's inputs).
+        gather_distributed: Draw references from the batches of all processes with
+            ``lightly.utils.dist.gather`` (default False, as lightly's losses).
+        backbone_kwargs: For a backbone given by name (e.g. ``pretrained=True``).
+        **loss_kwargs: ``NeCoLoss`` options (``roi_size``, ``references``, ``steepness``, ...).
+
+    """
+
+    def __init__(
+        self,
+        backbone: DenseViT | str = DINOV2_REGISTERS,
+        head_hidden_dim: int = 2048,
+        head_out_dim: int = 256,
+        lr_backbone: float = 1e-5,
+        lr_head: float = 1e-4,
+        weight_decay: float = 0.04,
+        momentum_start: float = 0.9995,
+        n_global_views: int = 2,
+        gather_distributed: bool = False,
+        backbone_kwargs: dict[str, Any] | None = None,
+        **loss_kwargs: Any,
+    ) -> None:
+        super().__init__()
+        if isinstance(backbone, str):
+            backbone = DenseViT(backbone, **(backbone_kwargs or {}))
+        self.student_backbone = backbone
+        self.student_head = ProjectionHead(backbone.embed_dim, head_hidden_dim, head_out_dim)
+        self.teacher_backbone = copy.deepcopy(self.student_backbone)
+        self.teacher_head = copy.deepcopy(self.student_head)
+        deactivate_requires_grad(self.teacher_backbone)
+        deactivate_requires_grad(self.teacher_head)
+        self.criterion = NeCoLoss(gather=gather if gather_distributed else None, **loss_kwargs)
+        self.lr_backbone = lr_backbone
+        self.lr_head = lr_head
+        self.weight_decay = weight_decay
+        self.momentum_start = momentum_start
+        self.n_global_views = n_global_views
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Student patch embeddings ``(B, head_out_dim, h, w)``."""
+        return self.student_head(self.student_backbone(images))
+
+    @torch.no_grad()
+    def forward_teacher(self, images: Tensor) -> Tensor:
+        """Teacher patch embeddings, in eval mode (no drop-path)."""
+        self.teacher_backbone.eval()
+        return self.teacher_head(self.teacher_backbone(images))
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        """One NeCo step: EMA update, both forwards, the loss, logs."""
+        momentum = cosine_schedule(
+            self.global_step, int(self.trainer.estimated_stepping_batches), self.momentum_start, 1
+        )
+        update_momentum(self.student_backbone, self.teacher_backbone, m=momentum)
+        update_momentum(self.student_head, self.teacher_head, m=momentum)
+        views, boxes = split_views_and_boxes(batch[0])
+        student_maps = [self.forward(view) for view in views]
+        teacher_maps = [self.forward_teacher(view) for view in views[: self.n_global_views]]
+        loss = self.criterion(student_maps, teacher_maps, boxes)
+        self.log("train_loss", loss, prog_bar=True)
+        if self.criterion.last_stats is not None:
+            self.log_dict(self.criterion.last_stats.as_dict())
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """AdamW; backbone and head learning rates; no decay on norms and biases."""
+        groups = []
+        for modules, lr in (
+            ([self.student_backbone], self.lr_backbone),
+            ([self.student_head], self.lr_head),
+        ):
+            decay, no_decay = get_weight_decay_parameters(modules)
+            groups.append({"params": decay, "lr": lr, "weight_decay": self.weight_decay})
+            groups.append({"params": no_decay, "lr": lr, "weight_decay": 0.0})
+        return torch.optim.AdamW([group for group in groups if group["params"]])

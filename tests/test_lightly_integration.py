@@ -1,0 +1,150 @@
+"""The lightly integration with the real lightly: transform, LightningModule, examples."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from lightly.data import LightlyDataset, MultiViewCollate
+from neco_loss.integrations.lightly import NeCo, NeCoTransform, split_views_and_boxes
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from neco_loss.models import DenseViT
+
+ROOT = Path(__file__).parents[1]
+TINY_VIT = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}
+
+
+def ramp_image(width: int = 160, height: int = 120) -> Image.Image:
+    """Red = x / W, green = y / H at each pixel centre, as 8-bit."""
+    ys, xs = torch.meshgrid(torch.arange(height) + 0.5, torch.arange(width) + 0.5, indexing="ij")
+    pixels = torch.stack([xs / width, ys / height, torch.zeros_like(xs)], dim=-1)
+    return Image.fromarray((pixels * 255).round().byte().numpy())
+
+
+def plain_transform(**changes) -> NeCoTransform:
+    options = {
+        "global_crop_size": 32,
+        "local_crop_size": 16,
+        "cj_prob": 0.0,
+        "random_gray_scale": 0.0,
+        "gaussian_blur_prob": 0.0,
+        "normalize": None,
+    }
+    return NeCoTransform(**{**options, **changes})
+
+
+def image_folder(tmp_path: Path, count: int = 4) -> Path:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for index in range(count):
+        ramp_image().save(folder / f"{index}.png")
+    return folder
+
+
+class TestNeCoTransform:
+    @pytest.mark.parametrize("hf_prob", [0.0, 1.0])
+    def test_boxes_through_lightly_dataset_and_collate(self, tmp_path, hf_prob):
+        torch.manual_seed(0)
+        data = LightlyDataset(
+            str(image_folder(tmp_path)), transform=plain_transform(hf_prob=hf_prob)
+        )
+        batch = next(iter(DataLoader(data, batch_size=4, collate_fn=MultiViewCollate())))
+        views, boxes = split_views_and_boxes(batch[0])
+        assert len(views) == 6 and boxes.shape == (4, 6, 5)
+        assert [tuple(v.shape) for v in views] == [(4, 3, 32, 32)] * 2 + [(4, 3, 16, 16)] * 4
+        assert (boxes[..., 4] == hf_prob).all()
+        for view, view_boxes in zip(views, boxes.unbind(1), strict=True):
+            for image, (x0, y0, x1, y1, flipped) in zip(view, view_boxes.tolist(), strict=True):
+                size = image.shape[-1]
+                centres = (torch.arange(size) + 0.5) / size
+                xs = (x0 + centres * (x1 - x0)) / 160
+                xs = xs.flip(0) if flipped else xs
+                ys = (y0 + centres * (y1 - y0)) / 120
+                inner = slice(1, size - 1)
+                assert (image[0, inner, inner] - xs[inner]).abs().max() < 0.75 / 160
+                assert (image[1, inner, inner] - ys[inner, None]).abs().max() < 0.75 / 120
+
+    def test_overlap_and_plain_torchvision_dataset(self):
+        from torchvision.datasets import FakeData
+
+        torch.manual_seed(1)
+        data = FakeData(size=8, image_size=(3, 60, 80), transform=plain_transform(min_overlap=0.1))
+        views_and_boxes, _ = next(iter(DataLoader(data, batch_size=8)))  # default collate
+        _, boxes = split_views_and_boxes(views_and_boxes)
+        area = 60 * 80
+        for index in range(1, 6):
+            earlier = boxes[:, : min(index, 2), :4]
+            top_left = torch.maximum(boxes[:, index, None, :2], earlier[..., :2])
+            bottom_right = torch.minimum(boxes[:, index, None, 2:4], earlier[..., 2:])
+            overlap = (bottom_right - top_left).clamp(min=0).prod(-1)
+            assert (overlap > 0.1 * area * (2 if index < 2 else 1)).all()
+
+    def test_errors(self):
+        with pytest.raises(ValueError, match="min_overlap must be in"):
+            NeCoTransform(min_overlap=1.5)
+        with pytest.raises(ValueError, match="V views followed by V boxes"):
+            split_views_and_boxes([torch.zeros(1)] * 3)
+        with pytest.raises(ValueError, match="could not sample crop"):
+            plain_transform(local_crop_scale=(0.01, 0.02), min_overlap=0.5, max_tries=5)(
+                ramp_image()
+            )
+
+
+def test_lightning_fit_updates_student_and_moves_frozen_teacher(tmp_path):
+    torch.manual_seed(0)
+    model = NeCo(
+        DenseViT("vit_small_patch14_reg4_dinov2", **TINY_VIT),
+        head_hidden_dim=32,
+        head_out_dim=16,
+        lr_backbone=1e-3,
+        lr_head=1e-3,
+        momentum_start=0.9,
+        roi_size=2,
+    )
+    data = LightlyDataset(str(image_folder(tmp_path, 6)), transform=plain_transform())
+    loader = DataLoader(data, batch_size=2, collate_fn=MultiViewCollate(), drop_last=True)
+    name = "blocks.0.attn.qkv.weight"
+    student_before = model.student_backbone.vit.state_dict()[name].clone()
+    teacher_before = model.teacher_backbone.vit.state_dict()[name].clone()
+    trainer = pl.Trainer(
+        max_steps=3,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+    )
+    trainer.fit(model, loader)
+    student = model.student_backbone.vit.state_dict()[name]
+    teacher = model.teacher_backbone.vit.state_dict()[name]
+    assert trainer.global_step == 3
+    assert not torch.equal(student, student_before)
+    assert not torch.equal(teacher, teacher_before) and not torch.equal(teacher, student)
+    assert all(not p.requires_grad for p in model.teacher_backbone.parameters())
+    assert all(not p.requires_grad for p in model.teacher_head.parameters())
+    assert (
+        "train_loss" in trainer.logged_metrics and "neco/rank_agreement" in trainer.logged_metrics
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["neco.py", "neco_lightning.py"])
+def test_examples_run(script):
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "examples" / "lightly" / script),
+            "--max-steps",
+            "3",
+            "--batch-size",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
