@@ -263,6 +263,38 @@ class NeCoLoss(nn.Module):
         )
         return replace(self.options, network="bitonic_padded")
 
+    def check_batch(self, batch: int) -> None:
+        """Raise before training if a batch of ``batch`` images cannot feed the references.
+
+        Args:
+            batch: Images per step whose patches are candidates (all processes' with
+                ``gather``).
+
+        Raises:
+            ValueError: If the strategy needs more candidate patches than such a batch has, or
+                the queue is shorter than one step's draw.
+
+        """
+        patches = self.roi_size**2
+        available = {"any": batch, "intra": 1, "inter": batch - 1}[self.reference_images] * patches
+        if self.references == "fraction":
+            assert self.reference_fraction is not None  # set by the constructor
+            count = fraction_count(self.reference_fraction, batch, patches, self.reference_images)
+        else:
+            count = self.num_references or patches
+        if self.references != "queue" and (available < 1 or count > available):
+            raise ValueError(
+                f"references={self.references!r} with reference_images="
+                f"{self.reference_images!r} draws {count} references per image, but a batch of "
+                f"{batch} images x {patches} aligned patches offers {available}; use a larger "
+                "batch or fewer references."
+            )
+        if self.queue is not None and batch * count > self.queue.length:
+            raise ValueError(
+                f"queue_length {self.queue.length} is shorter than one step's draw of {count} "
+                f"references x {batch} images; use a longer queue or a smaller batch."
+            )
+
     def _pair_references(
         self, teacher_view: int, teacher: Tensor, student: Tensor, valid: Tensor
     ) -> Tensor:
@@ -274,6 +306,12 @@ class NeCoLoss(nn.Module):
         pool = (teacher if self.reference_source == "teacher" else student).detach()
         if self.gather is None:
             return self._references(teacher_view, pool[valid])
+        shapes = torch.cat(list(self.gather(torch.tensor(pool.shape, device=pool.device))))
+        if not bool((shapes.view(-1, 3) == shapes[:3]).all()):
+            raise ValueError(
+                "gather needs the same (B, N, D) on every process but got "
+                f"{shapes.view(-1, 3).tolist()}; use equal per-process batches (drop_last=True)."
+            )
         pools = torch.cat(list(self.gather(pool.contiguous())))  # (world * B, N, D)
         valids = torch.cat(list(self.gather(valid.to(pool.dtype).contiguous()))).bool()
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0

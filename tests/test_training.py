@@ -140,3 +140,40 @@ class TestConfig:
             Trainer(tiny_config(tmp_path, batch_size=64), progress=False)
         with pytest.raises(ValueError, match="not divisible by the patch size"):
             Trainer(tiny_config(tmp_path, local_size=12), progress=False)
+
+
+@pytest.mark.parametrize(
+    "loss, message",
+    [
+        ({"roi_size": 2, "reference_images": "inter"}, "offers 0"),
+        (
+            {"roi_size": 2, "references": "count", "num_references": 5, "network": "odd_even"},
+            "draws 5 references per image, but a batch of 1 images x 4",
+        ),  # noqa: E501
+        ({"roi_size": 2, "references": "queue", "queue_length": 3}, "queue_length 3 is shorter"),
+    ],
+)
+def test_reference_strategy_too_big_for_the_batch_fails_before_training(tmp_path, loss, message):
+    with pytest.raises(ValueError, match=message):
+        Trainer(tiny_config(tmp_path, batch_size=1, loss=loss), progress=False)
+
+
+def test_malicious_checkpoints_are_refused(tmp_path):
+    import os
+    import pickle
+
+    from neco_loss.models import load_state_dict
+
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (tmp_path / LAST).write_bytes(pickle.dumps({"step": Exploit()}))
+    with pytest.raises(ValueError, match="cannot be read"):
+        load_checkpoint(tmp_path / LAST)
+    torch.save({"weight": Exploit()}, tmp_path / "weights.pt", _use_new_zipfile_serialization=True)
+    with pytest.raises(pickle.UnpicklingError):
+        load_state_dict(tmp_path / "weights.pt")
+    assert not marker.exists()

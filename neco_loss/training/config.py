@@ -57,6 +57,8 @@ class TrainConfig:
         num_workers: Data loader worker processes.
         seed: Seed of everything (data order, augmentations, references, initialisation).
         device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
+        devices: Processes to train on: one per GPU with CUDA, CPU processes otherwise;
+            ``batch_size`` is per process (reference: per GPU).
         precision: ``"auto"`` (bf16 autocast on CUDA, float32 on CPU), ``"bf16"`` or ``"fp32"``.
         output_dir: Where checkpoints, logs and the config go.
         checkpoint_every: Save a checkpoint every N steps (0: only at the end).
@@ -99,6 +101,7 @@ class TrainConfig:
     num_workers: int = 0
     seed: int = 0
     device: str = "auto"
+    devices: int = 1
     precision: str = "auto"
     output_dir: str = "outputs/train"
     checkpoint_every: int = 0
@@ -106,7 +109,14 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check_types(self)
-        for name in ("batch_size", "epochs", "head_hidden_dim", "head_out_dim", "log_every"):
+        for name in (
+            "batch_size",
+            "epochs",
+            "head_hidden_dim",
+            "head_out_dim",
+            "log_every",
+            "devices",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1 but is {getattr(self, name)}.")
         if self.max_steps is not None and self.max_steps < 1:
@@ -124,6 +134,11 @@ class TrainConfig:
             )
         if self.weights is not None and not Path(self.weights).expanduser().is_file():
             raise FileNotFoundError(f"weights file {self.weights} does not exist.")
+
+    @property
+    def output_dir_path(self) -> Path:
+        """``output_dir`` with ``~`` expanded."""
+        return Path(self.output_dir).expanduser()
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data, as YAML writes it."""

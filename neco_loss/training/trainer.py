@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import csv
 import math
+import signal
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,13 +23,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import yaml
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from neco_loss.data import ImageFolder, NeCoMultiCrop, SyntheticScenes
+from neco_loss.diagnostics import NeCoStats
 from neco_loss.loss import NeCoLoss
 from neco_loss.models import DenseEncoder, DenseViT, EMATeacher, ProjectionHead, momentum_at
+from neco_loss.references import all_gather
 from neco_loss.schedules import cosine
 from neco_loss.training.checkpoint import LAST, load_checkpoint, save_atomic
 from neco_loss.training.config import TrainConfig
@@ -60,20 +65,60 @@ class MultiCropDataset(Dataset):
 
 
 class EpochSampler(Sampler[int]):
-    """A permutation per (seed, epoch); ``start`` skips the indices already trained on."""
+    """A permutation per (seed, epoch), cut into global batches of ``batch_size * world``.
 
-    def __init__(self, length: int, seed: int) -> None:
+    Process ``rank`` takes slice ``rank`` of every global batch, so the processes together see
+    exactly what one process with the global batch would see, in the same order. ``start``
+    (in global batches) skips what was already trained on.
+    """
+
+    def __init__(self, length: int, seed: int, batch_size: int, rank: int = 0, world: int = 1):
         self.length = length
         self.seed = seed
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world = world
         self.epoch = 0
         self.start = 0
 
+    @property
+    def batches_per_epoch(self) -> int:
+        """Global batches per epoch (the last incomplete one is dropped)."""
+        return self.length // (self.batch_size * self.world)
+
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
-        yield from torch.randperm(self.length, generator=generator)[self.start :].tolist()
+        order = torch.randperm(self.length, generator=generator)
+        global_batch = self.batch_size * self.world
+        for batch in range(self.start, self.batches_per_epoch):
+            first = batch * global_batch + self.rank * self.batch_size
+            yield from order[first : first + self.batch_size].tolist()
 
     def __len__(self) -> int:
-        return self.length - self.start
+        return (self.batches_per_epoch - self.start) * self.batch_size
+
+
+class MultiViewEncoder(nn.Module):
+    """Encodes a list of views in one ``forward`` (what DistributedDataParallel needs).
+
+    Views of one size go through the encoder together.
+    """
+
+    def __init__(self, encoder: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, views: list[Tensor]) -> list[Tensor]:
+        """``V`` views ``(B, 3, s_v, s_v)`` -> ``V`` patch maps ``(B, D, h_v, w_v)``."""
+        maps: list[Tensor | None] = [None] * len(views)
+        sizes: dict[tuple[int, ...], list[int]] = {}
+        for index, view in enumerate(views):
+            sizes.setdefault(tuple(view.shape), []).append(index)
+        for indices in sizes.values():
+            encoded = self.encoder(torch.cat([views[i] for i in indices])).chunk(len(indices))
+            for index, feature_map in zip(indices, encoded, strict=True):
+                maps[index] = feature_map
+        return [feature_map for feature_map in maps if feature_map is not None]
 
 
 @dataclass
@@ -124,10 +169,21 @@ def multicrop_transform(config: TrainConfig) -> NeCoMultiCrop:
     )
 
 
-def _device(config: TrainConfig) -> torch.device:
-    if config.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(config.device)
+def _device(config: TrainConfig, rank: int = 0) -> torch.device:
+    """The process's device: with several processes on CUDA, GPU ``rank`` of this machine."""
+    name = config.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and dist.is_initialized():
+        return torch.device("cuda", rank % torch.cuda.device_count())
+    return torch.device(name)
+
+
+def _process_group() -> tuple[int, int]:
+    """``(rank, world size)`` of the initialised process group, ``(0, 1)`` without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def _parameter_groups(student: DenseEncoder, config: TrainConfig) -> list[dict[str, Any]]:
@@ -144,19 +200,6 @@ def _parameter_groups(student: DenseEncoder, config: TrainConfig) -> list[dict[s
     return [group for group in groups if group["params"]]
 
 
-def _encode_views(encoder: nn.Module, views: list[Tensor]) -> list[Tensor]:
-    """Patch maps of every view; views of one size go through the encoder together."""
-    maps: list[Tensor | None] = [None] * len(views)
-    sizes: dict[tuple[int, ...], list[int]] = {}
-    for index, view in enumerate(views):
-        sizes.setdefault(tuple(view.shape), []).append(index)
-    for indices in sizes.values():
-        encoded = encoder(torch.cat([views[i] for i in indices])).chunk(len(indices))
-        for index, feature_map in zip(indices, encoded, strict=True):
-            maps[index] = feature_map
-    return [feature_map for feature_map in maps if feature_map is not None]
-
-
 class Trainer:
     """Builds everything a config describes and runs (or resumes) the training loop.
 
@@ -169,13 +212,22 @@ class Trainer:
     def __init__(self, config: TrainConfig, progress: bool = True) -> None:
         self.config = config
         self.progress = progress
-        self.device = _device(config)
-        self.output_dir = Path(config.output_dir).expanduser()
+        self.rank, self.world = _process_group()
+        self.device = _device(config, self.rank)
+        self.output_dir = config.output_dir_path
         backbone = build_backbone(config)
         head = ProjectionHead(backbone.embed_dim, config.head_hidden_dim, config.head_out_dim)
         self.student = DenseEncoder(backbone, head).to(self.device)
         self.teacher = EMATeacher(self.student).to(self.device)
-        self.criterion = NeCoLoss(seed=config.seed, **config.loss).to(self.device)
+        self.student_views: nn.Module = MultiViewEncoder(self.student)
+        if self.world > 1:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.student_views = nn.parallel.DistributedDataParallel(
+                self.student_views, device_ids=device_ids
+            )
+        self.teacher_views = MultiViewEncoder(self.teacher)
+        gather = all_gather if self.world > 1 else None
+        self.criterion = NeCoLoss(seed=config.seed, gather=gather, **config.loss).to(self.device)
         self.optimizer = torch.optim.AdamW(_parameter_groups(self.student, config), lr=0.0)
         transform = multicrop_transform(config)
         for size in (config.global_size, config.local_size):
@@ -184,13 +236,16 @@ class Trainer:
                     f"crop size {size} is not divisible by the patch size {backbone.patch_size}."
                 )
         self.dataset = MultiCropDataset(training_images(config), transform, config.seed)
-        if len(self.dataset) < config.batch_size:
+        if len(self.dataset) < config.batch_size * self.world:
             raise ValueError(
                 f"the dataset holds {len(self.dataset)} images, fewer than batch_size "
-                f"{config.batch_size}."
+                f"{config.batch_size} x {self.world} processes."
             )
-        self.sampler = EpochSampler(len(self.dataset), config.seed)
-        self.steps_per_epoch = len(self.dataset) // config.batch_size
+        self.criterion.check_batch(config.batch_size * (self.world if gather else 1))
+        self.sampler = EpochSampler(
+            len(self.dataset), config.seed, config.batch_size, self.rank, self.world
+        )
+        self.steps_per_epoch = self.sampler.batches_per_epoch
         epochs_steps = config.epochs * self.steps_per_epoch
         self.total_steps = min(config.max_steps or epochs_steps, epochs_steps)
         self.step = 0
@@ -212,11 +267,14 @@ class Trainer:
 
     def _train_step(self, views: list[Tensor], boxes: Tensor) -> float:
         momentum = self._set_schedules()
+        # Drop-path draws from the global RNG: seed it per (seed, step, process) so that a
+        # resumed run and every process of a distributed run draw reproducibly.
+        torch.manual_seed((self.config.seed * 1_000_003 + self.step) * 1009 + self.rank)
         views = [view.to(self.device, non_blocking=True) for view in views]
         boxes = boxes.to(self.device)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            student_maps = _encode_views(self.student, views)
-            teacher_maps = _encode_views(self.teacher, views[: self.config.num_global])
+            student_maps = self.student_views(views)
+            teacher_maps = self.teacher_views(views[: self.config.num_global])
         if not all(bool(torch.isfinite(m).all()) for m in student_maps + teacher_maps):
             raise FloatingPointError(
                 f"the model produced NaN/Inf features at step {self.step}: training stopped. "
@@ -254,11 +312,17 @@ class Trainer:
         }
 
     def save(self) -> Path:
-        """Write the checkpoint, the backbone weights and the config into ``output_dir``."""
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        (self.output_dir / "config.yaml").write_text(yaml.safe_dump(self.config.to_dict()))
-        save_atomic(self.state(), self.output_dir / LAST)
-        save_atomic(self.student.backbone.vit.state_dict(), self.output_dir / BACKBONE_FILE)
+        """Write the checkpoint, the backbone weights and the config into ``output_dir``.
+
+        Process 0 writes; the others wait for it, so that every process can resume from it.
+        """
+        if self.rank == 0:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "config.yaml").write_text(yaml.safe_dump(self.config.to_dict()))
+            save_atomic(self.state(), self.output_dir / LAST)
+            save_atomic(self.student.backbone.vit.state_dict(), self.output_dir / BACKBONE_FILE)
+        if self.world > 1:
+            dist.barrier()
         return self.output_dir / LAST
 
     def resume(self) -> None:
@@ -294,7 +358,7 @@ class Trainer:
         while True:
             epoch, offset = divmod(self.step, self.steps_per_epoch)
             self.sampler.epoch = self.dataset.epoch = epoch
-            self.sampler.start = offset * self.config.batch_size
+            self.sampler.start = offset
             loader = DataLoader(
                 self.dataset,
                 batch_size=self.config.batch_size,
@@ -308,74 +372,122 @@ class Trainer:
     def fit(self, stop_at: int | None = None) -> TrainResult:
         """Train until ``total_steps`` (or ``stop_at``), logging metrics, writing checkpoints.
 
+        With several processes, process 0 logs, shows the progress bar and writes files.
+
         Args:
             stop_at: Pause after this step (schedules still span ``total_steps``); a later
                 ``fit`` or a resumed run continues from there.
 
         """
-        end = self.total_steps if stop_at is None else min(stop_at, self.total_steps)
         from tqdm.auto import tqdm
 
+        end = self.total_steps if stop_at is None else min(stop_at, self.total_steps)
+        main = self.rank == 0
         self.student.train()
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        log_path = self.output_dir / "metrics.csv"
-        new_log = self.step == 0 or not log_path.exists()
+        log = MetricsLog(self.output_dir / "metrics.csv", append=self.step > 0) if main else None
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.step,
+            desc="neco train",
+            unit="step",
+            disable=not (self.progress and main),
+        )
         last_loss = math.nan
-        with open(log_path, "w" if new_log else "a", newline="") as log_file:
-            writer = csv.writer(log_file)
-            if new_log:
-                writer.writerow(
-                    [
-                        "step",
-                        "loss",
-                        "lr_backbone",
-                        "weight_decay",
-                        "images_per_s",
-                        "valid_pair_fraction",
-                        "rank_agreement",
-                        "teacher_entropy",
-                    ]
-                )
-            bar = tqdm(
-                total=self.total_steps,
-                initial=self.step,
-                desc="neco train",
-                disable=not self.progress,
-                unit="step",
-            )
-            batches = self._batches()
-            while self.step < end:
-                views, boxes = next(batches)
-                start = time.perf_counter()
-                last_loss = self._train_step(views, boxes)
-                speed = self.config.batch_size / (time.perf_counter() - start)
-                self.step += 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{speed:.1f}")
-                if self.step % self.config.log_every == 0:
-                    stats = self.criterion.last_stats
-                    assert stats is not None
-                    writer.writerow(
-                        [
-                            self.step,
-                            f"{last_loss:.6f}",
-                            f"{self.optimizer.param_groups[0]['lr']:.3e}",
-                            f"{self.optimizer.param_groups[0]['weight_decay']:.4f}",
-                            f"{speed:.2f}",
-                            f"{stats.valid_pairs / stats.total_pairs:.4f}",
-                            f"{stats.rank_agreement:.4f}",
-                            f"{stats.teacher_entropy:.4f}",
-                        ]
-                    )
-                    log_file.flush()
-                every = self.config.checkpoint_every
-                if every and self.step % every == 0 and self.step < end:
-                    self.save()
-            bar.close()
+        batches = self._batches()
+        stop = StopOnSigterm()
+        while self.step < end and not stop.requested:
+            views, boxes = next(batches)
+            start = time.perf_counter()
+            last_loss = self._train_step(views, boxes)
+            speed = self.config.batch_size * self.world / (time.perf_counter() - start)
+            self.step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{speed:.1f}")
+            if log is not None and self.step % self.config.log_every == 0:
+                stats = self.criterion.last_stats
+                assert stats is not None
+                group = self.optimizer.param_groups[0]
+                log.write(self.step, last_loss, group["lr"], group["weight_decay"], speed, stats)
+            every = self.config.checkpoint_every
+            if every and self.step % every == 0 and self.step < end:
+                self.save()
+        bar.close()
+        stop.restore()
+        if log is not None:
+            log.close()
         checkpoint = self.save()
+        if stop.requested:
+            raise SystemExit(f"SIGTERM: stopped after step {self.step}; checkpoint {checkpoint}")
         return TrainResult(
             self.output_dir, checkpoint, self.output_dir / BACKBONE_FILE, self.step, last_loss
         )
+
+
+class StopOnSigterm:
+    """Turns SIGTERM (cluster preemption, ``kill``) into a request to stop after this step.
+
+    The loop then saves a checkpoint and exits; ``--resume`` continues exactly. Only installed
+    in the main thread (signal handlers cannot be set elsewhere).
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.previous: Any = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._request)
+
+    def _request(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def restore(self) -> None:
+        """Reinstall the previous handler."""
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+
+class MetricsLog:
+    """``metrics.csv``: one row per logged step."""
+
+    HEADER = (
+        "step",
+        "loss",
+        "lr_backbone",
+        "weight_decay",
+        "images_per_s",
+        "valid_pair_fraction",
+        "rank_agreement",
+        "teacher_entropy",
+    )
+
+    def __init__(self, path: Path, append: bool) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        append = append and path.exists()
+        self.file = open(path, "a" if append else "w", newline="")  # noqa: SIM115 (closed by close)
+        self.writer = csv.writer(self.file)
+        if not append:
+            self.writer.writerow(self.HEADER)
+
+    def write(
+        self, step: int, loss: float, lr: float, weight_decay: float, speed: float, stats: NeCoStats
+    ) -> None:
+        """Append a row and flush it."""
+        self.writer.writerow(
+            [
+                step,
+                f"{loss:.6f}",
+                f"{lr:.3e}",
+                f"{weight_decay:.4f}",
+                f"{speed:.2f}",
+                f"{stats.valid_pairs / stats.total_pairs:.4f}",
+                f"{stats.rank_agreement:.4f}",
+                f"{stats.teacher_entropy:.4f}",
+            ]
+        )
+        self.file.flush()
+
+    def close(self) -> None:
+        """Close the file."""
+        self.file.close()
 
 
 def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> TrainResult:

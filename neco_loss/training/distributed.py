@@ -1,0 +1,85 @@
+"""Run ``neco train`` on several processes: one per GPU (NCCL) or CPU processes (gloo).
+
+``neco train CONFIG --devices N`` starts N processes on this machine; under ``torchrun`` (which
+sets ``RANK`` / ``WORLD_SIZE``, also across nodes) the process group comes from the environment.
+Every process trains on its slice of each global batch, the student is wrapped in
+``DistributedDataParallel`` and the loss draws references from all processes' batches.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import socket
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from neco_loss.training.checkpoint import LAST, load_checkpoint
+from neco_loss.training.config import TrainConfig
+from neco_loss.training.trainer import BACKBONE_FILE, TrainResult, train
+
+
+def _backend(config: TrainConfig) -> str:
+    return "nccl" if torch.cuda.is_available() and config.device != "cpu" else "gloo"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _worker(
+    rank: int, world: int, port: int, config: dict[str, Any], resume: bool, progress: bool
+) -> None:
+    settings = TrainConfig(**config)
+    dist.init_process_group(
+        _backend(settings), init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    try:
+        train(settings, resume=resume, progress=progress)
+    finally:
+        dist.destroy_process_group()
+
+
+def _result(config: TrainConfig) -> TrainResult:
+    """What the processes left in ``output_dir``."""
+    output = config.output_dir_path
+    rows = list(csv.reader((output / "metrics.csv").open()))
+    last_loss = float(rows[-1][1]) if len(rows) > 1 else float("nan")
+    step = int(load_checkpoint(output / LAST)["step"])
+    return TrainResult(output, output / LAST, output / BACKBONE_FILE, step, last_loss)
+
+
+def launch(config: TrainConfig, resume: bool = False, progress: bool = True) -> TrainResult:
+    """Train on ``config.devices`` processes (or as one process of a ``torchrun`` job).
+
+    Returns:
+        The run's outputs (from process 0's files when several processes ran here).
+
+    Raises:
+        ValueError: If more CUDA devices are asked for than this machine has.
+
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group(_backend(config), init_method="env://")  # torchrun
+        try:
+            return train(config, resume=resume, progress=progress)
+        finally:
+            dist.destroy_process_group()
+    if config.devices == 1:
+        return train(config, resume=resume, progress=progress)
+    if _backend(config) == "nccl" and config.devices > torch.cuda.device_count():
+        raise ValueError(
+            f"devices={config.devices} but this machine has {torch.cuda.device_count()} GPUs."
+        )
+    mp.spawn(
+        _worker,
+        nprocs=config.devices,
+        join=True,
+        args=(config.devices, _free_port(), config.to_dict(), resume, progress),
+    )
+    return _result(config)
