@@ -65,6 +65,14 @@ def intersect(box_a: Tensor, box_b: Tensor) -> Tensor:
     return torch.cat([top_left, bottom_right], dim=-1)
 
 
+def intersection_area(box_a: Tensor, box_b: Tensor) -> Tensor:
+    """``(...,)`` area shared by two boxes (broadcast), 0 where they do not overlap."""
+    shared = intersect(box_a, box_b)
+    return (shared[..., 2] - shared[..., 0]).clamp(min=0) * (shared[..., 3] - shared[..., 1]).clamp(
+        min=0
+    )
+
+
 def is_nonempty(box: Tensor) -> Tensor:
     """``(...,)`` bool: whether each ``(..., 4)`` box has positive area."""
     return (box[..., 2] > box[..., 0]) & (box[..., 3] > box[..., 1])

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from lightly.data import LightlyDataset
+import torch
+from lightly.data import LightlyDataset, MultiViewCollate
 from neco_loss.integrations.lightly import NeCoTransform
 
 from neco_loss.data import SyntheticScenes
@@ -55,7 +56,17 @@ class SyntheticForLightly:
         return self.transform(image), 0, f"scene_{index}"
 
 
-def dataset(args: argparse.Namespace, transform: NeCoTransform):
+def dataloader(args: argparse.Namespace, transform: NeCoTransform) -> torch.utils.data.DataLoader:
+    """Synthetic scenes or ``LightlyDataset(args.data)``, batched with ``MultiViewCollate``."""
     if args.data == "synthetic":
-        return SyntheticForLightly(transform)
-    return LightlyDataset(input_dir=args.data, transform=transform)
+        data = SyntheticForLightly(transform)
+    else:
+        data = LightlyDataset(input_dir=args.data, transform=transform)
+    return torch.utils.data.DataLoader(
+        data,
+        batch_size=args.batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=args.num_workers,
+        collate_fn=MultiViewCollate(),
+    )

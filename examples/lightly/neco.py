@@ -7,8 +7,7 @@ python examples/lightly/neco.py --data ~/images --dinov2 --max-steps 10000
 import copy
 
 import torch
-from common import arguments, backbone_and_transform, dataset
-from lightly.data import MultiViewCollate
+from common import arguments, backbone_and_transform, dataloader
 from lightly.models.utils import deactivate_requires_grad, update_momentum
 from lightly.utils.scheduler import cosine_schedule
 from neco_loss.integrations.lightly import split_views_and_boxes
@@ -43,14 +42,7 @@ model = NeCoModel(backbone)
 device = "cuda" if torch.cuda.is_available() else "cpu"
 model.to(device)
 
-dataloader = torch.utils.data.DataLoader(
-    dataset(args, transform),
-    batch_size=args.batch_size,
-    shuffle=True,
-    drop_last=True,
-    num_workers=args.num_workers,
-    collate_fn=MultiViewCollate(),
-)
+loader = dataloader(args, transform)
 criterion = NeCoLoss(roi_size=7 if args.dinov2 else 4)
 optimizer = torch.optim.AdamW(
     [
@@ -60,12 +52,12 @@ optimizer = torch.optim.AdamW(
     weight_decay=0.04,
 )
 
-total_steps = min(args.max_steps, args.epochs * len(dataloader))
+total_steps = min(args.max_steps, args.epochs * len(loader))
 step = 0
 print("Starting Training")
 for epoch in range(args.epochs):
     total_loss = 0.0
-    for batch in dataloader:
+    for batch in loader:
         if step == total_steps:
             break
         momentum = cosine_schedule(step, total_steps, 0.9995, 1)

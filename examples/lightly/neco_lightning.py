@@ -6,8 +6,7 @@ python examples/lightly/neco_lightning.py --data ~/images --dinov2 --max-steps 1
 
 import pytorch_lightning as pl
 import torch
-from common import arguments, backbone_and_transform, dataset
-from lightly.data import MultiViewCollate
+from common import arguments, backbone_and_transform, dataloader
 from neco_loss.integrations.lightly import NeCo
 
 args = arguments(__doc__.splitlines()[0])
@@ -19,14 +18,7 @@ else:
         backbone, head_hidden_dim=512, head_out_dim=128, lr_backbone=1e-4, lr_head=1e-3, roi_size=4
     )
 
-dataloader = torch.utils.data.DataLoader(
-    dataset(args, transform),
-    batch_size=args.batch_size,
-    shuffle=True,
-    drop_last=True,
-    num_workers=args.num_workers,
-    collate_fn=MultiViewCollate(),
-)
+loader = dataloader(args, transform)
 accelerator = "gpu" if torch.cuda.is_available() else "cpu"
 trainer = pl.Trainer(
     max_epochs=args.epochs,
@@ -36,4 +28,4 @@ trainer = pl.Trainer(
     logger=False,
     enable_checkpointing=False,
 )
-trainer.fit(model=model, train_dataloaders=dataloader)
+trainer.fit(model=model, train_dataloaders=loader)

@@ -24,7 +24,7 @@ from PIL import Image
 from torch import Tensor
 from torchvision.transforms.functional import to_pil_image
 
-from neco_loss.geometry import intersect
+from neco_loss.data.multicrop import sample_overlapping
 
 
 def location_box(location: Location) -> Tensor:
@@ -135,24 +135,16 @@ class NeCoTransform:
         """Crop ``index``, resampled until it overlaps the earlier global crops enough."""
         area = image.width * image.height
         required = self.min_overlap * area * (2 if index < self.n_global_views else 1)
-        earlier = torch.stack(boxes[: min(index, self.n_global_views)]) if index else None
-        for _ in range(self.max_tries):
+        earlier = boxes[: min(index, self.n_global_views)]
+        earlier_global = torch.stack(earlier) if earlier else torch.empty(0, 5)
+
+        def propose() -> tuple[Tensor, tuple[Image.Image, Location]]:
             view, location = self.crops[index](image)
-            box = location_box(location)
-            if earlier is None:
-                break
-            shared = intersect(box, earlier)
-            overlap = (shared[:, 2] - shared[:, 0]).clamp(min=0) * (
-                shared[:, 3] - shared[:, 1]
-            ).clamp(min=0)
-            if bool((overlap > required).all()):
-                break
-        else:
-            raise ValueError(
-                f"could not sample crop {index} overlapping the global crops by more than "
-                f"{self.min_overlap:.3f} of the image in {self.max_tries} tries; lower "
-                "min_overlap or raise the crop scales."
-            )
+            return location_box(location), (view, location)
+
+        _, (view, location) = sample_overlapping(
+            propose, earlier_global, required, self.max_tries, index
+        )
         view, location = self.flip(view, location)
         return view, location_box(location)
 

@@ -10,14 +10,15 @@ Gaussian blur sigma (0.1, 2) with p = 0.5, ImageNet normalisation. Flips are off
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import torch
 from PIL import Image
 from torch import Tensor
 from torchvision.transforms import v2
 
-from neco_loss.geometry import intersect
+from neco_loss.geometry import intersection_area
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -55,6 +56,40 @@ def to_float_image(image: Tensor | Image.Image) -> Tensor:
     if not image.is_floating_point():
         return image.float() / 255
     return image.float()
+
+
+Proposal = TypeVar("Proposal")
+
+
+def sample_overlapping(
+    propose: Callable[[], tuple[Tensor, Proposal]],
+    earlier_global: Tensor,
+    required_area: float,
+    max_tries: int,
+    index: int,
+) -> tuple[Tensor, Proposal]:
+    """Draw crops from ``propose`` until one overlaps every earlier global crop enough.
+
+    Args:
+        propose: Returns a crop's box ``(4+,)`` in image pixels and anything else to keep.
+        earlier_global: ``(k, 4+)`` boxes of the global crops drawn so far (``k`` may be 0).
+        required_area: The overlap each of them needs, in square pixels (strictly more).
+        max_tries: Attempts before giving up.
+        index: The crop's index, for the error message.
+
+    Raises:
+        ValueError: If no attempt overlaps enough.
+
+    """
+    for _ in range(max_tries):
+        box, payload = propose()
+        if bool((intersection_area(box, earlier_global) > required_area).all()):
+            return box, payload
+    raise ValueError(
+        f"could not sample crop {index} overlapping the earlier global crops by more than "
+        f"{required_area:.0f} square pixels in {max_tries} tries; lower min_overlap or raise "
+        "the crop scales."
+    )
 
 
 class NeCoMultiCrop:
@@ -135,21 +170,12 @@ class NeCoMultiCrop:
         for index, scale in enumerate(self.scales):
             required = self.min_overlap * area * (2 if index < self.num_global else 1)
             earlier_global = boxes[: min(index, self.num_global), :4]
-            for _ in range(self.max_tries):
+
+            def propose(scale: tuple[float, ...] = scale) -> tuple[Tensor, None]:
                 top, left, h, w = v2.RandomResizedCrop.get_params(placeholder, scale, CROP_RATIO)
-                box = torch.tensor([left, top, left + w, top + h], dtype=torch.float32)
-                shared = intersect(box, earlier_global)
-                overlap = (shared[:, 2] - shared[:, 0]).clamp(min=0) * (
-                    shared[:, 3] - shared[:, 1]
-                ).clamp(min=0)
-                if bool((overlap > required).all()):
-                    break
-            else:
-                raise ValueError(
-                    f"could not sample crop {index} overlapping the global crops by more than "
-                    f"{self.min_overlap:.3f} of a {width}x{height} image in {self.max_tries} "
-                    "tries; lower min_overlap or raise the crop scales."
-                )
+                return torch.tensor([left, top, left + w, top + h], dtype=torch.float32), None
+
+            box, _ = sample_overlapping(propose, earlier_global, required, self.max_tries, index)
             flipped = self.flip and bool(torch.rand(()) < 0.5)
             boxes[index] = torch.cat([box, torch.tensor([float(flipped)])])
         return boxes
