@@ -79,7 +79,8 @@ class NeCoLoss(nn.Module):
             tensor from every process, in rank order (e.g. ``lightly.utils.dist.gather``, or
             ``neco_loss.references.all_gather``). Every process must use the same ``seed``;
             then each process's loss equals the single-process loss on the concatenated batch
-            restricted to its images. The queue stays per process.
+            restricted to its images, the queue included (it is filled with every process's
+            tokens).
 
     Attributes:
         last_stats: ``NeCoStats`` of the last call (``None`` before the first call).
@@ -189,7 +190,9 @@ class NeCoLoss(nn.Module):
             source_maps = teacher_maps if self.reference_source == "teacher" else student_maps
             for view in range(len(teacher_maps)):
                 # Reference code: the queue is updated before the loss of the step.
-                tokens = source_maps[view].flatten(2).transpose(1, 2)  # (B, h * w, D)
+                tokens = source_maps[view].flatten(2).transpose(1, 2).detach()  # (B, h * w, D)
+                if self.gather is not None:  # every process queues every process's tokens
+                    tokens = torch.cat(list(self.gather(tokens.contiguous())))
                 self.queue.push(view, tokens, len(teacher_maps), self.generator)
         groups: dict[int, list[tuple[Tensor, Tensor]]] = {}
         valid_pairs = 0

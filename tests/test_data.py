@@ -134,14 +134,20 @@ class TestImageFolder:
         Image.new("L", (8, 6)).save(tmp_path / "a" / "two.JPG")
         Image.new("RGB", (8, 6)).save(tmp_path / "a" / "b" / "three.webp")
         (tmp_path / "a" / "broken.jpg").write_bytes(b"not an image")
+        Image.new("RGB", (64, 48), color=(1, 2, 3)).save(tmp_path / "whole.png")
+        whole = (tmp_path / "whole.png").read_bytes()
+        (tmp_path / "whole.png").unlink()
+        (tmp_path / "truncated.png").write_bytes(whole[: len(whole) // 2])
         (tmp_path / "notes.txt").write_text("skip me")
         folder = ImageFolder(tmp_path)
-        assert len(folder) == 4
+        assert len(folder) == 5
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             images = [folder[i] for i in range(len(folder))]
         assert all(image.mode == "RGB" and image.size == (8, 6) for image in images)
-        assert len(folder.skipped) == 1 and "broken.jpg" in str(caught[0].message)
+        assert len(folder.skipped) == 2
+        assert {"broken.jpg", "truncated.png"} == {path.name for path in folder.skipped}
+        assert any("truncated.png" in str(warning.message) for warning in caught)
 
     def test_errors(self, tmp_path):
         with pytest.raises(FileNotFoundError, match="does not exist"):

@@ -17,6 +17,7 @@ WORLD = 2
         {},  # per_image, the reference strategy
         {"references": "fraction", "reference_fraction": 0.5, "network": "bitonic_padded"},
         {"reference_images": "intra"},
+        {"references": "queue", "queue_length": 40},  # full after the first push: used at once
     ],
 )
 def test_two_processes_equal_one(tmp_path, options, gather):
