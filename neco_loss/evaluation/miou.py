@@ -12,6 +12,8 @@ class ConfusionMatrix:
     Args:
         num_classes: Number of classes ``C``.
         ignore_index: Target value left out of the counts (e.g. 255 for Pascal VOC).
+        num_predictions: Number of predicted ids ``K`` when they are clusters to be matched to
+            classes (``matched``); default ``C``.
 
     Examples:
         >>> matrix = ConfusionMatrix(2)
@@ -21,12 +23,16 @@ class ConfusionMatrix:
 
     """
 
-    def __init__(self, num_classes: int, ignore_index: int | None = None) -> None:
+    def __init__(
+        self, num_classes: int, ignore_index: int | None = None, num_predictions: int | None = None
+    ) -> None:
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be an int >= 1 but is {num_classes!r}.")
         self.num_classes = num_classes
+        self.num_predictions = num_predictions or num_classes
         self.ignore_index = ignore_index
-        self.matrix = torch.zeros(num_classes, num_classes, dtype=torch.long)
+        self.matrix = torch.zeros(num_classes, self.num_predictions, dtype=torch.long)
+        self.unmatched = torch.zeros(num_classes, dtype=torch.long)  # per target class
 
     def update(self, prediction: Tensor, target: Tensor) -> None:
         """Count a batch of predictions and targets of the same shape (class indices).
@@ -44,21 +50,61 @@ class ConfusionMatrix:
         if self.ignore_index is not None:
             keep = target != self.ignore_index
             prediction, target = prediction[keep], target[keep]
-        for name, values in (("prediction", prediction), ("target", target)):
-            if len(values) and (values.min() < 0 or values.max() >= self.num_classes):
+        limits = (
+            ("prediction", prediction, self.num_predictions),
+            ("target", target, self.num_classes),
+        )
+        for name, values, limit in limits:
+            if len(values) and (values.min() < 0 or values.max() >= limit):
                 raise ValueError(
-                    f"{name} values must be in [0, {self.num_classes}) but span "
+                    f"{name} values must be in [0, {limit}) but span "
                     f"[{int(values.min())}, {int(values.max())}]."
                 )
         self.matrix += torch.bincount(
-            target * self.num_classes + prediction, minlength=self.num_classes**2
-        ).view(self.num_classes, self.num_classes)
+            target * self.num_predictions + prediction,
+            minlength=self.num_classes * self.num_predictions,
+        ).view(self.num_classes, self.num_predictions)
+
+    def matched(self, matching: str) -> ConfusionMatrix:
+        """A confusion matrix with predicted clusters relabelled to classes.
+
+        Args:
+            matching: ``"hungarian"``: the one-to-one assignment of predictions to classes that
+                maximises the matched pixels (``scipy.optimize.linear_sum_assignment``; needs as
+                many predicted ids as classes or more, unmatched ids count as wrong);
+                ``"many_to_one"``: every predicted id goes to the class it overlaps most.
+
+        Returns:
+            A new ``ConfusionMatrix`` over the ``C`` classes.
+
+        """
+        counts = self.matrix  # (C, K): targets x predicted ids
+        classes = counts.shape[0]
+        if matching == "many_to_one":
+            assignment = counts.argmax(dim=0)  # (K,)
+        elif matching == "hungarian":
+            from scipy.optimize import linear_sum_assignment
+
+            rows, cols = linear_sum_assignment(counts.numpy(), maximize=True)
+            assignment = torch.full((counts.shape[1],), -1, dtype=torch.long)
+            assignment[torch.as_tensor(cols)] = torch.as_tensor(rows)
+        else:
+            raise ValueError(f"matching must be 'hungarian' or 'many_to_one' but is {matching!r}.")
+        result = ConfusionMatrix(classes, self.ignore_index)
+        for cluster, label in enumerate(assignment.tolist()):
+            if label >= 0:
+                result.matrix[:, label] += counts[:, cluster]
+            else:  # an unmatched cluster: its pixels are wrong for every class
+                result.unmatched += counts[:, cluster]
+        return result
 
     def iou(self) -> Tensor:
         """``(C,)`` IoU per class; NaN for classes absent from both targets and predictions."""
+        if self.num_predictions != self.num_classes:
+            raise ValueError("predictions are cluster ids: call matched(...) first.")
         matrix = self.matrix.double()
         true_positive = matrix.diagonal()
-        union = matrix.sum(0) + matrix.sum(1) - true_positive
+        union = matrix.sum(0) + matrix.sum(1) + self.unmatched.double() - true_positive
         return torch.where(union > 0, true_positive / union.clamp(min=1), float("nan"))
 
     def miou(self) -> float:
