@@ -1,13 +1,37 @@
-"""Segmentation datasets as the evaluation protocols consume them."""
+"""Segmentation datasets from local folders in their standard layouts, and the built-in one.
+
+Every dataset returns ``(image (3, S, S) ImageNet-normalised, mask (S, S) int64)`` with images
+resized bilinearly and masks by nearest neighbour to ``S = image_size``; 255 marks ignored
+pixels. Class definitions follow the NeCo / Leopart evaluation code.
+"""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+from PIL import Image
 from torch import Tensor
 from torchvision.transforms import v2
 
 from neco_loss.data.multicrop import IMAGENET_MEAN, IMAGENET_STD
+from neco_loss.data.synthetic import SyntheticScenes
+
+IGNORE_INDEX = 255
+NUM_CLASSES = {"voc": 21, "ade20k": 150, "coco-things": 12, "coco-stuff": 15, "synthetic": 5}
+LAYOUTS = {
+    "voc": "ROOT/JPEGImages/*.jpg, ROOT/SegmentationClass/*.png (SegmentationClassAug for "
+    "trainaug), ROOT/ImageSets/Segmentation/{train,trainaug,val}.txt (ROOT = VOCdevkit/VOC2012)",
+    "ade20k": "ROOT/images/{training,validation}/*.jpg, ROOT/annotations/{training,validation}/"
+    "*.png (ROOT = ADEChallengeData2016)",
+    "coco-things": "ROOT/images/{train,val}2017/*.jpg, ROOT/annotations/{train,val}2017/*.png "
+    "(panoptic semantic PNGs), ROOT/annotations/panoptic_annotations/panoptic_val2017.json",
+    "coco-stuff": "ROOT/images/{train,val}2017/*.jpg, ROOT/annotations/stuff_annotations/"
+    "stuff_{train,val}2017_pixelmaps/*.png, ROOT/annotations/stuff_annotations/stuff_val2017.json",
+}
 
 
 class Normalized:
@@ -28,3 +52,131 @@ class Normalized:
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
         image, mask = self.dataset[index]
         return self.normalize(image), mask
+
+
+class ImageMaskPairs:
+    """Image files with label PNGs, relabelled through a lookup table.
+
+    Args:
+        images: Image paths.
+        masks: Label PNG paths, one per image.
+        lookup: ``(256,)`` int64: stored label value -> class index or 255.
+        image_size: Output side ``S``.
+
+    """
+
+    def __init__(
+        self, images: list[Path], masks: list[Path], lookup: Tensor, image_size: int
+    ) -> None:
+        self.images = images
+        self.masks = masks
+        self.lookup = lookup
+        self.image_size = image_size
+        self.normalize = v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        size = [self.image_size, self.image_size]
+        with Image.open(self.images[index]) as image:
+            pixels = v2.functional.pil_to_tensor(image.convert("RGB"))
+        with Image.open(self.masks[index]) as mask_image:
+            labels = torch.from_numpy(np.array(mask_image)).long()
+        pixels = v2.functional.resize(pixels, size, antialias=True).float() / 255
+        labels = v2.functional.resize(labels[None], size, v2.InterpolationMode.NEAREST)[0]
+        return self.normalize(pixels), self.lookup[labels.clamp(0, 255)]
+
+
+def _require(path: Path, name: str) -> Path:
+    if not path.exists():
+        raise FileNotFoundError(f"{name}: {path} does not exist. Expected layout: {LAYOUTS[name]}")
+    return path
+
+
+def _lookup(mapping: dict[int, int], default: int = IGNORE_INDEX) -> Tensor:
+    table = torch.full((256,), default, dtype=torch.long)
+    for value, label in mapping.items():
+        if 0 <= value < 256:
+            table[value] = label
+    return table
+
+
+def pascal_voc(root: Path, split: str, image_size: int) -> ImageMaskPairs:
+    """Pascal VOC 2012: 21 classes (background + 20), 255 ignored.
+
+    ``trainaug`` uses the SBD-augmented masks in ``SegmentationClassAug``.
+    """
+    list_file = _require(root / "ImageSets" / "Segmentation" / f"{split}.txt", "voc")
+    mask_dir = _require(
+        root / ("SegmentationClassAug" if split == "trainaug" else "SegmentationClass"), "voc"
+    )
+    names = [line.strip() for line in list_file.read_text().splitlines() if line.strip()]
+    images = [_require(root / "JPEGImages" / f"{name}.jpg", "voc") for name in names]
+    masks = [_require(mask_dir / f"{name}.png", "voc") for name in names]
+    return ImageMaskPairs(images, masks, _lookup({v: v for v in range(21)}), image_size)
+
+
+def ade20k(root: Path, split: str, image_size: int) -> ImageMaskPairs:
+    """ADE20K (SceneParsing): 150 classes stored as 1..150, 0 ignored."""
+    folder = {"train": "training", "val": "validation"}.get(split, split)
+    masks = sorted(_require(root / "annotations" / folder, "ade20k").glob("*.png"))
+    images = [_require(root / "images" / folder / f"{m.stem}.jpg", "ade20k") for m in masks]
+    return ImageMaskPairs(images, masks, _lookup({v: v - 1 for v in range(1, 151)}), image_size)
+
+
+def coco(root: Path, split: str, image_size: int, kind: str) -> ImageMaskPairs:
+    """COCO-Things (12 thing super-categories) or COCO-Stuff (15 stuff super-categories).
+
+    The Leopart / NeCo definitions: super-categories sorted by name; for stuff, ``other`` and
+    the things (stored as 0) are ignored; for things, stuff and unlabelled (0) are ignored.
+    """
+    name = f"coco-{kind}"
+    if kind == "things":
+        mask_dir = root / "annotations" / f"{split}2017"
+        categories_file = root / "annotations" / "panoptic_annotations" / "panoptic_val2017.json"
+    else:
+        mask_dir = root / "annotations" / "stuff_annotations" / f"stuff_{split}2017_pixelmaps"
+        categories_file = root / "annotations" / "stuff_annotations" / "stuff_val2017.json"
+    categories = json.loads(_require(categories_file, name).read_text())["categories"]
+    if kind == "things":
+        supers = sorted({c["supercategory"] for c in categories if c.get("isthing") == 1})
+        mapping = {
+            c["id"]: supers.index(c["supercategory"]) for c in categories if c.get("isthing") == 1
+        }
+    else:
+        supers = sorted({c["supercategory"] for c in categories} - {"other"})
+        mapping = {
+            c["id"]: supers.index(c["supercategory"])
+            for c in categories
+            if c["supercategory"] != "other"
+        }
+    masks = sorted(_require(mask_dir, name).glob("*.png"))
+    images = [_require(root / "images" / f"{split}2017" / f"{m.stem}.jpg", name) for m in masks]
+    return ImageMaskPairs(images, masks, _lookup(mapping), image_size)
+
+
+def segmentation_dataset(
+    name: str, root: str | Path | None, split: str, image_size: int, seed: int = 0
+) -> Any:
+    """A dataset by name: ``voc``, ``ade20k``, ``coco-things``, ``coco-stuff`` or ``synthetic``.
+
+    Raises:
+        ValueError: For an unknown name, or a missing ``root`` for a real dataset.
+        FileNotFoundError: If files are missing (the message shows the expected layout).
+
+    """
+    if name == "synthetic":
+        return Normalized(
+            SyntheticScenes(split if split == "val" else "train", image_size, seed=seed)
+        )
+    if name not in LAYOUTS:
+        raise ValueError(f"dataset must be one of {list(NUM_CLASSES)} but is {name!r}.")
+    if root is None:
+        raise ValueError(f"dataset {name!r} needs a root folder. Expected layout: {LAYOUTS[name]}")
+    path = Path(root).expanduser()
+    if name == "voc":
+        return pascal_voc(path, split, image_size)
+    if name == "ade20k":
+        return ade20k(path, split, image_size)
+    return coco(path, split, image_size, name.removeprefix("coco-"))
