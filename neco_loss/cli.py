@@ -4,35 +4,59 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 
-def _eval_in_context(args: argparse.Namespace) -> None:
-    from neco_loss.data import SyntheticScenes
-    from neco_loss.evaluation import in_context_miou
-    from neco_loss.evaluation.datasets import Normalized
+def _backbone(checkpoint: Path, config_path: Path | None) -> tuple[str, Any]:
+    """``(name, DenseViT in eval mode)`` of a run folder or of a weights file plus config."""
     from neco_loss.models import DenseViT
     from neco_loss.training import load_config
 
-    weights, config_path = args.checkpoint, args.config
-    if weights.is_dir():  # a run's output_dir
-        weights, config_path = weights / "backbone.pt", config_path or weights / "config.yaml"
+    weights = checkpoint
+    if checkpoint.is_dir():  # a run's output_dir
+        weights, config_path = checkpoint / "backbone.pt", config_path or checkpoint / "config.yaml"
     if config_path is None:
         raise SystemExit("--config is needed when --checkpoint is a weights file.")
     config = load_config(config_path)
     backbone = DenseViT(config.model, checkpoint=weights, **config.model_kwargs).eval()
-    size = args.image_size or config.image_size
-    if args.dataset != "synthetic":
-        raise SystemExit(
-            f"dataset {args.dataset!r}: only 'synthetic' is available so far (real dataset "
-            "loaders come with the evaluation suite)."
-        )
-    train_set = Normalized(SyntheticScenes("train", size, args.train_images, seed=config.seed))
-    val_set = Normalized(SyntheticScenes("val", size, args.val_images, seed=config.seed))
-    result = in_context_miou(
-        backbone, train_set, val_set, SyntheticScenes.num_classes, progress=True
+    name = checkpoint.name if checkpoint.is_dir() else checkpoint.stem
+    return name, backbone
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    import torch
+
+    from neco_loss.evaluation.datasets import IGNORE_INDEX, NUM_CLASSES, segmentation_dataset
+    from neco_loss.evaluation.fractions import Subset
+    from neco_loss.evaluation.suite import PROTOCOLS, evaluate, write_results
+
+    protocols = list(PROTOCOLS) if "all" in args.protocols else args.protocols
+    backbones = dict(_backbone(path, args.config) for path in args.checkpoint)
+    size = args.image_size or (448 if args.dataset != "synthetic" else None)  # paper: 448 px
+    if size is None:  # the synthetic default: the size the run trained on
+        from neco_loss.training import load_config
+
+        first = args.checkpoint[0]
+        size = load_config(args.config or first / "config.yaml").image_size
+    datasets = []
+    for split, limit in ((args.train_split, args.train_images), (args.val_split, args.val_images)):
+        data = segmentation_dataset(args.dataset, args.data_root, split, size)
+        datasets.append(Subset(data, range(min(limit, len(data)))) if limit else data)
+    features = {name: torch.no_grad()(backbone) for name, backbone in backbones.items()}
+    results = evaluate(
+        features,
+        datasets[0],
+        datasets[1],
+        NUM_CLASSES[args.dataset],
+        protocols,
+        args.output,
+        ignore_index=IGNORE_INDEX,
+        clusters=args.clusters,
+        linear_epochs=args.linear_epochs,
     )
-    print(f"in-context mIoU: {result.miou:.4f}")
-    print("IoU per class:", [round(v, 4) for v in result.iou.tolist()])
+    markdown, _ = write_results(results, args.output)
+    print(markdown.read_text(), end="")
+    print(f"tables and figures in {args.output}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -53,20 +77,40 @@ def main(argv: list[str] | None = None) -> None:
     train.add_argument("--resume", action="store_true", help="continue from output_dir")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    evaluate = commands.add_parser("eval", help="evaluation protocols")
-    protocols = evaluate.add_subparsers(dest="protocol", required=True)
-    in_context = protocols.add_parser("in-context", help="dense nearest-neighbour segmentation")
-    in_context.add_argument(
+    evaluation = commands.add_parser("eval", help="evaluation protocols on one or more backbones")
+    evaluation.add_argument(
+        "protocols",
+        nargs="+",
+        choices=["in-context", "linear", "overclustering", "fractions", "all"],
+    )
+    evaluation.add_argument(
         "--checkpoint",
         type=Path,
+        action="append",
         required=True,
-        help="a run's output_dir, or a backbone weights file (then also --config)",
+        help="a run folder or a weights file (then also --config); repeat "
+        "to compare backbones, e.g. before and after NeCo",
     )
-    in_context.add_argument("--config", type=Path, default=None, help="the run's config.yaml")
-    in_context.add_argument("--dataset", default="synthetic")
-    in_context.add_argument("--image-size", type=int, default=None)
-    in_context.add_argument("--train-images", type=int, default=200)
-    in_context.add_argument("--val-images", type=int, default=64)
+    evaluation.add_argument("--config", type=Path, default=None, help="a run's config.yaml")
+    evaluation.add_argument(
+        "--dataset",
+        default="synthetic",
+        choices=["synthetic", "voc", "ade20k", "coco-things", "coco-stuff"],
+    )
+    evaluation.add_argument("--data-root", type=Path, default=None)
+    evaluation.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="default: the run's image_size (synthetic); paper: 448",
+    )
+    evaluation.add_argument("--train-split", default="train")
+    evaluation.add_argument("--val-split", default="val")
+    evaluation.add_argument("--train-images", type=int, default=200, help="0: all")
+    evaluation.add_argument("--val-images", type=int, default=64, help="0: all")
+    evaluation.add_argument("--clusters", type=int, nargs="+", default=[100, 300, 500])
+    evaluation.add_argument("--linear-epochs", type=int, default=20)
+    evaluation.add_argument("--output", type=Path, default=Path("outputs/eval"))
 
     sort_demo = commands.add_parser("sort-demo", help="soft sorting demo, native vs diffsort")
     sort_demo.add_argument("--output", type=Path, default=Path("outputs/sort_demo"))
@@ -92,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
             f"checkpoint {result.checkpoint}, backbone weights {result.backbone}"
         )
     elif args.command == "eval":
-        _eval_in_context(args)
+        _evaluate(args)
     else:
         from neco_loss.sort_demo import demo as sorting_demo
 

@@ -16,15 +16,67 @@ def test_train_then_eval_in_context(tmp_path, capsys):
     assert "trained 2 steps" in capsys.readouterr().out
     main(["train", str(config), "--max-steps", "3", "--quiet", "--resume"])
     assert "trained 3 steps" in capsys.readouterr().out
-    sizes = ["--train-images", "4", "--val-images", "2"]
+    sizes = ["--train-images", "4", "--val-images", "3", "--output", str(tmp_path / "eval")]
     main(["eval", "in-context", "--checkpoint", str(tmp_path / "out"), *sizes])
-    assert "in-context mIoU: " in capsys.readouterr().out
+    assert "| out | " in capsys.readouterr().out
     weights = str(tmp_path / "out" / "backbone.pt")
     config = str(tmp_path / "out" / "config.yaml")
     main(["eval", "in-context", "--checkpoint", weights, "--config", config, *sizes])
-    assert "in-context mIoU: " in capsys.readouterr().out
+    assert "| backbone | " in capsys.readouterr().out
     with pytest.raises(SystemExit, match="--config is needed"):
         main(["eval", "in-context", "--checkpoint", weights, *sizes])
+
+
+def test_eval_all_protocols_compares_backbones(tmp_path, capsys):
+    for run in ("before", "after"):
+        config = tmp_path / f"{run}.yaml"
+        steps = 1 if run == "before" else 2
+        config.write_text(yaml.safe_dump({**TINY, "output_dir": str(tmp_path / run)}))
+        main(["train", str(config), "--max-steps", str(steps), "--quiet"])
+    output = tmp_path / "eval"
+    main(
+        [
+            "eval",
+            "all",
+            "--checkpoint",
+            str(tmp_path / "before"),
+            "--checkpoint",
+            str(tmp_path / "after"),
+            "--train-images",
+            "8",
+            "--val-images",
+            "6",
+            "--clusters",
+            "6",
+            "--linear-epochs",
+            "2",
+            "--output",
+            str(output),
+        ]
+    )
+    results = json.loads((output / "results.json").read_text())
+    assert set(results) == {"before", "after"}
+    expected = {
+        "in-context mIoU",
+        "linear mIoU",
+        "overclustering K=5",
+        "overclustering K=6",
+        "in-context 1/128",
+        "in-context 1/64",
+        "in-context 1/8",
+        "in-context 1/1",
+    }
+    assert set(results["after"]) == expected
+    assert all(0 <= value <= 1 for row in results.values() for value in row.values())
+    for picture in (
+        "in-context",
+        "linear",
+        "overclustering",
+        "retrieval_before",
+        "retrieval_after",
+    ):
+        assert (output / f"{picture}.png").stat().st_size > 5_000
+    assert "| after |" in (output / "results.md").read_text()
 
 
 def test_train_reports_config_errors(tmp_path):

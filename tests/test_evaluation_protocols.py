@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from neco_loss.evaluation.fractions import balanced_subset, class_presence, in_context_fractions
 from neco_loss.evaluation.linear import linear_segmentation_miou
 from neco_loss.evaluation.miou import ConfusionMatrix
 from neco_loss.evaluation.overclustering import overclustering_miou
@@ -112,3 +113,43 @@ class TestLinear:
             constant, BlockScenes(8, 0), BlockScenes(4, 1), 3, epochs=5, batch_size=4
         )
         assert result.miou < 0.4
+
+
+class TestFractions:
+    def test_balanced_subset_covers_rare_classes(self):
+        presence = torch.zeros(100, 3, dtype=torch.bool)
+        presence[:, 0] = True  # class 0 everywhere
+        presence[:50, 1] = True
+        presence[97:, 2] = True  # class 2 in only 3 images
+        chosen = balanced_subset(presence, 3, seed=0)
+        assert len(chosen) == len(set(chosen)) == 3
+        assert presence[chosen, 2].any() and presence[chosen, 1].any()
+        assert balanced_subset(presence, 3, seed=0) == chosen  # reproducible
+        assert len(balanced_subset(presence, 1000, seed=0)) == 100
+
+    def test_images_without_classes_fill_the_rest(self):
+        presence = torch.zeros(5, 2, dtype=torch.bool)
+        presence[0, 0] = True
+        chosen = balanced_subset(presence, 4, seed=0)
+        assert chosen[0] == 0 and len(set(chosen)) == 4
+
+    def test_fractions_on_separable_features(self):
+        results = in_context_fractions(
+            colour_features,
+            BlockScenes(16, 0),
+            BlockScenes(4, 1),
+            3,
+            fractions=(1 / 8, 1.0),
+            seeds=(0, 1),
+        )
+        assert set(results) == {1 / 8, 1.0}
+        assert results[1.0] == pytest.approx(1.0)
+        assert results[1 / 8] > 0.5  # two balanced images already cover the classes
+        with pytest.raises(ValueError, match=r"fractions must be in \(0, 1\]"):
+            in_context_fractions(
+                colour_features, BlockScenes(2, 0), BlockScenes(2, 1), 3, fractions=(0.0,)
+            )
+
+    def test_class_presence(self):
+        presence = class_presence(BlockScenes(3, 0), 3)
+        assert presence.shape == (3, 3) and presence.any(dim=1).all()

@@ -32,6 +32,7 @@ class LinearResult:
     miou: float
     iou: Tensor
     head: nn.Conv2d
+    predictions: Tensor  # (n, H, W) of the first ``keep_predictions`` validation images
 
 
 @torch.no_grad()
@@ -63,6 +64,7 @@ def linear_segmentation_miou(
     batch_size: int = 16,
     ignore_index: int | None = None,
     seed: int = 0,
+    keep_predictions: int = 0,
     progress: bool = False,
 ) -> LinearResult:
     """Train a linear head on frozen features and score it on the validation set.
@@ -76,6 +78,7 @@ def linear_segmentation_miou(
         batch_size: Images per step.
         ignore_index: Label left out of the loss and the scores.
         seed: Seeds the head's initialisation and the batch order.
+        keep_predictions: Return the predicted masks of this many validation images.
         progress: Show progress bars.
 
     Returns:
@@ -111,11 +114,15 @@ def linear_segmentation_miou(
             optimizer.step()
         schedule.step()
     confusion = ConfusionMatrix(num_classes, ignore_index)
+    kept: list[Tensor] = []
     with torch.no_grad():
         for images, masks in _batches(val_set, batch_size, "linear: validation", progress):
             logits = head(features(images).float().cpu())
             logits = F.interpolate(
                 logits, size=masks.shape[-2:], mode="bilinear", align_corners=False
             )
-            confusion.update(logits.argmax(dim=1), masks)
-    return LinearResult(confusion.miou(), confusion.iou(), head)
+            prediction = logits.argmax(dim=1)
+            confusion.update(prediction, masks)
+            kept.extend(prediction[: keep_predictions - len(kept)])
+    predictions = torch.stack(kept) if kept else torch.empty(0, dtype=torch.long)
+    return LinearResult(confusion.miou(), confusion.iou(), head, predictions)

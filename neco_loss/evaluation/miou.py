@@ -65,6 +65,20 @@ class ConfusionMatrix:
             minlength=self.num_classes * self.num_predictions,
         ).view(self.num_classes, self.num_predictions)
 
+    def assignment(self, matching: str) -> Tensor:
+        """``(K,)`` class of every predicted id (-1: unmatched); see ``matched``."""
+        counts = self.matrix  # (C, K): targets x predicted ids
+        if matching == "many_to_one":
+            return counts.argmax(dim=0)
+        if matching == "hungarian":
+            from scipy.optimize import linear_sum_assignment
+
+            rows, cols = linear_sum_assignment(counts.numpy(), maximize=True)
+            assignment = torch.full((counts.shape[1],), -1, dtype=torch.long)
+            assignment[torch.as_tensor(cols)] = torch.as_tensor(rows)
+            return assignment
+        raise ValueError(f"matching must be 'hungarian' or 'many_to_one' but is {matching!r}.")
+
     def matched(self, matching: str) -> ConfusionMatrix:
         """A confusion matrix with predicted clusters relabelled to classes.
 
@@ -78,18 +92,9 @@ class ConfusionMatrix:
             A new ``ConfusionMatrix`` over the ``C`` classes.
 
         """
-        counts = self.matrix  # (C, K): targets x predicted ids
+        counts = self.matrix
         classes = counts.shape[0]
-        if matching == "many_to_one":
-            assignment = counts.argmax(dim=0)  # (K,)
-        elif matching == "hungarian":
-            from scipy.optimize import linear_sum_assignment
-
-            rows, cols = linear_sum_assignment(counts.numpy(), maximize=True)
-            assignment = torch.full((counts.shape[1],), -1, dtype=torch.long)
-            assignment[torch.as_tensor(cols)] = torch.as_tensor(rows)
-        else:
-            raise ValueError(f"matching must be 'hungarian' or 'many_to_one' but is {matching!r}.")
+        assignment = self.assignment(matching)
         result = ConfusionMatrix(classes, self.ignore_index)
         for cluster, label in enumerate(assignment.tolist()):
             if label >= 0:

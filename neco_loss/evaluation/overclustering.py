@@ -30,6 +30,7 @@ class OverclusteringResult:
 
     miou: dict[int, float]
     cluster_maps: dict[int, Tensor]  # K -> (n_images, h, w) cluster ids
+    matched_maps: dict[int, Tensor]  # K -> (n_images, h, w) the clusters' matched classes
 
 
 @torch.no_grad()
@@ -77,6 +78,7 @@ def overclustering_miou(
     flat = all_tokens.flatten(0, 1).contiguous().numpy()
     miou: dict[int, float] = {}
     maps: dict[int, Tensor] = {}
+    matched: dict[int, Tensor] = {}
     for k in clusters:
         if not num_classes <= k <= len(flat):
             raise ValueError(
@@ -105,5 +107,6 @@ def overclustering_miou(
             matching = "hungarian" if k == num_classes else "many_to_one"
             scores.append(confusion.matched(matching).miou())
             maps[k] = cluster_map
+            matched[k] = confusion.assignment(matching)[cluster_map].clamp(min=0)
         miou[k] = sum(scores) / len(scores)
-    return OverclusteringResult(miou, maps)
+    return OverclusteringResult(miou, maps, matched)

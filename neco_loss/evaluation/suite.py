@@ -1,0 +1,147 @@
+"""Run the evaluation protocols on one or more backbones; write a table and pictures.
+
+``neco eval PROTOCOL --checkpoint RUN [--checkpoint RUN2 ...]`` calls ``evaluate``: every
+backbone is scored by the chosen protocols, the results go to ``results.md`` and
+``results.json``, and the pictures show the backbones side by side (e.g. before / after NeCo).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from neco_loss.evaluation.figures import draw_retrieval, draw_segmentations
+from neco_loss.evaluation.fractions import in_context_fractions
+from neco_loss.evaluation.in_context import SegmentationDataset, in_context_miou
+from neco_loss.evaluation.linear import linear_segmentation_miou
+from neco_loss.evaluation.overclustering import overclustering_miou
+
+PROTOCOLS = ("in-context", "linear", "overclustering", "fractions")
+SHOWN_IMAGES = 6
+
+
+def write_results(results: dict[str, dict[str, float]], output: Path) -> tuple[Path, Path]:
+    """``results.md`` (a table: backbones x metrics) and ``results.json``."""
+    output.mkdir(parents=True, exist_ok=True)
+    metrics = list(dict.fromkeys(metric for row in results.values() for metric in row))
+    lines = ["| backbone | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
+    for name, row in results.items():
+        cells = [f"{row[m]:.4f}" if m in row else "-" for m in metrics]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    markdown, data = output / "results.md", output / "results.json"
+    markdown.write_text("\n".join(lines) + "\n")
+    data.write_text(json.dumps(results, indent=2))
+    return markdown, data
+
+
+def evaluate(
+    backbones: dict[str, Callable[[Tensor], Tensor]],
+    train_set: SegmentationDataset,
+    val_set: SegmentationDataset,
+    num_classes: int,
+    protocols: Sequence[str],
+    output: Path,
+    *,
+    ignore_index: int | None = None,
+    clusters: Sequence[int] = (100, 300, 500),
+    linear_epochs: int = 20,
+    progress: bool = True,
+) -> dict[str, dict[str, float]]:
+    """Score every backbone with every protocol; write the table and the pictures.
+
+    Args:
+        backbones: ``{name: images -> patch maps}``.
+        train_set: ``(image, mask)`` pairs: memory bank / linear training.
+        val_set: ``(image, mask)`` pairs to score (overclustering uses only these).
+        num_classes: Number of classes.
+        protocols: Some of ``PROTOCOLS``.
+        output: Folder for ``results.md``, ``results.json`` and PNGs.
+        ignore_index: Label left out of the scores.
+        clusters: Overclustering ``K`` values besides ``num_classes``.
+        linear_epochs: Epochs of the linear head.
+        progress: Show progress bars.
+
+    Returns:
+        ``{backbone: {metric: value}}``.
+
+    Raises:
+        ValueError: For an unknown protocol.
+
+    """
+    unknown = sorted(set(protocols) - set(PROTOCOLS))
+    if unknown:
+        raise ValueError(f"protocols must be among {list(PROTOCOLS)} but include {unknown}.")
+    shown = min(SHOWN_IMAGES, len(val_set))
+    images = torch.stack([val_set[i][0] for i in range(shown)])
+    masks = torch.stack([val_set[i][1] for i in range(shown)])
+    results: dict[str, dict[str, float]] = {}
+    pictures: dict[str, dict[str, Tensor]] = {protocol: {} for protocol in protocols}
+    for name, features in backbones.items():
+        row: dict[str, float] = {}
+        if "in-context" in protocols:
+            result = in_context_miou(
+                features,
+                train_set,
+                val_set,
+                num_classes,
+                ignore_index=ignore_index,
+                keep_predictions=shown,
+                progress=progress,
+            )
+            row["in-context mIoU"] = result.miou
+            pictures["in-context"][name] = result.predictions
+        if "linear" in protocols:
+            linear = linear_segmentation_miou(
+                features,
+                train_set,
+                val_set,
+                num_classes,
+                epochs=linear_epochs,
+                ignore_index=ignore_index,
+                keep_predictions=shown,
+                progress=progress,
+            )
+            row["linear mIoU"] = linear.miou
+            pictures["linear"][name] = linear.predictions
+        if "overclustering" in protocols:
+            counts = tuple(dict.fromkeys((num_classes, *clusters)))
+            clustered = overclustering_miou(
+                features, val_set, num_classes, counts, ignore_index=ignore_index, progress=progress
+            )
+            for k, value in clustered.miou.items():
+                row[f"overclustering K={k}"] = value
+            # Clusters coloured by the class they were matched to.
+            pictures["overclustering"][f"{name} K={counts[-1]}"] = clustered.matched_maps[
+                counts[-1]
+            ][:shown]
+        if "fractions" in protocols:
+            for fraction, value in in_context_fractions(
+                features,
+                train_set,
+                val_set,
+                num_classes,
+                ignore_index=ignore_index,
+            ).items():
+                row[f"in-context 1/{round(1 / fraction)}"] = value
+        results[name] = row
+        draw_retrieval(features, val_set, output / f"retrieval_{_slug(name)}.png")
+    for protocol, predictions in pictures.items():
+        if predictions:
+            draw_segmentations(
+                images,
+                masks,
+                predictions,
+                num_classes,
+                output / f"{protocol}.png",
+                title=f"{protocol} predictions",
+            )
+    write_results(results, output)
+    return results
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
