@@ -53,6 +53,7 @@ def _evaluate(args: argparse.Namespace) -> None:
         ignore_index=IGNORE_INDEX,
         clusters=args.clusters,
         linear_epochs=args.linear_epochs,
+        search=args.search,
     )
     markdown, _ = write_results(results, args.output)
     print(markdown.read_text(), end="")
@@ -110,6 +111,12 @@ def main(argv: list[str] | None = None) -> None:
     evaluation.add_argument("--val-images", type=int, default=64, help="0: all")
     evaluation.add_argument("--clusters", type=int, nargs="+", default=[100, 300, 500])
     evaluation.add_argument("--linear-epochs", type=int, default=20)
+    evaluation.add_argument(
+        "--search",
+        default="torch",
+        choices=["torch", "scann"],
+        help="in-context neighbour search (scann: pip install scann)",
+    )
     evaluation.add_argument("--output", type=Path, default=Path("outputs/eval"))
 
     sort_demo = commands.add_parser("sort-demo", help="soft sorting demo, native vs diffsort")

@@ -96,3 +96,22 @@ class TestInContext:
         assert keys.shape == (30, 3) and labels.shape == (30, 3)
         keys, _ = build_memory(colour_features, BlockScenes(6, 0), 3)
         assert keys.shape == (96, 3)
+
+
+def test_scann_search_matches_exact_search():
+    pytest.importorskip("scann")
+    from neco_loss.evaluation.in_context import predict_patches
+
+    generator = torch.Generator().manual_seed(0)
+    keys = F.normalize(torch.randn(500, 16, generator=generator), dim=1)
+    queries = F.normalize(torch.randn(40, 16, generator=generator), dim=1)
+    labels = torch.softmax(torch.randn(500, 4, generator=generator), dim=1)
+    exact = predict_patches(queries, keys, labels, k=10)
+    approximate = predict_patches(queries, keys, labels, k=10, search="scann")
+    torch.testing.assert_close(approximate, exact, rtol=1e-4, atol=1e-5)
+    result = in_context_miou(
+        colour_features, BlockScenes(6, 0), BlockScenes(4, 1), 3, search="scann"
+    )
+    assert result.miou == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="search must be one of"):
+        predict_patches(queries, keys, labels, search="faiss")

@@ -125,15 +125,49 @@ def build_memory(
     return torch.cat(keys), torch.cat(labels)
 
 
+SEARCHES = ("torch", "scann")
+SCANN_TREE_MIN = 100_000  # smaller banks are searched exactly (brute force) by ScaNN too
+
+
+def _scann_neighbours(queries: Tensor, keys: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """``(similarity, index)`` of the ``k`` nearest keys by ScaNN (``pip install scann``).
+
+    Large memory banks use a tree + asymmetric-hashing index (512 leaves, 256 searched, 1800
+    re-ordered), small ones brute force (exact).
+    """
+    import scann
+
+    builder = scann.scann_ops_pybind.builder(keys.numpy(), k, "dot_product")
+    if len(keys) >= SCANN_TREE_MIN:
+        builder = builder.tree(
+            num_leaves=512, num_leaves_to_search=256, training_sample_size=min(len(keys), 250_000)
+        )
+        builder = builder.score_ah(2, anisotropic_quantization_threshold=0.2).reorder(1800)
+    else:
+        builder = builder.score_brute_force()
+    index, similarity = builder.build().search_batched(queries.numpy(), final_num_neighbors=k)
+    return torch.as_tensor(similarity), torch.as_tensor(index.astype("int64"))
+
+
 def predict_patches(
     queries: Tensor,
     keys: Tensor,
     labels: Tensor,
     k: int = NEIGHBOURS,
     temperature: float = TEMPERATURE,
+    search: str = "torch",
 ) -> Tensor:
-    """``(Q, C)`` class distributions of normalised query patches from the memory bank."""
+    """``(Q, C)`` class distributions of normalised query patches from the memory bank.
+
+    ``search="torch"`` is exact; ``"scann"`` uses ScaNN when installed.
+    """
     k = min(k, len(keys))
+    if search == "scann":
+        top, index = _scann_neighbours(queries, keys, k)
+        weights = torch.softmax(top / temperature, dim=1)
+        return (weights[..., None] * labels[index]).sum(dim=1)
+    if search != "torch":
+        raise ValueError(f"search must be one of {list(SEARCHES)} but is {search!r}.")
     out = []
     for start in range(0, len(queries), QUERY_CHUNK):
         similarity = queries[start : start + QUERY_CHUNK] @ keys.T  # (q, M)
@@ -156,6 +190,7 @@ def in_context_miou(
     memory_size: int | None = None,
     ignore_index: int | None = None,
     keep_predictions: int = 0,
+    search: str = "torch",
     progress: bool = False,
 ) -> InContextResult:
     """In-context segmentation mIoU of a dense feature extractor.
@@ -172,6 +207,7 @@ def in_context_miou(
         memory_size: Cap of the memory bank (``None``: every training patch).
         ignore_index: Label left out of histograms and scores.
         keep_predictions: Return the predicted masks of this many validation images.
+        search: Nearest-neighbour search: ``"torch"`` (exact) or ``"scann"`` (when installed).
         progress: Show progress bars.
 
     Returns:
@@ -193,7 +229,7 @@ def in_context_miou(
         feature_map = features(images)
         batch, _, height, width = feature_map.shape
         queries = _unit_tokens(feature_map)
-        scores = predict_patches(queries.flatten(0, 1), keys, labels, k, temperature)
+        scores = predict_patches(queries.flatten(0, 1), keys, labels, k, temperature, search)
         scores = scores.view(batch, height, width, num_classes).permute(0, 3, 1, 2)
         upsampled = F.interpolate(
             scores, size=masks.shape[-2:], mode="bilinear", align_corners=False

@@ -49,6 +49,7 @@ def evaluate(
     ignore_index: int | None = None,
     clusters: Sequence[int] = (100, 300, 500),
     linear_epochs: int = 20,
+    search: str = "torch",
     progress: bool = True,
 ) -> dict[str, dict[str, float]]:
     """Score every backbone with every protocol; write the table and the pictures.
@@ -63,6 +64,7 @@ def evaluate(
         ignore_index: Label left out of the scores.
         clusters: Overclustering ``K`` values besides ``num_classes``.
         linear_epochs: Epochs of the linear head.
+        search: In-context neighbour search, ``"torch"`` (exact) or ``"scann"``.
         progress: Show progress bars.
 
     Returns:
@@ -90,6 +92,7 @@ def evaluate(
                 num_classes,
                 ignore_index=ignore_index,
                 keep_predictions=shown,
+                search=search,
                 progress=progress,
             )
             row["in-context mIoU"] = result.miou
