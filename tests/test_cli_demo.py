@@ -111,3 +111,32 @@ def test_tiny_cpu_recipe_is_the_demo_configuration():
     recipe = load_config(Path(__file__).parents[1] / "examples" / "recipes" / "tiny_cpu.yaml")
     expected = build_config({**DEMO_CONFIG, "output_dir": "outputs/tiny_cpu"})
     assert recipe == expected
+
+
+@pytest.mark.parametrize(
+    "recipe",
+    ["dinov2_vits14_reg_coco", "dinov2_vitb14_reg_coco", "dino_vits16_coco", "my_images"],
+)
+def test_recipes_are_valid_configs(recipe):
+    from pathlib import Path
+
+    from neco_loss.training import load_config
+
+    path = Path(__file__).parents[1] / "examples" / "recipes" / f"{recipe}.yaml"
+    config = load_config(path, ["--dataset", "synthetic"])  # the data folder is the user's
+    assert config.pretrained
+    patch = 16 if "16" in config.model else 14
+    assert config.global_size % patch == 0 and config.local_size % patch == 0
+
+
+def test_quickstart_runs():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "examples" / "quickstart.py"
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "NeCoLoss: " in result.stdout and "neco_loss: " in result.stdout
