@@ -26,9 +26,8 @@ def _backbone(checkpoint: Path, config_path: Path | None) -> tuple[str, Any]:
 def _evaluate(args: argparse.Namespace) -> None:
     import torch
 
-    from neco_loss.evaluation.datasets import IGNORE_INDEX, NUM_CLASSES, segmentation_dataset
-    from neco_loss.evaluation.fractions import Subset
-    from neco_loss.evaluation.suite import PROTOCOLS, evaluate, write_results
+    from neco_loss.evaluation.datasets import IGNORE_INDEX, NUM_CLASSES
+    from neco_loss.evaluation.suite import PROTOCOLS, evaluate, evaluation_splits, write_results
 
     protocols = list(PROTOCOLS) if "all" in args.protocols else args.protocols
     backbones = dict(_backbone(path, args.config) for path in args.checkpoint)
@@ -38,10 +37,15 @@ def _evaluate(args: argparse.Namespace) -> None:
 
         first = args.checkpoint[0]
         size = load_config(args.config or first / "config.yaml").image_size
-    datasets = []
-    for split, limit in ((args.train_split, args.train_images), (args.val_split, args.val_images)):
-        data = segmentation_dataset(args.dataset, args.data_root, split, size)
-        datasets.append(Subset(data, range(min(limit, len(data)))) if limit else data)
+    datasets = evaluation_splits(
+        args.dataset,
+        args.data_root,
+        size,
+        args.train_images,
+        args.val_images,
+        args.train_split,
+        args.val_split,
+    )
     features = {name: torch.no_grad()(backbone) for name, backbone in backbones.items()}
     results = evaluate(
         features,
@@ -119,13 +123,24 @@ def main(argv: list[str] | None = None) -> None:
     )
     evaluation.add_argument("--output", type=Path, default=Path("outputs/eval"))
 
+    ablate = commands.add_parser(
+        "ablate",
+        help="train and evaluate the variants of an ablation file; '--key value' "
+        "overrides apply to every variant",
+    )
+    ablate.add_argument("ablation", type=Path)
+    ablate.add_argument(
+        "--output", type=Path, default=None, help="default: outputs/ablations/<file name>"
+    )
+    ablate.add_argument("--quiet", action="store_true", help="no progress bars")
+
     sort_demo = commands.add_parser("sort-demo", help="soft sorting demo, native vs diffsort")
     sort_demo.add_argument("--output", type=Path, default=Path("outputs/sort_demo"))
     sort_demo.add_argument("--rows", type=int, default=3136)
     sort_demo.add_argument("--n", type=int, default=49)
 
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command != "train":
+    if extra and args.command not in ("train", "ablate"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "demo":
         from neco_loss.demo import DINO_STEPS, run_demo
@@ -142,6 +157,13 @@ def main(argv: list[str] | None = None) -> None:
             f"trained {result.steps} steps, last loss {result.last_loss:.4f}; "
             f"checkpoint {result.checkpoint}, backbone weights {result.backbone}"
         )
+    elif args.command == "ablate":
+        from neco_loss.ablation import run_ablation
+
+        output = args.output or Path("outputs/ablations") / args.ablation.stem
+        run_ablation(args.ablation, output, extra, progress=not args.quiet)
+        print((output / "ablation.md").read_text(), end="")
+        print(f"table, plot and per-variant runs in {output}")
     elif args.command == "eval":
         _evaluate(args)
     else:

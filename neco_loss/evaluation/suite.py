@@ -8,20 +8,38 @@ backbone is scored by the chosen protocols, the results go to ``results.md`` and
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from neco_loss.evaluation.datasets import segmentation_dataset
 from neco_loss.evaluation.figures import draw_retrieval, draw_segmentations
-from neco_loss.evaluation.fractions import in_context_fractions
+from neco_loss.evaluation.fractions import Subset, in_context_fractions
 from neco_loss.evaluation.in_context import SegmentationDataset, in_context_miou
 from neco_loss.evaluation.linear import linear_segmentation_miou
 from neco_loss.evaluation.overclustering import overclustering_miou
 
 PROTOCOLS = ("in-context", "linear", "overclustering", "fractions")
 SHOWN_IMAGES = 6
+
+
+def evaluation_splits(
+    dataset: str,
+    data_root: str | Path | None,
+    image_size: int,
+    train_images: int = 0,
+    val_images: int = 0,
+    train_split: str = "train",
+    val_split: str = "val",
+) -> tuple[SegmentationDataset, SegmentationDataset]:
+    """Training and validation sets of a named dataset, cut to the first N images (0: all)."""
+    splits = []
+    for split, limit in ((train_split, train_images), (val_split, val_images)):
+        data = segmentation_dataset(dataset, data_root, split, image_size)
+        splits.append(Subset(data, range(min(limit, len(data)))) if limit else data)
+    return splits[0], splits[1]
 
 
 def write_results(results: dict[str, dict[str, float]], output: Path) -> tuple[Path, Path]:
@@ -39,7 +57,7 @@ def write_results(results: dict[str, dict[str, float]], output: Path) -> tuple[P
 
 
 def evaluate(
-    backbones: dict[str, Callable[[Tensor], Tensor]],
+    backbones: Mapping[str, Callable[[Tensor], Tensor]],
     train_set: SegmentationDataset,
     val_set: SegmentationDataset,
     num_classes: int,
