@@ -2,7 +2,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test lint bench
+.PHONY: setup demo test lint bench docs
 
 setup:
 	@bash scripts/setup.sh
@@ -20,3 +20,6 @@ lint: setup
 
 bench: setup
 	$(PY) benchmarks/sorting.py
+
+docs: setup
+	$(VENV)/bin/mkdocs build --strict

@@ -66,9 +66,18 @@ class NeCoTransform:
         min_overlap: Minimum overlap with earlier global crops, as a fraction of the image.
         hf_prob: Probability of a horizontal flip per view (recorded in the boxes).
         max_tries: Resampling attempts per crop.
-        cj_prob, cj_strength, cj_bright, cj_contrast, cj_sat, cj_hue, random_gray_scale,
-        gaussian_blur_prob, gaussian_blur_sigmas, solarize_prob, normalize: passed to lightly's
-            ``VICRegLViewTransform`` (``normalize=None`` leaves pixels in [0, 1]).
+        cj_prob: Probability of colour jitter (reference: 0.8).
+        cj_strength: Multiplies the four jitter amounts (reference: 1.0).
+        cj_bright: Brightness jitter (reference: 0.8).
+        cj_contrast: Contrast jitter (reference: 0.8).
+        cj_sat: Saturation jitter (reference: 0.8).
+        cj_hue: Hue jitter (reference: 0.2).
+        random_gray_scale: Probability of grayscale (reference: 0.2).
+        gaussian_blur_prob: Probability of blur (reference: 0.5).
+        gaussian_blur_sigmas: Blur sigma range (reference: (0.1, 2)).
+        solarize_prob: Probability of solarization (reference: 0).
+        normalize: Mean and std for normalisation; ``None`` leaves pixels in [0, 1].
+            All photometric options go to lightly's ``VICRegLViewTransform``.
 
     Returns (per call):
         ``[view_0, ..., view_{V-1}, box_0, ..., box_{V-1}]``: views ``(3, size, size)``,
