@@ -292,7 +292,11 @@ class Trainer:
             nn.utils.clip_grad_norm_(self.student.parameters(), self.config.grad_clip)
         self.optimizer.step()
         self.teacher.update(self.student, momentum)
-        return float(loss.detach())
+        value = loss.detach().clone()
+        if self.world > 1:  # log the loss of the global batch, not of this process's slice
+            dist.all_reduce(value)
+            value /= self.world
+        return float(value)
 
     def state(self) -> dict[str, Any]:
         """Everything needed to continue the run exactly."""
