@@ -177,3 +177,13 @@ def test_malicious_checkpoints_are_refused(tmp_path):
     with pytest.raises(pickle.UnpicklingError):
         load_state_dict(tmp_path / "weights.pt")
     assert not marker.exists()
+
+
+def test_without_teacher_the_student_is_its_own_target(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, max_steps=2, use_teacher=False), progress=False)
+    teacher_before = {k: v.clone() for k, v in trainer.teacher.state_dict().items()}
+    result = trainer.fit()
+    assert result.steps == 2 and torch.isfinite(torch.tensor(result.last_loss))
+    name = "module.backbone.vit.blocks.0.attn.qkv.weight"
+    student = trainer.student.state_dict()["backbone.vit.blocks.0.attn.qkv.weight"]
+    assert not torch.equal(student, teacher_before[name])  # the student learned

@@ -51,6 +51,9 @@ class TrainConfig:
         final_lr: Learning rate at the end of the cosine schedule (reference: 0).
         weight_decay: Weight decay at the start (reference: 0.04).
         weight_decay_end: Weight decay at the end, cosine (reference: 0.5).
+        use_teacher: Compare with the EMA teacher (reference: True); False compares with the
+            student's own global views (detached), the reference's ``use_teacher: False``
+            ablation.
         momentum: EMA momentum at the start (reference: 0.9995).
         momentum_end: EMA momentum at the end, cosine (reference: 1.0).
         grad_clip: Gradient norm clipping (``None``: off, reference).
@@ -95,6 +98,7 @@ class TrainConfig:
     final_lr: float = 0.0
     weight_decay: float = 0.04
     weight_decay_end: float = 0.5
+    use_teacher: bool = True
     momentum: float = 0.9995
     momentum_end: float = 1.0
     grad_clip: float | None = None

@@ -274,7 +274,10 @@ class Trainer:
         boxes = boxes.to(self.device)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             student_maps = self.student_views(views)
-            teacher_maps = self.teacher_views(views[: self.config.num_global])
+            if self.config.use_teacher:
+                teacher_maps = self.teacher_views(views[: self.config.num_global])
+            else:  # the reference's use_teacher: False: the student's own global views
+                teacher_maps = [m.detach() for m in student_maps[: self.config.num_global]]
         if not all(bool(torch.isfinite(m).all()) for m in student_maps + teacher_maps):
             raise FloatingPointError(
                 f"the model produced NaN/Inf features at step {self.step}: training stopped. "
