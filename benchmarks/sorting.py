@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from neco_loss import soft_permutation
-from neco_loss.permutation_losses import permutation_loss
+from neco_loss.functional import SortOptions, soft_permutation_loss
 from neco_loss.sorting.networks import sorts_every_input
 
 
@@ -53,11 +53,9 @@ def inputs(rows: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def step(backend: str, network: str, student: torch.Tensor, teacher: torch.Tensor) -> float:
-    with torch.no_grad():
-        _, q_teacher = soft_permutation(teacher, network, 100.0, "cauchy", backend)
     student = student.detach().requires_grad_()
-    _, q_student = soft_permutation(student, network, 100.0, "cauchy", backend)
-    loss = permutation_loss(q_student, q_teacher).mean()
+    options = SortOptions(network=network, backend=backend)  # Cauchy, steepness 100 (reference)
+    loss = soft_permutation_loss(student, teacher, options).per_row.mean()
     loss.backward()
     return float(loss.detach())
 

@@ -76,15 +76,14 @@ def dino_warmup(
     from neco_loss.training.trainer import MultiCropDataset
 
     torch.manual_seed(seed)
-    student = _PooledDino(backbone).to(next(backbone.parameters()).device)
+    device = next(backbone.parameters()).device
+    student = _PooledDino(backbone).to(device)
     # lightly's DINO head uses weight norm, which cannot be deep-copied: build the copy.
     teacher = EMATeacher(
         student,
-        copy_into=_PooledDino(copy.deepcopy(backbone)).to(next(backbone.parameters()).device),
+        copy_into=_PooledDino(copy.deepcopy(backbone)).to(device),
     )
-    criterion = DINOLoss(output_dim=DINO_OUTPUT_DIM, warmup_teacher_temp_epochs=0).to(
-        next(backbone.parameters()).device
-    )
+    criterion = DINOLoss(output_dim=DINO_OUTPUT_DIM, warmup_teacher_temp_epochs=0).to(device)
     optimizer = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.04)
     dataset = MultiCropDataset(images, transform, seed)
     loader = DataLoader(
@@ -93,7 +92,6 @@ def dino_warmup(
     losses: list[float] = []
     bar = tqdm(total=steps, desc="DINO warm-up", disable=not progress, unit="step")
     student.train()
-    device = next(backbone.parameters()).device
     while len(losses) < steps:
         for views in loader:
             views = [view.to(device) for view in views]

@@ -280,11 +280,7 @@ class NeCoLoss(nn.Module):
         """
         patches = self.roi_size**2
         available = {"any": batch, "intra": 1, "inter": batch - 1}[self.reference_images] * patches
-        if self.references == "fraction":
-            assert self.reference_fraction is not None  # set by the constructor
-            count = fraction_count(self.reference_fraction, batch, patches, self.reference_images)
-        else:
-            count = self.num_references or patches
+        count = self._reference_count(batch, patches)
         if self.references != "queue" and (available < 1 or count > available):
             raise ValueError(
                 f"references={self.references!r} with reference_images="
@@ -323,20 +319,21 @@ class NeCoLoss(nn.Module):
         references = self._references(teacher_view, pools[valids])
         return references if references.dim() == 2 else references[offset : offset + mine]
 
+    def _reference_count(self, batch: int, patches: int) -> int:
+        """``R`` per query for ``batch`` images of ``patches`` aligned patches each."""
+        if self.references == "fraction":
+            assert self.reference_fraction is not None  # set by the constructor
+            return fraction_count(self.reference_fraction, batch, patches, self.reference_images)
+        return self.num_references or patches
+
     def _references(self, teacher_view: int, pool: Tensor) -> Tensor:
         """References for a pool ``(B, N, D)`` of valid images: ``(B, R, D)`` or ``(R, D)``."""
         batch, patches, _ = pool.shape
+        count = self._reference_count(batch, patches)
         if self.queue is not None and self.queue.is_full(teacher_view):
-            count = self.num_references or patches
             return self.queue.sample(teacher_view, batch, count, self.generator).to(pool.dtype)
-        if self.references in ("per_image", "queue"):
+        if self.references in ("per_image", "queue"):  # the queue falls back to per_image
             return per_image_references(pool, patches, self.reference_images, self.generator)
-        if self.references == "fraction":
-            assert self.reference_fraction is not None  # set by the constructor
-            count = fraction_count(self.reference_fraction, batch, patches, self.reference_images)
-        else:
-            assert self.num_references is not None  # set by the constructor
-            count = self.num_references
         if self.reference_images == "any":
             return shared_references(pool, count, self.generator)
         return per_image_references(pool, count, self.reference_images, self.generator)

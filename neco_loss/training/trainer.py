@@ -5,9 +5,10 @@ schedules, all a few lines each, and exact resumption is easier to guarantee (an
 every source of randomness is in view. The lightly integration offers a LightningModule.
 
 Exact resume: augmentations are seeded per (seed, epoch, image), the data order per (seed,
-epoch), the reference draws by ``NeCoLoss``'s generator and drop-path by the global RNG; the
-checkpoint stores the models, the optimizer, the loss state (queue), both generators and the
-step, so a resumed run continues bit-identically on the same machine.
+epoch), drop-path by the global RNG reseeded per (seed, step, process), and the reference draws
+by ``NeCoLoss``'s generator; the checkpoint stores the models, the optimizer, the loss state
+(queue), that generator and the step, so a resumed run continues bit-identically on the same
+machine.
 """
 
 from __future__ import annotations
@@ -311,11 +312,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "criterion": self.criterion.state_dict(),
             "config": self.config.to_dict(),
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                "criterion": generator.get_state() if generator is not None else None,
-            },
+            "rng": {"criterion": generator.get_state() if generator is not None else None},
         }
 
     def save(self) -> Path:
@@ -353,9 +350,6 @@ class Trainer:
         self.teacher.load_state_dict(state["teacher"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.criterion.load_state_dict(state["criterion"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if state["rng"]["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         if state["rng"]["criterion"] is not None and self.criterion.generator is not None:
             self.criterion.generator.set_state(state["rng"]["criterion"])
         self.step = int(state["step"])
