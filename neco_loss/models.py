@@ -41,6 +41,21 @@ def load_state_dict(path: str | Path) -> dict[str, Tensor]:
     return content
 
 
+def load_weights(model: nn.Module, checkpoint: str | Path) -> None:
+    """Load a local checkpoint (see ``load_state_dict``) into ``model``; extra keys are ignored.
+
+    Raises:
+        ValueError: If the checkpoint lacks weights of the model.
+
+    """
+    missing, unexpected = model.load_state_dict(load_state_dict(checkpoint), strict=False)
+    if missing:
+        raise ValueError(
+            f"checkpoint {checkpoint} lacks {len(missing)} weights of the model, e.g. "
+            f"{missing[:3]} (unexpected keys: {unexpected[:3]})."
+        )
+
+
 class DenseViT(nn.Module):
     """A timm ViT that returns patch maps ``(B, D, h, w)`` without CLS and register tokens.
 
@@ -77,32 +92,53 @@ class DenseViT(nn.Module):
             raise TypeError(f"model must be a timm ViT but is {type(model).__name__}.")
         vit: Any = model  # a timm VisionTransformer; its attributes are untyped
         self.vit = vit
-        patch = vit.patch_embed.patch_size
-        self.patch_size = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
+        self.patch_size = vit_patch_size(vit)
         self.embed_dim = int(vit.embed_dim)
         self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 1))
         if checkpoint is not None:
-            missing, unexpected = self.vit.load_state_dict(
-                load_state_dict(checkpoint), strict=False
-            )
-            if missing:
-                raise ValueError(
-                    f"checkpoint {checkpoint} lacks {len(missing)} weights of the model, e.g. "
-                    f"{missing[:3]} (unexpected keys: {unexpected[:3]})."
-                )
+            load_weights(self.vit, checkpoint)
 
     def forward(self, images: Tensor) -> Tensor:
         """``(B, 3, H, W)`` images, H and W divisible by the patch size -> ``(B, D, h, w)``."""
-        if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must be (B, 3, H, W) but have shape {tuple(images.shape)}.")
-        height, width = images.shape[2:]
-        if height % self.patch_size or width % self.patch_size:
-            raise ValueError(
-                f"image size {height}x{width} is not divisible by the patch size {self.patch_size}."
-            )
-        tokens = self.vit.forward_features(images)[:, self.num_prefix_tokens :]
-        grid = (height // self.patch_size, width // self.patch_size)
-        return tokens.transpose(1, 2).unflatten(2, grid)
+        return vit_tokens_and_patch_map(self.vit, images)[1]
+
+
+def vit_patch_size(vit: Any) -> int:
+    """Side of a timm ViT's (square) patches."""
+    patch = vit.patch_embed.patch_size
+    return int(patch[0] if isinstance(patch, (tuple, list)) else patch)
+
+
+def vit_tokens_and_patch_map(vit: Any, images: Tensor) -> tuple[Tensor, Tensor]:
+    """Run a timm ViT once: all its tokens and its patch tokens as a map.
+
+    Args:
+        vit: A timm ``VisionTransformer`` (``forward_features``, ``patch_embed``,
+            ``num_prefix_tokens``) built with ``dynamic_img_size=True`` for sizes other than its
+            ``img_size``.
+        images: ``(B, 3, H, W)``, ``H`` and ``W`` divisible by the patch size.
+
+    Returns:
+        ``tokens`` ``(B, T, D)`` from ``forward_features`` (prefix tokens first; pool them with
+        ``vit.forward_head(tokens, pre_logits=True)``) and the patch map ``(B, D, h, w)``
+        without the CLS and register tokens.
+
+    Raises:
+        ValueError: If ``images`` is not ``(B, 3, H, W)`` or not divisible by the patch size.
+
+    """
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be (B, 3, H, W) but have shape {tuple(images.shape)}.")
+    patch_size = vit_patch_size(vit)
+    height, width = images.shape[2:]
+    if height % patch_size or width % patch_size:
+        raise ValueError(
+            f"image size {height}x{width} is not divisible by the patch size {patch_size}."
+        )
+    tokens = vit.forward_features(images)
+    patches = tokens[:, int(getattr(vit, "num_prefix_tokens", 1)) :]
+    grid = (height // patch_size, width // patch_size)
+    return tokens, patches.transpose(1, 2).unflatten(2, grid)
 
 
 class ProjectionHead(nn.Module):

@@ -10,6 +10,8 @@ from PIL import Image
 from neco_loss.data import CLASS_NAMES, ImageFolder, NeCoMultiCrop, SyntheticScenes
 from neco_loss.geometry import intersect
 
+from .crops import assert_view_shows_box, coordinate_image
+
 ASPECT = 0.55 + 0.45 * 0.7  # the aspect drawn from u = 0.7 in (0.55, 1.0)
 
 
@@ -63,12 +65,6 @@ class TestSyntheticScenes:
             SyntheticScenes("val", length=2)[2]
 
 
-def coordinate_image(height: int, width: int) -> torch.Tensor:
-    """(3, H, W): channel 0 = x / W, channel 1 = y / H of each pixel centre."""
-    ys, xs = torch.meshgrid(torch.arange(height) + 0.5, torch.arange(width) + 0.5, indexing="ij")
-    return torch.stack([xs / width, ys / height, torch.zeros_like(xs)])
-
-
 class TestNeCoMultiCrop:
     @pytest.mark.parametrize("flip", [False, True])
     def test_boxes_locate_the_pixels(self, flip):
@@ -78,17 +74,9 @@ class TestNeCoMultiCrop:
         for _ in range(5):
             views, boxes = transform(coordinate_image(height, width))
             assert len(views) == 6 and boxes.shape == (6, 5)
-            for view, (x0, y0, x1, y1, flipped) in zip(views, boxes.tolist(), strict=True):
-                size = view.shape[-1]
-                centres = (torch.arange(size) + 0.5) / size
-                xs = (x0 + centres * (x1 - x0)) / width
-                if flipped:
-                    xs = xs.flip(0)
-                ys = (y0 + centres * (y1 - y0)) / height
-                inner = slice(2, size - 2)  # resampling blurs the outermost pixels
-                pixel = 1.5 / width  # within a pixel and a half of the original image
-                assert (view[0, inner, inner] - xs[inner]).abs().max() < pixel
-                assert (view[1, inner, inner] - ys[inner, None]).abs().max() < 1.5 / height
+            for view, box in zip(views, boxes.tolist(), strict=True):
+                # within a pixel and a half of the original image
+                assert_view_shows_box(view, box, height, width, border=2, pixels=1.5)
             if flip:
                 assert set(boxes[:, 4].tolist()) <= {0.0, 1.0}
 

@@ -9,20 +9,14 @@ import pytorch_lightning as pl
 import torch
 from lightly.data import LightlyDataset, MultiViewCollate
 from neco_loss.integrations.lightly import NeCo, NeCoTransform, split_views_and_boxes
-from PIL import Image
 from torch.utils.data import DataLoader
 
 from neco_loss.models import DenseViT
 
+from .crops import assert_view_shows_box, ramp_image
+
 ROOT = Path(__file__).parents[1]
 TINY_VIT = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}
-
-
-def ramp_image(width: int = 160, height: int = 120) -> Image.Image:
-    """Red = x / W, green = y / H at each pixel centre, as 8-bit."""
-    ys, xs = torch.meshgrid(torch.arange(height) + 0.5, torch.arange(width) + 0.5, indexing="ij")
-    pixels = torch.stack([xs / width, ys / height, torch.zeros_like(xs)], dim=-1)
-    return Image.fromarray((pixels * 255).round().byte().numpy())
 
 
 def plain_transform(**changes) -> NeCoTransform:
@@ -58,15 +52,8 @@ class TestNeCoTransform:
         assert [tuple(v.shape) for v in views] == [(4, 3, 32, 32)] * 2 + [(4, 3, 16, 16)] * 4
         assert (boxes[..., 4] == hf_prob).all()
         for view, view_boxes in zip(views, boxes.unbind(1), strict=True):
-            for image, (x0, y0, x1, y1, flipped) in zip(view, view_boxes.tolist(), strict=True):
-                size = image.shape[-1]
-                centres = (torch.arange(size) + 0.5) / size
-                xs = (x0 + centres * (x1 - x0)) / 160
-                xs = xs.flip(0) if flipped else xs
-                ys = (y0 + centres * (y1 - y0)) / 120
-                inner = slice(1, size - 1)
-                assert (image[0, inner, inner] - xs[inner]).abs().max() < 0.75 / 160
-                assert (image[1, inner, inner] - ys[inner, None]).abs().max() < 0.75 / 120
+            for image, box in zip(view, view_boxes.tolist(), strict=True):
+                assert_view_shows_box(image, box, 120, 160, border=1, pixels=0.75)
 
     def test_overlap_and_plain_torchvision_dataset(self):
         from torchvision.datasets import FakeData

@@ -92,6 +92,50 @@ def sample_overlapping(
     )
 
 
+def sample_crop_boxes(
+    height: int,
+    width: int,
+    scales: Sequence[tuple[float, ...]],
+    flip_probabilities: Sequence[float],
+    num_global: int,
+    min_overlap: float,
+    max_tries: int,
+) -> Tensor:
+    """Random resized crop boxes, resampled until they overlap the earlier global crops.
+
+    Args:
+        height: Image height in pixels.
+        width: Image width in pixels.
+        scales: Per crop, the ``(low, high)`` area fraction of ``RandomResizedCrop``.
+        flip_probabilities: Per crop, the probability of a horizontal flip.
+        num_global: The first ``num_global`` crops are global.
+        min_overlap: Each crop overlaps every earlier global crop by more than this fraction of
+            the image area, twice that between global crops (reference: 0.01).
+        max_tries: Attempts per crop before a ``ValueError``.
+
+    Returns:
+        ``(V, 5)`` float32 ``(x0, y0, x1, y1, flip)`` in image pixels (global RNG).
+
+    """
+    boxes = torch.zeros(len(scales), 5)
+    area = height * width
+    placeholder = torch.empty(1, height, width)
+    for index, (scale, flip_probability) in enumerate(
+        zip(scales, flip_probabilities, strict=True)
+    ):
+        required = min_overlap * area * (2 if index < num_global else 1)
+        earlier_global = boxes[: min(index, num_global), :4]
+
+        def propose(scale: tuple[float, ...] = scale) -> tuple[Tensor, None]:
+            top, left, h, w = v2.RandomResizedCrop.get_params(placeholder, list(scale), CROP_RATIO)
+            return torch.tensor([left, top, left + w, top + h], dtype=torch.float32), None
+
+        box, _ = sample_overlapping(propose, earlier_global, required, max_tries, index)
+        flipped = flip_probability > 0 and bool(torch.rand(()) < flip_probability)
+        boxes[index] = torch.cat([box, torch.tensor([float(flipped)])])
+    return boxes
+
+
 class NeCoMultiCrop:
     """Random global and local crops with their boxes in original-image pixels.
 
@@ -164,21 +208,16 @@ class NeCoMultiCrop:
 
     def sample_boxes(self, height: int, width: int) -> Tensor:
         """``(V, 5)`` crop boxes for an image of ``height x width`` (global RNG)."""
-        boxes = torch.zeros(len(self.sizes), 5)
-        area = height * width
-        placeholder = torch.empty(1, height, width)
-        for index, scale in enumerate(self.scales):
-            required = self.min_overlap * area * (2 if index < self.num_global else 1)
-            earlier_global = boxes[: min(index, self.num_global), :4]
-
-            def propose(scale: tuple[float, ...] = scale) -> tuple[Tensor, None]:
-                top, left, h, w = v2.RandomResizedCrop.get_params(placeholder, scale, CROP_RATIO)
-                return torch.tensor([left, top, left + w, top + h], dtype=torch.float32), None
-
-            box, _ = sample_overlapping(propose, earlier_global, required, self.max_tries, index)
-            flipped = self.flip and bool(torch.rand(()) < 0.5)
-            boxes[index] = torch.cat([box, torch.tensor([float(flipped)])])
-        return boxes
+        flip_probabilities = [0.5 if self.flip else 0.0] * len(self.scales)
+        return sample_crop_boxes(
+            height,
+            width,
+            self.scales,
+            flip_probabilities,
+            self.num_global,
+            self.min_overlap,
+            self.max_tries,
+        )
 
     def __call__(self, image: Tensor | Image.Image) -> tuple[list[Tensor], Tensor]:
         """Crop, augment and return ``(views, boxes)``; see the class docstring."""
