@@ -134,6 +134,14 @@ def main(argv: list[str] | None = None) -> None:
     )
     ablate.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    images = commands.add_parser(
+        "make-images", help="write synthetic scenes as PNG files, for tools that read folders"
+    )
+    images.add_argument("folder", type=Path)
+    images.add_argument("--count", type=int, default=64)
+    images.add_argument("--size", type=int, default=96)
+    images.add_argument("--seed", type=int, default=0)
+
     sort_demo = commands.add_parser("sort-demo", help="soft sorting demo, native vs diffsort")
     sort_demo.add_argument("--output", type=Path, default=Path("outputs/sort_demo"))
     sort_demo.add_argument("--rows", type=int, default=3136)
@@ -166,6 +174,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"table, plot and per-variant runs in {output}")
     elif args.command == "eval":
         _evaluate(args)
+    elif args.command == "make-images":
+        from neco_loss.data.synthetic import save_scenes
+
+        paths = save_scenes(args.folder, args.count, args.size, args.seed)
+        print(f"wrote {len(paths)} images to {args.folder}")
     else:
         from neco_loss.sort_demo import demo as sorting_demo
 

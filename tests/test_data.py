@@ -6,6 +6,7 @@ import warnings
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms import v2
 
 from neco_loss.data import CLASS_NAMES, ImageFolder, NeCoMultiCrop, SyntheticScenes
 from neco_loss.geometry import intersect
@@ -145,3 +146,21 @@ class TestImageFolder:
         (tmp_path / "bad.png").write_bytes(b"x")
         with pytest.warns(UserWarning), pytest.raises(ValueError, match="none of the 1 images"):
             ImageFolder(tmp_path)[0]
+
+
+class TestSaveScenes:
+    def test_cli_writes_the_training_scenes(self, tmp_path):
+        from neco_loss.cli import main
+
+        main(["make-images", str(tmp_path / "images"), "--count", "3", "--size", "48"])
+        paths = sorted((tmp_path / "images").iterdir())
+        assert [path.name for path in paths] == [f"scene_{i:05d}.png" for i in range(3)]
+        scene = SyntheticScenes("train", size=48, length=3)[2][0]
+        pixels = v2.functional.pil_to_tensor(Image.open(paths[2])).float() / 255
+        assert (pixels - scene).abs().max() < 1 / 255  # to_pil_image truncates to 8 bits
+
+    def test_count_must_be_positive(self, tmp_path):
+        from neco_loss.data.synthetic import save_scenes
+
+        with pytest.raises(ValueError, match="count must be an int >= 1 but is 0"):
+            save_scenes(tmp_path, 0)

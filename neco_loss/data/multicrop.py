@@ -120,9 +120,7 @@ def sample_crop_boxes(
     boxes = torch.zeros(len(scales), 5)
     area = height * width
     placeholder = torch.empty(1, height, width)
-    for index, (scale, flip_probability) in enumerate(
-        zip(scales, flip_probabilities, strict=True)
-    ):
+    for index, (scale, flip_probability) in enumerate(zip(scales, flip_probabilities, strict=True)):
         required = min_overlap * area * (2 if index < num_global else 1)
         earlier_global = boxes[: min(index, num_global), :4]
 

@@ -10,6 +10,7 @@ pixel, disambiguate. Image ``i`` of a split depends only on ``(seed, split, i)``
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -166,3 +167,31 @@ class SyntheticScenes(Dataset):
             torch.tensor(_uniform(generator, 0.1, 0.95)),
         )
         return primary[:, None, None] * pattern + secondary[:, None, None] * (1 - pattern)
+
+
+def save_scenes(folder: str | Path, count: int, size: int = 96, seed: int = 0) -> list[Path]:
+    """Write ``count`` training ``SyntheticScenes`` as PNG files into ``folder`` (flat).
+
+    For tools that read image folders (solo-learn's ``custom`` dataset, lightly's
+    ``LightlyDataset``, ``neco train --dataset``).
+
+    Returns:
+        The written paths, ``scene_00000.png`` onwards.
+
+    Raises:
+        ValueError: If ``count`` < 1.
+
+    """
+    from torchvision.transforms.v2.functional import to_pil_image
+
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"count must be an int >= 1 but is {count!r}.")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    scenes = SyntheticScenes("train", size=size, length=count, seed=seed)
+    paths = []
+    for index in range(count):
+        path = folder / f"scene_{index:05d}.png"
+        to_pil_image(scenes[index][0]).save(path)
+        paths.append(path)
+    return paths
