@@ -188,3 +188,21 @@ def test_old_solo_learn_is_refused(tmp_path):
     )
     assert "solo-learn 1.0.2 is installed" in result.stdout
     assert "GitHub main (version 1.0.6)" in result.stdout
+
+
+def test_shipped_solo_config_is_the_reference():
+    """examples/solo_learn/neco_vits14.yaml composes (hydra) into the reference crops and loss."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(ROOT / "examples" / "solo_learn"), version_base="1.2"):
+        cfg = compose("neco_vits14.yaml")
+    parsed = neco_method_kwargs(cfg.method_kwargs)
+    assert parsed["references"] == "queue" and parsed["queue_length"] == 8192
+    assert parsed["steepness"] == [100.0, 100.0] and parsed["roi_size"] == 7
+    transform = BoxedMultiCrop(cfg.augmentations, to_tensor)
+    assert transform.sizes == [518] * 2 + [98] * 4 and transform.num_large == 2
+    assert transform.scales == [(0.25, 1.0)] * 2 + [(0.05, 0.25)] * 4
+    assert transform.flip_probabilities == [0.0] * 6
+    # solo-learn scales lr by batch / 256: the reference 1e-5 at batch 64 on one device
+    scale = cfg.optimizer.batch_size * len(cfg.devices) / 256
+    assert cfg.optimizer.lr * scale == pytest.approx(1e-5)

@@ -181,3 +181,19 @@ class TestMethod:
             model.training_step([torch.arange(2), views, boxes, torch.zeros(2)], 0)
         with pytest.raises(ValueError, match=r"NeCo needs boxes \(B, V, 5\) after the views"):
             model.training_step([torch.arange(2), views, torch.zeros(2)], 0)  # solo's format
+
+
+def test_reference_yaml_learning_rates(tmp_path):
+    """neco_vits14.yaml after solo-learn's lr scaling: backbone 1e-5, head 1e-4 (reference)."""
+    images = tmp_path / "images"
+    save_scenes(images, count=1, size=32)
+    with initialize_config_dir(str(CONFIGS), version_base="1.2"):
+        cfg = compose(
+            "neco_vits14.yaml", [f"data.train_path={images}", "backbone.kwargs.pretrained=false"]
+        )
+    model = METHODS["neco"](parse_neco_cfg(cfg))
+    groups = {group["name"]: group for group in model.learnable_params}
+    assert model.lr == pytest.approx(1e-5)
+    assert groups["projector"]["lr"] == pytest.approx(1e-4)
+    assert model.momentum_updater.base_tau == 0.9995
+    assert model.backbone.num_prefix_tokens == 5  # CLS + 4 registers
