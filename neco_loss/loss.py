@@ -255,7 +255,7 @@ class NeCoLoss(nn.Module):
         if (
             self.references != "fraction"
             or self.options.network != "bitonic"
-            or self.options.backend != "native"
+            or self.options.backend not in ("native", "native-python")
             or sorts_every_input("bitonic", count)
         ):
             return self.options

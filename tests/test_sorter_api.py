@@ -12,7 +12,7 @@ from neco_loss.sorting import BACKENDS, NETWORKS, RELAXATIONS
 
 class TestRegistry:
     def test_names(self):
-        assert set(BACKENDS) == {"native", "diffsort", "torchsort"}
+        assert set(BACKENDS) == {"native", "native-python", "diffsort", "torchsort"}
         assert set(NETWORKS) == {"bitonic", "bitonic_padded", "odd_even"}
         assert list(RELAXATIONS)[0] == "cauchy"
 
@@ -38,7 +38,8 @@ class TestRegistry:
             ),
             (
                 {"backend": "cuda"},
-                r"backend must be one of \['native', 'diffsort', 'torchsort'\] but is 'cuda'",
+                r"backend must be one of \['native', 'native-python', 'diffsort', 'torchsort'\] "
+                "but is 'cuda'",
             ),
             ({"relaxation": "softmax"}, r"relaxation must be one of \['cauchy'.*but is 'softmax'"),
             ({"steepness": 0.0}, r"steepness must be finite and > 0 but is 0.0"),

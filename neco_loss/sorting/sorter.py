@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from neco_loss.checks import check_choice, check_float_tensor, check_positive_finite, compute_dtype
+from neco_loss.sorting import compiled
 from neco_loss.sorting.diffsort_backend import diffsort_soft_sort
 from neco_loss.sorting.native import native_soft_sort
 from neco_loss.sorting.networks import NETWORKS, sorting_plan
@@ -24,15 +25,25 @@ from neco_loss.sorting.torchsort_backend import torchsort_soft_sort
 BackendFn = Callable[[Tensor, str, str, float, float], tuple[Tensor, Tensor]]
 
 
-def _native(
+def _native_python(
     x: Tensor, network: str, relaxation: str, steepness: float, art_lambda: float
 ) -> tuple[Tensor, Tensor]:
     plan = sorting_plan(network, x.shape[1], x.device, x.dtype)
     return native_soft_sort(x, plan, get_relaxation(relaxation), steepness, art_lambda)
 
 
+def _native(
+    x: Tensor, network: str, relaxation: str, steepness: float, art_lambda: float
+) -> tuple[Tensor, Tensor]:
+    """The compiled kernel where it runs (CPU, compiler present), else the PyTorch one."""
+    if compiled.can_run(x):
+        return compiled.compiled_soft_sort(x, network, relaxation, steepness, art_lambda)
+    return _native_python(x, network, relaxation, steepness, art_lambda)
+
+
 BACKENDS: dict[str, BackendFn] = {
     "native": _native,
+    "native-python": _native_python,
     "diffsort": diffsort_soft_sort,
     "torchsort": torchsort_soft_sort,
 }
@@ -44,7 +55,9 @@ class SoftSorter:
 
     Attributes:
         network: ``"bitonic"`` (default) or ``"odd_even"``.
-        backend: ``"native"`` (default), ``"diffsort"`` or ``"torchsort"``.
+        backend: ``"native"`` (default: the compiled kernel where it runs, else
+            ``"native-python"``), ``"native-python"`` (pure PyTorch), ``"diffsort"`` or
+            ``"torchsort"``.
         relaxation: Swap probability, diffsort's names; ``"cauchy"`` is diffsort 0.2.0's default.
         steepness: Inverse temperature, > 0 (reference code: 100).
         art_lambda: Exponent of ``logistic_phi`` (diffsort's default 0.25).
