@@ -47,7 +47,7 @@ RELAXATION_CODES = {
 
 
 def _cpu_signature() -> str:
-    """This CPU's instruction-set flags: ``-march=native`` builds differ between CPUs."""
+    """The CPU's instruction-set flags: ``-march=native`` builds differ between CPUs."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith(("flags", "Features")):
@@ -280,7 +280,7 @@ class _CompiledSortCrossEntropy(torch.autograd.Function):
 
 
 def can_run(x: Tensor) -> bool:
-    """Whether the compiled kernel handles ``x`` (a float32/float64 CPU tensor, compiler present)."""
+    """Whether the compiled kernel handles ``x`` (float32/float64 on the CPU, compiler present)."""
     return (
         x.device.type == "cpu"
         and x.dtype in (torch.float32, torch.float64)
