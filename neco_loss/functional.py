@@ -20,13 +20,15 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor
 
 from neco_loss.checks import check_choice, check_float_tensor, check_positive_finite, compute_dtype
+from neco_loss.diagnostics import permutation_entropy
 from neco_loss.permutation_losses import (
     EPSILON,
     check_loss_options,
     check_top_k,
     permutation_loss,
 )
-from neco_loss.sorting import SoftSorter, get_sorter
+from neco_loss.sorting import SoftSorter, compiled, get_sorter
+from neco_loss.sorting.sorter import prepare_scores
 
 SIMILARITIES = ("cosine", "euclidean")
 REFERENCE_STEEPNESS = 100.0  # reference configs: student_steepness = teacher_steepness = 100
@@ -95,18 +97,32 @@ class NeCoTerms:
 
     Attributes:
         per_row: ``(rows,)`` loss of each query patch.
-        q_student: ``(rows, R, R)`` student soft permutations (with gradient).
-        q_teacher: ``(rows, R, R)`` teacher soft permutations (no gradient).
+        q_student: ``(rows, R, R)`` student soft permutations (with gradient), or ``None`` when
+            the fused CE kernel computed the loss without materialising them.
+        q_teacher: ``(rows, R, R)`` teacher soft permutations (no gradient), or ``None`` (fused).
         student_scores: ``(rows, R)`` student similarities to the references.
         teacher_scores: ``(rows, R)`` teacher similarities to the references.
+        options: The options the terms were computed with.
 
     """
 
     per_row: Tensor
-    q_student: Tensor
-    q_teacher: Tensor
+    q_student: Tensor | None
+    q_teacher: Tensor | None
     student_scores: Tensor
     teacher_scores: Tensor
+    options: SortOptions
+
+    def teacher_entropy(self) -> Tensor:
+        """``(rows,)`` entropy over ranks of the teacher's permutation, mean over elements."""
+        if self.q_teacher is not None:
+            return permutation_entropy(self.q_teacher)
+        steepness = self.options.steepnesses[1]
+        scores = self.teacher_scores.detach()
+        # CE(Q_t, Q_t) with permutation_entropy's clamp is the entropy, still fused.
+        settings = _fused_settings(self.options, torch.finfo(scores.dtype).tiny, (steepness,) * 2)
+        with torch.no_grad():
+            return compiled.sort_cross_entropy(scores, scores, settings)
 
 
 def similarity_scores(queries: Tensor, references: Tensor, similarity: str = "cosine") -> Tensor:
@@ -144,6 +160,10 @@ def soft_permutation_loss(
 ) -> NeCoTerms:
     """Soft-sort both score matrices ascending and compare the permutations row by row.
 
+    With the native backend, a CE loss and CPU scores, the compiled kernel sorts both and
+    computes the CE row by row without materialising either permutation (``q_student`` and
+    ``q_teacher`` are then ``None``); the values equal the unfused path's.
+
     Args:
         student_scores: ``(rows, R)`` scores (with gradient).
         teacher_scores: ``(rows, R)`` scores (used without gradient).
@@ -155,6 +175,13 @@ def soft_permutation_loss(
     """
     student_steepness, teacher_steepness = options.steepnesses
     teacher_scores = teacher_scores.detach()
+    if _fuses(options, student_scores):
+        student = prepare_scores(student_scores, "student_scores")
+        teacher = prepare_scores(teacher_scores, "teacher_scores").to(student.dtype)
+        check_top_k(options.top_k, student.shape[1])
+        settings = _fused_settings(options, options.epsilon, options.steepnesses)
+        per_row = compiled.sort_cross_entropy(student, teacher, settings)
+        return NeCoTerms(per_row, None, None, student_scores, teacher_scores, options)
     with torch.no_grad():
         _, q_teacher = options.sorter(teacher_steepness)(teacher_scores)
     _, q_student = options.sorter(student_steepness)(student_scores)
@@ -166,7 +193,32 @@ def soft_permutation_loss(
         top_k=options.top_k,
         epsilon=options.epsilon,
     )
-    return NeCoTerms(per_row, q_student, q_teacher, student_scores, teacher_scores)
+    return NeCoTerms(per_row, q_student, q_teacher, student_scores, teacher_scores, options)
+
+
+def _fuses(options: SortOptions, scores: Tensor) -> bool:
+    """Whether the fused sort + CE kernel computes this loss (native CE on the CPU)."""
+    return (
+        options.backend == "native"
+        and options.loss == "ce"
+        and scores.device.type == "cpu"
+        and compiled.cpu_kernels() is not None
+    )
+
+
+def _fused_settings(
+    options: SortOptions, epsilon: float, steepnesses: tuple[float, float]
+) -> compiled.CrossEntropySettings:
+    return compiled.CrossEntropySettings(
+        network=options.network,
+        relaxation=options.relaxation,
+        steepness_student=steepnesses[0],
+        steepness_teacher=steepnesses[1],
+        top_k=options.top_k,
+        teacher_to_student=options.direction in ("teacher_to_student", "both"),
+        student_to_teacher=options.direction in ("student_to_teacher", "both"),
+        epsilon=epsilon,
+    )
 
 
 def check_features(student: Tensor, teacher: Tensor, references: Tensor) -> None:

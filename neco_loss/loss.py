@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from neco_loss.checks import check_choice, check_float_tensor, compute_dtype
-from neco_loss.diagnostics import NeCoStats, permutation_entropy, spearman
+from neco_loss.diagnostics import NeCoStats, spearman
 from neco_loss.functional import (
     REFERENCE_STEEPNESS,
     SIMILARITIES,
@@ -343,12 +343,12 @@ class NeCoLoss(nn.Module):
     ) -> NeCoStats:
         with torch.no_grad():
             rows = sum(len(term.per_row) for term in terms)
-            references = sum(len(term.per_row) * term.q_student.shape[-1] for term in terms)
+            references = sum(term.student_scores.numel() for term in terms)
             agreement = sum(
                 float(spearman(term.student_scores.detach(), term.teacher_scores).sum())
                 for term in terms
             )
-            entropy = sum(float(permutation_entropy(term.q_teacher).sum()) for term in terms)
+            entropy = sum(float(term.teacher_entropy().sum()) for term in terms)
         return NeCoStats(
             loss=float(loss.detach()),
             valid_pairs=valid_pairs,

@@ -94,13 +94,24 @@ class SoftSorter:
             ValueError: If ``x`` is not 2-D, has no column, or holds NaN/Inf.
 
         """
-        check_float_tensor(x, "x", dims=2)
-        if x.shape[1] == 0:
-            raise ValueError(f"x must have n >= 1 columns but has shape {tuple(x.shape)}.")
-        x = x.to(compute_dtype(x.dtype))
+        x = prepare_scores(x, "x")
         return BACKENDS[self.backend](
             x, self.network, self.relaxation, float(self.steepness), float(self.art_lambda)
         )
+
+
+def prepare_scores(x: Tensor, name: str) -> Tensor:
+    """Validate ``(rows, n)`` scores and return them in their compute dtype (half -> float32).
+
+    Raises:
+        TypeError: If ``x`` is not a floating tensor.
+        ValueError: If ``x`` is not 2-D, has no column, or holds NaN/Inf.
+
+    """
+    check_float_tensor(x, name, dims=2)
+    if x.shape[1] == 0:
+        raise ValueError(f"{name} must have n >= 1 columns but has shape {tuple(x.shape)}.")
+    return x.to(compute_dtype(x.dtype))
 
 
 def get_sorter(
