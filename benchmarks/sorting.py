@@ -2,9 +2,13 @@
 
 A step is what the NeCo loss does per sorter pair: the teacher's soft permutation without
 gradient, the student's with gradient, ``CE(Q_t, Q_s) = -mean(sum_rank Q_t log Q_s)`` and its
-backward. Reported per configuration and backend: the median time of a step over repeats, the
-memory autograd holds for backward (distinct saved tensors, exact), optionally the peak RSS of a
-fresh process running one step, and the largest difference of the loss to the native backend.
+backward, through ``soft_permutation_loss`` as ``NeCoLoss`` calls it. Backends: ``native`` (on
+the CPU the compiled kernel with the fused CE: no permutation is materialised),
+``native-unfused`` (the compiled sort, CE in PyTorch), ``native-python`` (the portable
+PyTorch backend), ``diffsort`` (the reference), ``torchsort``. Reported per configuration and
+backend: the median time of a step over repeats, the memory autograd holds between forward and
+backward (distinct saved tensors, exact), the speed and memory ratios to diffsort, optionally
+the peak RSS of a fresh process running one step, and the loss difference to native.
 
 Configurations that would hold more than ``--max-held-gib`` for backward (diffsort at n = 256)
 are skipped with the predicted amount; ones slower than ``--max-step-seconds`` run once.
@@ -31,6 +35,7 @@ import torch
 
 from neco_loss import soft_permutation
 from neco_loss.functional import SortOptions, soft_permutation_loss
+from neco_loss.permutation_losses import permutation_loss
 from neco_loss.sorting.networks import sorts_every_input
 
 
@@ -52,16 +57,26 @@ def inputs(rows: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(rows, n, generator=generator), torch.randn(rows, n, generator=generator)
 
 
+def loss_of(backend: str, network: str, student: torch.Tensor, teacher: torch.Tensor):
+    """The step's loss, with its graph (Cauchy, steepness 100: the reference)."""
+    if backend == "native-unfused":  # the compiled sort, the CE in PyTorch
+        with torch.no_grad():
+            _, q_teacher = soft_permutation(teacher, network, backend="native")
+        _, q_student = soft_permutation(student, network, backend="native")
+        return permutation_loss(q_student, q_teacher).mean()
+    options = SortOptions(network=network, backend=backend)
+    return soft_permutation_loss(student, teacher, options).per_row.mean()
+
+
 def step(backend: str, network: str, student: torch.Tensor, teacher: torch.Tensor) -> float:
     student = student.detach().requires_grad_()
-    options = SortOptions(network=network, backend=backend)  # Cauchy, steepness 100 (reference)
-    loss = soft_permutation_loss(student, teacher, options).per_row.mean()
+    loss = loss_of(backend, network, student, teacher)
     loss.backward()
     return float(loss.detach())
 
 
 def held_bytes_per_row(backend: str, network: str, n: int, rows: int = 8) -> float:
-    """Bytes autograd keeps for backward of the student's sort, per row (distinct tensors)."""
+    """Bytes autograd keeps between the step's forward and backward, per row (distinct)."""
     sizes: dict[tuple[int, tuple[int, ...]], int] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
@@ -70,7 +85,7 @@ def held_bytes_per_row(backend: str, network: str, n: int, rows: int = 8) -> flo
 
     student = torch.randn(rows, n, requires_grad=True)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        soft_permutation(student, network, 100.0, "cauchy", backend)
+        loss_of(backend, network, student, torch.randn(rows, n))
     return sum(sizes.values()) / rows
 
 
@@ -92,7 +107,7 @@ def peak_rss_bytes(backend: str, network: str, rows: int, n: int) -> float:
 
 
 def measure(backend: str, network: str, n: int, rows: int, args: argparse.Namespace) -> Result:
-    if backend == "diffsort" and network == "bitonic_padded":
+    if backend in ("diffsort", "torchsort") and network == "bitonic_padded":
         return Result(network, n, rows, backend, None, 0, None, None, "not offered by diffsort")
     if not sorts_every_input(network, n):
         return Result(network, n, rows, backend, None, 0, None, None, "layout mis-sorts this n")
@@ -115,13 +130,14 @@ def measure(backend: str, network: str, n: int, rows: int, args: argparse.Namesp
 
 def table(results: list[Result]) -> str:
     header = (
-        "| network | n | rows | backend | ms / step | µs / row | vs native (time) "
-        "| held for backward | vs native (held) | peak RSS | loss - native |"
+        "| network | n | rows | backend | ms / step | µs / row | diffsort / this (time) "
+        "| held for backward | diffsort / this (held) | peak RSS | loss - native |"
     )
     lines = [header, "|" + "---|" * 11]
     by_key = {(r.network, r.n, r.rows, r.backend): r for r in results}
     for r in results:
         native = by_key.get((r.network, r.n, r.rows, "native"))
+        diffsort = by_key.get((r.network, r.n, r.rows, "diffsort"))
         if r.seconds is None:
             lines.append(
                 f"| {r.network} | {r.n} | {r.rows} | {r.backend} | {r.note} | | | "
@@ -129,14 +145,16 @@ def table(results: list[Result]) -> str:
             )
             continue
         speed = held_ratio = diff = ""
-        if native is not None and native.seconds is not None:
-            speed = f"{r.seconds / native.seconds:.1f}x"
-            held_ratio = f"{r.held_bytes / native.held_bytes:.0f}x"
-            diff = f"{r.loss - native.loss:+.1e}" if r.loss is not None else ""
+        if diffsort is not None:
+            held_ratio = f"{diffsort.held_bytes / r.held_bytes:.0f}x"
+            if diffsort.seconds is not None:
+                speed = f"{diffsort.seconds / r.seconds:.1f}x"
+        if native is not None and native.loss is not None and r.loss is not None:
+            diff = f"{r.loss - native.loss:+.1e}"
         rss = f"{r.peak_rss_bytes / 2**20:.0f} MiB" if r.peak_rss_bytes is not None else "-"
         lines.append(
             f"| {r.network} | {r.n} | {r.rows} | {r.backend} | {r.seconds * 1e3:.0f} | "
-            f"{r.seconds * 1e6 / r.rows:.1f} | {speed} | {r.held_bytes / 2**20:.1f} MiB | "
+            f"{r.seconds * 1e6 / r.rows:.1f} | {speed} | {r.held_bytes / 2**20:.2f} MiB | "
             f"{held_ratio} | {rss} | {diff} |"
         )
     return "\n".join(lines)
@@ -150,7 +168,11 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[16, 49, 64, 128, 256])
     parser.add_argument("--rows", type=int, nargs="+", default=[784, 3136])
     parser.add_argument("--networks", nargs="+", default=["bitonic", "odd_even"])
-    parser.add_argument("--backends", nargs="+", default=["native", "diffsort", "torchsort"])
+    parser.add_argument(
+        "--backends",
+        nargs="+",
+        default=["native", "native-unfused", "native-python", "diffsort", "torchsort"],
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--max-step-seconds", type=float, default=20.0)
     parser.add_argument("--max-held-gib", type=float, default=8.0)

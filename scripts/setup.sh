@@ -33,5 +33,8 @@ if ! "$VENV/bin/python" -c "import torchsort" 2>/dev/null; then
 fi
 
 $PIP install --quiet --disable-pip-version-check -e ".[$EXTRAS]"
+# Build the compiled sorting kernel now (cached in ~/.cache/torch_extensions) rather than on the
+# first loss call; without a compiler this only warns and the PyTorch backend is used.
+"$VENV/bin/python" -c "from neco_loss.sorting.compiled import cpu_kernels; cpu_kernels()"
 echo "$fingerprint" >"$STAMP"
 echo "neco-loss setup: done"

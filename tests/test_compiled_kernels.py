@@ -193,3 +193,45 @@ def test_without_a_compiler_the_pytorch_backend_is_used(tmp_path):
     count, message = result.stdout.strip().split(" ", 1)
     assert count == "1"
     assert "could not be built" in message and "pure-PyTorch native backend" in message
+
+
+TRITON_CHECK = """
+import torch
+from neco_loss import soft_permutation
+from neco_loss.sorting.triton_kernels import triton_soft_sort
+
+generator = torch.Generator().manual_seed(0)
+checked = 0
+for network in ("bitonic", "bitonic_padded", "odd_even"):
+    for relaxation in ("cauchy", "logistic", "reciprocal"):
+        for n in (1, 2, 5, 16, 17):
+            x = torch.randn(3, n, generator=generator, dtype=torch.float64, requires_grad=True)
+            weights = torch.randn(3, n, n, generator=generator, dtype=torch.float64)
+            sorted_weights = torch.randn(3, n, generator=generator, dtype=torch.float64)
+            outputs = []
+            for run in ("triton", "native-python"):
+                if run == "triton":
+                    sorted_x, perm = triton_soft_sort(x, network, relaxation, 33.3)
+                else:
+                    sorted_x, perm = soft_permutation(x, network, 33.3, relaxation, run)
+                loss = (perm * weights).sum() + (sorted_x * sorted_weights).sum()
+                (grad,) = torch.autograd.grad(loss, x)
+                outputs.append((sorted_x.detach(), perm.detach(), grad))
+            for mine, theirs in zip(*outputs):
+                torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-9)
+            checked += 1
+print("checked", checked)
+"""
+
+
+@pytest.mark.slow
+def test_triton_kernels_in_the_interpreter():
+    """The GPU kernels, run by Triton's interpreter on the CPU: the PyTorch backend's values and
+    gradients (float64) for every network and supported relaxation."""
+    pytest.importorskip("triton")
+    environment = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", TRITON_CHECK], env=environment, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "checked 45" in result.stdout

@@ -1,0 +1,433 @@
+"""The soft sorting network as Triton kernels for CUDA tensors: one program per row.
+
+A program keeps the row's values ``(W,)`` and its permutation state ``(W, NP)`` (wires x
+element columns, ``W`` and ``NP`` padded to powers of two) on chip and applies the layers one
+after the other. Every layer is written from each wire's point of view, so it is whole-tensor
+arithmetic plus one gather of the partner wires: with ``p`` the partner's entry,
+``v' = c1 v + c2 p`` and ``Y' = p + c1 (Y - p)`` (the 2x2 mix is symmetric). Wires a layer does
+not touch are their own partner with ``c1 = 1``.
+
+Backward recomputes the row's forward, keeping each layer's input state in a scratch buffer of
+the call (rows are processed in chunks so that it stays bounded), and propagates the gradient
+through the same mixes in reverse, plus d loss / d alpha: nothing but ``x`` is held between
+forward and backward.
+
+The arithmetic is that of ``native.py`` / ``relaxations.py`` (Cauchy, logistic, reciprocal;
+the other relaxations use the PyTorch backend on CUDA). Tested on the CPU with Triton's
+interpreter (``TRITON_INTERPRET=1``), which runs the same kernels with NumPy.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from neco_loss.sorting.networks import sorting_plan
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - Triton ships with CUDA builds of PyTorch
+    triton = None
+    tl = None
+
+RELAXATION_CODES = {"cauchy": 0, "logistic": 1, "reciprocal": 2}
+SCRATCH_BYTES = 1 << 30  # bound of backward's per-call layer states; rows are chunked to fit
+
+
+def available() -> bool:
+    """Whether Triton is importable."""
+    return triton is not None
+
+
+def can_run(x: Tensor, relaxation: str) -> bool:
+    """Whether these kernels sort ``x``: a float32/float64 CUDA tensor, a supported relaxation."""
+    return (
+        available()
+        and x.device.type == "cuda"
+        and x.dtype in (torch.float32, torch.float64)
+        and relaxation in RELAXATION_CODES
+    )
+
+
+@dataclass(frozen=True)
+class LayerTables:
+    """A network as the Triton kernels read it: one row per layer, one column per wire.
+
+    Per layer and (padded) wire: the partner wire, a first-of-pair flag, the comparator's sign
+    and ``c1`` of fixed comparators, shapes ``(L, W)``; untouched wires are their own partner
+    with sign 0 and fixed 1.
+    """
+
+    n: int
+    n_dropped: int
+    wires: int
+    columns: int
+    partner: Tensor  # int32
+    first: Tensor  # float: 1 for the comparator's first wire
+    sign: Tensor  # float: +1, -1, 0
+    fixed: Tensor  # float
+
+    @property
+    def layers(self) -> int:
+        """Number of layers ``L``."""
+        return int(self.partner.shape[0])
+
+
+@lru_cache(maxsize=256)
+def layer_tables(network: str, n: int, device: torch.device, dtype: torch.dtype) -> LayerTables:
+    """The tables of ``network`` for ``n`` inputs on ``device`` (cached)."""
+    plan = sorting_plan(network, n, torch.device("cpu"), torch.float64)
+    wires = 1 << max(0, math.ceil(math.log2(plan.n_wires)))
+    columns = 1 << max(0, math.ceil(math.log2(n)))
+    partner, first, sign, fixed = [], [], [], []
+    identity = torch.arange(wires)
+    for stage in plan.stages:
+        group_first = torch.arange(stage.groups).view(-1, 1, 1) * stage.group_size
+        for layer in stage.layers:
+            shape = (stage.groups, layer.chunks, layer.half)
+            wire_a = (
+                (
+                    group_first
+                    + layer.start
+                    + torch.arange(layer.chunks).view(1, -1, 1) * 2 * layer.half
+                    + torch.arange(layer.half).view(1, 1, -1)
+                )
+                .expand(shape)
+                .reshape(-1)
+            )
+            wire_b = wire_a + layer.half
+            layer_sign = (torch.ones(shape) if layer.sign is None else layer.sign).reshape(-1)
+            layer_fixed = (torch.ones(shape) if layer.fixed is None else layer.fixed).reshape(-1)
+            row_partner = identity.clone()
+            row_partner[wire_a], row_partner[wire_b] = wire_b, wire_a
+            row_first = torch.zeros(wires)
+            row_first[wire_a] = 1.0
+            row_sign, row_fixed = torch.zeros(wires), torch.ones(wires)
+            for wire in (wire_a, wire_b):
+                row_sign[wire], row_fixed[wire] = layer_sign.float(), layer_fixed.float()
+            partner.append(row_partner)
+            first.append(row_first)
+            sign.append(row_sign)
+            fixed.append(row_fixed)
+    if not partner:  # n == 1: one identity layer keeps the kernels simple
+        partner, first = [identity], [torch.zeros(wires)]
+        sign, fixed = [torch.zeros(wires)], [torch.ones(wires)]
+    return LayerTables(
+        n,
+        plan.n_dropped,
+        wires,
+        columns,
+        torch.stack(partner).to(device=device, dtype=torch.int32).contiguous(),
+        torch.stack(first).to(device=device, dtype=dtype).contiguous(),
+        torch.stack(sign).to(device=device, dtype=dtype).contiguous(),
+        torch.stack(fixed).to(device=device, dtype=dtype).contiguous(),
+    )
+
+
+if triton is not None:
+
+    @triton.jit
+    def _atan(v):
+        """Cephes' double-precision atan: range reduction and a rational approximation.
+
+        Plain arithmetic, so that Triton's interpreter runs it too (it has no libdevice).
+        """
+        x = tl.abs(v)
+        big = x > 2.414213562373095  # tan(3 pi / 8)
+        middle = x > 0.66
+        reduced = tl.where(
+            big, -1.0 / tl.where(big, x, 1.0), tl.where(middle, (x - 1.0) / (x + 1.0), x)
+        )
+        zero = x * 0.0  # constants in x's dtype: tl.where of two literals would be float32
+        offset = tl.where(
+            big, zero + 1.5707963267948966, tl.where(middle, zero + 0.7853981633974483, zero)
+        )
+        extra = tl.where(
+            big, zero + 6.123233995736766e-17, tl.where(middle, zero + 3.061616997868383e-17, zero)
+        )
+        z = reduced * reduced
+        p = -8.750608600031904122785e-1
+        p = p * z - 1.615753718733365076637e1
+        p = p * z - 7.500855792314704667340e1
+        p = p * z - 1.228866684490136173410e2
+        p = p * z - 6.485021904942025371773e1
+        q = z + 2.485846490142306297962e1
+        q = q * z + 1.650270098316988542046e2
+        q = q * z + 4.328810604912902668951e2
+        q = q * z + 4.853903996359136964868e2
+        q = q * z + 1.945506571482613964425e2
+        result = offset + (reduced * (z * p / q) + reduced + extra)
+        return tl.where(v < 0, -result, result)
+
+    @triton.jit
+    def _alpha(delta, steepness, kind: tl.constexpr):
+        v = steepness * delta
+        if kind == 0:  # cauchy: atan(v) / pi + 1/2
+            result = _atan(v) * 0.3183098861837907 + 0.5
+        elif kind == 1:  # logistic
+            result = tl.sigmoid(v)
+        else:  # reciprocal
+            result = 0.5 * (v / (2.0 + tl.abs(v)) + 1.0)
+        return result
+
+    @triton.jit
+    def _dalpha(delta, steepness, kind: tl.constexpr):
+        v = steepness * delta
+        if kind == 0:
+            result = steepness / (1.0 + v * v) * 0.3183098861837907
+        elif kind == 1:
+            a = tl.sigmoid(v)
+            result = a * (1.0 - a) * steepness
+        else:
+            d = 2.0 + tl.abs(v)
+            result = steepness / (d * d)
+        return result
+
+    @triton.jit
+    def _layer_weights(values, partner_values, first, sign, fixed, steepness, kind: tl.constexpr):
+        """Swap gap and (c1, c2) of every wire's comparator, seen from the wire."""
+        delta = tl.where(first > 0, partner_values - values, values - partner_values)
+        alpha = _alpha(delta, steepness, kind)
+        c1 = tl.where(sign > 0, alpha, tl.where(sign < 0, 1.0 - alpha, fixed))
+        c2 = tl.where(sign > 0, 1.0 - alpha, tl.where(sign < 0, alpha, 1.0 - fixed))
+        return delta, c1, c2
+
+    @triton.jit
+    def _initial_state(
+        x_ptr, row, n, n_dropped, W: tl.constexpr, NP: tl.constexpr, dtype: tl.constexpr
+    ):
+        wire = tl.arange(0, W)
+        element = wire - n_dropped
+        real = (element >= 0) & (element < n)
+        values = tl.load(x_ptr + row * n + element, mask=real, other=0.0).to(dtype)
+        column = tl.arange(0, NP)
+        state = tl.where(element[:, None] == column[None, :], 1.0, 0.0).to(dtype)
+        return wire, values, state
+
+    @triton.jit
+    def _sort_forward_kernel(
+        x_ptr,
+        sorted_ptr,
+        perm_ptr,
+        partner_ptr,
+        first_ptr,
+        sign_ptr,
+        fixed_ptr,
+        n,
+        n_dropped,
+        layers,
+        steepness_ptr,
+        KIND: tl.constexpr,
+        W: tl.constexpr,
+        NP: tl.constexpr,
+    ):
+        row = tl.program_id(0)
+        dtype = x_ptr.dtype.element_ty
+        steepness = tl.load(steepness_ptr)  # in x's dtype: a float argument would be float32
+        wire, values, state = _initial_state(x_ptr, row, n, n_dropped, W, NP, dtype)
+        for layer in range(layers):
+            offset = layer * W + wire
+            partner = tl.load(partner_ptr + offset)
+            first = tl.load(first_ptr + offset)
+            sign = tl.load(sign_ptr + offset)
+            fixed = tl.load(fixed_ptr + offset)
+            partner_values = tl.gather(values, partner, 0)
+            _, c1, c2 = _layer_weights(values, partner_values, first, sign, fixed, steepness, KIND)
+            values = values * c1 + partner_values * c2
+            partner_state = tl.gather(state, tl.broadcast_to(partner[:, None], (W, NP)), 0)
+            state = partner_state + c1[:, None] * (state - partner_state)
+        element = wire - n_dropped
+        real = (element >= 0) & (element < n)
+        tl.store(sorted_ptr + row * n + element, values, mask=real)
+        column = tl.arange(0, NP)
+        # perm[row, e, rank] = state[n_dropped + rank, e]
+        pointers = perm_ptr + row * n * n + column[None, :] * n + element[:, None]
+        tl.store(pointers, state, mask=real[:, None] & (column[None, :] < n))
+
+    @triton.jit
+    def _sort_backward_kernel(
+        x_ptr,
+        grad_sorted_ptr,
+        grad_perm_ptr,
+        grad_x_ptr,
+        tape_ptr,
+        partner_ptr,
+        first_ptr,
+        sign_ptr,
+        fixed_ptr,
+        row_offset,
+        n,
+        n_dropped,
+        layers,
+        steepness_ptr,
+        KIND: tl.constexpr,
+        W: tl.constexpr,
+        NP: tl.constexpr,
+        HAS_SORTED: tl.constexpr,
+        HAS_PERM: tl.constexpr,
+    ):
+        local = tl.program_id(0)
+        row = row_offset + local
+        dtype = x_ptr.dtype.element_ty
+        steepness = tl.load(steepness_ptr)
+        wire, values, state = _initial_state(x_ptr, row, n, n_dropped, W, NP, dtype)
+        column = tl.arange(0, NP)
+        # The layer inputs: values (W,) then state (W, NP) per layer, in this program's tape.
+        tape = tape_ptr + local.to(tl.int64) * layers * W * (NP + 1)
+        for layer in range(layers):
+            offset = layer * W + wire
+            partner = tl.load(partner_ptr + offset)
+            first = tl.load(first_ptr + offset)
+            sign = tl.load(sign_ptr + offset)
+            fixed = tl.load(fixed_ptr + offset)
+            base = tape + layer * W * (NP + 1)
+            tl.store(base + wire, values)
+            tl.store(base + W + wire[:, None] * NP + column[None, :], state)
+            partner_values = tl.gather(values, partner, 0)
+            _, c1, c2 = _layer_weights(values, partner_values, first, sign, fixed, steepness, KIND)
+            values = values * c1 + partner_values * c2
+            if HAS_PERM:
+                partner_state = tl.gather(state, tl.broadcast_to(partner[:, None], (W, NP)), 0)
+                state = partner_state + c1[:, None] * (state - partner_state)
+        element = wire - n_dropped
+        real = (element >= 0) & (element < n)
+        grad_values = tl.zeros((W,), dtype)
+        if HAS_SORTED:
+            grad_values = tl.load(grad_sorted_ptr + row * n + element, mask=real, other=0.0)
+        grad_state = tl.zeros((W, NP), dtype)
+        if HAS_PERM:
+            pointers = grad_perm_ptr + row * n * n + column[None, :] * n + element[:, None]
+            grad_state = tl.load(
+                pointers, mask=real[:, None] & (column[None, :] < n), other=0.0
+            ).to(dtype)
+        for step in range(layers):
+            layer = layers - 1 - step
+            offset = layer * W + wire
+            partner = tl.load(partner_ptr + offset)
+            first = tl.load(first_ptr + offset)
+            sign = tl.load(sign_ptr + offset)
+            fixed = tl.load(fixed_ptr + offset)
+            base = tape + layer * W * (NP + 1)
+            values_in = tl.load(base + wire)
+            partner_values = tl.gather(values_in, partner, 0)
+            delta, c1, c2 = _layer_weights(
+                values_in, partner_values, first, sign, fixed, steepness, KIND
+            )
+            grad_partner = tl.gather(grad_values, partner, 0)
+            # d loss / d c1 in the "first wire gets c1" orientation (the same on both wires)
+            grad_alpha = (grad_values - grad_partner) * (values_in - partner_values)
+            if HAS_PERM:
+                state_in = tl.load(base + W + wire[:, None] * NP + column[None, :])
+                index = tl.broadcast_to(partner[:, None], (W, NP))
+                partner_state = tl.gather(state_in, index, 0)
+                partner_grad_state = tl.gather(grad_state, index, 0)
+                grad_alpha += tl.sum(
+                    (grad_state - partner_grad_state) * (state_in - partner_state), axis=1
+                )
+                grad_state = partner_grad_state + c1[:, None] * (grad_state - partner_grad_state)
+            grad_delta = grad_alpha * sign * _dalpha(delta, steepness, KIND)
+            grad_values = c1 * grad_values + c2 * grad_partner
+            grad_values += tl.where(first > 0, -grad_delta, grad_delta)
+        tl.store(grad_x_ptr + row * n + element, grad_values, mask=real)
+
+
+@dataclass(frozen=True)
+class _Settings:
+    network: str
+    relaxation: str
+    steepness: float
+
+
+def _launch_options(tables: LayerTables) -> dict[str, Any]:
+    return {"W": tables.wires, "NP": tables.columns, "num_warps": 4 if tables.wires <= 64 else 8}
+
+
+class _TritonSort(torch.autograd.Function):
+    """Soft sort with the Triton kernels; backward recomputes from ``x``."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, settings: _Settings) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        ctx.set_materialize_grads(False)
+        ctx.settings = settings
+        ctx.save_for_backward(x)
+        rows, n = x.shape
+        tables = layer_tables(settings.network, n, x.device, x.dtype)
+        sorted_x = torch.empty_like(x)
+        perm = torch.empty(rows, n, n, device=x.device, dtype=x.dtype)
+        if rows:
+            _sort_forward_kernel[(rows,)](
+                x,
+                sorted_x,
+                perm,
+                tables.partner,
+                tables.first,
+                tables.sign,
+                tables.fixed,
+                n,
+                tables.n_dropped,
+                tables.layers,
+                x.new_full((1,), settings.steepness),
+                KIND=RELAXATION_CODES[settings.relaxation],
+                **_launch_options(tables),
+            )
+        return sorted_x, perm
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, grad_sorted: Tensor | None, grad_perm: Tensor | None
+    ) -> tuple[Tensor | None, None]:
+        if grad_sorted is None and grad_perm is None:
+            return None, None
+        (x,) = ctx.saved_tensors
+        settings: _Settings = ctx.settings
+        rows, n = x.shape
+        tables = layer_tables(settings.network, n, x.device, x.dtype)
+        grad_x = torch.empty_like(x)
+        per_row = tables.layers * tables.wires * (tables.columns + 1) * x.element_size()
+        chunk = max(1, min(rows, SCRATCH_BYTES // per_row))
+        tape = torch.empty(chunk * per_row // x.element_size(), device=x.device, dtype=x.dtype)
+        steepness = x.new_full((1,), settings.steepness)
+        sorted_grad = grad_sorted.contiguous() if grad_sorted is not None else x
+        perm_grad = grad_perm.contiguous() if grad_perm is not None else x
+        for start in range(0, rows, chunk):
+            _sort_backward_kernel[(min(chunk, rows - start),)](
+                x,
+                sorted_grad,
+                perm_grad,
+                grad_x,
+                tape,
+                tables.partner,
+                tables.first,
+                tables.sign,
+                tables.fixed,
+                start,
+                n,
+                tables.n_dropped,
+                tables.layers,
+                steepness,
+                KIND=RELAXATION_CODES[settings.relaxation],
+                HAS_SORTED=grad_sorted is not None,
+                HAS_PERM=grad_perm is not None,
+                **_launch_options(tables),
+            )
+        return grad_x, None
+
+
+def triton_soft_sort(
+    x: Tensor, network: str, relaxation: str, steepness: float
+) -> tuple[Tensor, Tensor]:
+    """Soft-sort the rows of ``x (rows, n)`` with the Triton kernels.
+
+    Check ``can_run`` first; Triton's interpreter also runs them on CPU tensors.
+
+    Returns:
+        ``sorted_x (rows, n)`` and ``perm (rows, n, n)`` as every backend.
+
+    """
+    return _TritonSort.apply(x.contiguous(), _Settings(network, relaxation, float(steepness)))
