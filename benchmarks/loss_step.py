@@ -73,7 +73,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--global-grid", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--backends", nargs="+", default=["native", "diffsort"])
+    parser.add_argument("--backends", nargs="+", default=["native", "native-python", "diffsort"])
     args = parser.parse_args()
     print(
         f"NeCoLoss step, batch {args.batch}, 2 x {args.global_grid}^2 + 4 x {LOCAL_GRID}^2 "

@@ -18,6 +18,7 @@ Usage:
     python benchmarks/sorting.py --quick         # bitonic, n in {49, 128}, rows 3136
     python benchmarks/sorting.py --peak-rss      # also the peak RSS of one step per process
     python benchmarks/sorting.py --quick --device cuda --backends native diffsort
+        # on a GPU also the roofline: forward sort vs writing Q once at memory bandwidth
 """
 
 from __future__ import annotations
@@ -160,6 +161,55 @@ def table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+def copy_bandwidth(device: str, size_bytes: int = 2**30) -> float:
+    """Measured device memory bandwidth in bytes/s: a large copy reads and writes each byte."""
+    source = torch.empty(size_bytes // 4, device=device)
+    target = torch.empty_like(source)
+    target.copy_(source)
+    times = []
+    for _ in range(5):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        target.copy_(source)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return 2 * size_bytes / statistics.median(times)
+
+
+def roofline(args: argparse.Namespace) -> str:
+    """GPU: the native forward sort against writing its permutation once at memory bandwidth."""
+    bandwidth = copy_bandwidth(args.device)
+    lines = [
+        f"Measured copy bandwidth: {bandwidth / 1e9:.0f} GB/s",
+        "",
+        "| network | n | rows | forward ms | bytes of Q | Q written once at bandwidth, ms "
+        "| forward / roofline |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for network in args.networks:
+        for n in args.sizes:
+            if not sorts_every_input(network, n):
+                continue
+            for rows in args.rows:
+                scores, _ = inputs(rows, n)
+                scores = scores.to(args.device)
+                times = []
+                for _ in range(args.repeats + 1):
+                    torch.cuda.synchronize()
+                    start = time.perf_counter()
+                    soft_permutation(scores, network, backend="native")
+                    torch.cuda.synchronize()
+                    times.append(time.perf_counter() - start)
+                seconds = statistics.median(times[1:])
+                q_bytes = rows * n * n * scores.element_size()
+                floor = q_bytes / bandwidth
+                lines.append(
+                    f"| {network} | {n} | {rows} | {seconds * 1e3:.2f} | {q_bytes / 2**20:.0f} MiB "
+                    f"| {floor * 1e3:.3f} | {seconds / floor:.1f}x |"
+                )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -202,6 +252,8 @@ def main() -> None:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"{platform.processor() or platform.machine()}\n\n" + table(results) + "\n"
     )
+    if args.device.startswith("cuda"):
+        text += "\n" + roofline(args) + "\n"
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(text)
     print(text)
