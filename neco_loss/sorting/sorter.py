@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from neco_loss.checks import check_choice, check_float_tensor, check_positive_finite, compute_dtype
-from neco_loss.sorting import compiled, triton_kernels
+from neco_loss.sorting import compiled
 from neco_loss.sorting.diffsort_backend import diffsort_soft_sort
 from neco_loss.sorting.native import native_soft_sort
 from neco_loss.sorting.networks import NETWORKS, sorting_plan
@@ -42,8 +42,11 @@ def _native(
     """
     if compiled.can_run(x):
         return compiled.compiled_soft_sort(x, network, relaxation, steepness, art_lambda)
-    if triton_kernels.can_run(x, relaxation):
-        return triton_kernels.triton_soft_sort(x, network, relaxation, steepness)
+    if x.device.type == "cuda":
+        from neco_loss.sorting import triton_kernels  # imports Triton: only for CUDA tensors
+
+        if triton_kernels.can_run(x, relaxation):
+            return triton_kernels.triton_soft_sort(x, network, relaxation, steepness)
     return _native_python(x, network, relaxation, steepness, art_lambda)
 
 
