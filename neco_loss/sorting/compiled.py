@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from neco_loss.sorting.networks import sorting_plan
+from neco_loss.sorting.recomputing import RecomputingSort
 
 SOURCE = Path(__file__).parent / "csrc" / "soft_sort.cpp"
 # -ffp-contract=off: no fused multiply-adds, so that the values round as in PyTorch's kernels
@@ -174,14 +175,27 @@ class _Settings:
     art_lambda: float
 
 
-class _CompiledSort(torch.autograd.Function):
+def _compiled_gradient(
+    x: Tensor, settings: _Settings, grad_sorted: Tensor | None, grad_perm: Tensor | None
+) -> Tensor:
+    kernels: Any = cpu_kernels()
+    return kernels.sort_backward(
+        x,
+        None if grad_sorted is None else grad_sorted.contiguous(),
+        None if grad_perm is None else grad_perm.contiguous(),
+        *settings.plan.arguments(),
+        settings.relaxation,
+        settings.steepness,
+        settings.art_lambda,
+    )
+
+
+class _CompiledSort(RecomputingSort):
     """Soft sort on the CPU kernel; backward recomputes the rows from ``x``."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, settings: _Settings) -> tuple[Tensor, Tensor]:  # type: ignore[override]
-        ctx.set_materialize_grads(False)
-        ctx.settings = settings
-        ctx.save_for_backward(x)
+        RecomputingSort.remember(ctx, x, settings, _compiled_gradient)
         kernels: Any = cpu_kernels()
         sorted_x, perm = kernels.sort_forward(
             x,
@@ -192,26 +206,6 @@ class _CompiledSort(torch.autograd.Function):
             True,
         )
         return sorted_x, perm
-
-    @staticmethod
-    def backward(  # type: ignore[override]
-        ctx: Any, grad_sorted: Tensor | None, grad_perm: Tensor | None
-    ) -> tuple[Tensor | None, None]:
-        if grad_sorted is None and grad_perm is None:
-            return None, None
-        (x,) = ctx.saved_tensors
-        settings: _Settings = ctx.settings
-        kernels: Any = cpu_kernels()
-        grad_x = kernels.sort_backward(
-            x,
-            None if grad_sorted is None else grad_sorted.contiguous(),
-            None if grad_perm is None else grad_perm.contiguous(),
-            *settings.plan.arguments(),
-            settings.relaxation,
-            settings.steepness,
-            settings.art_lambda,
-        )
-        return grad_x, None
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from neco_loss.sorting.networks import Layer, SortingPlan
+from neco_loss.sorting.recomputing import RecomputingSort
 from neco_loss.sorting.relaxations import Relaxation
 
 # Working-set budgets of a chunk of rows: (forward permutation state, backward layer states).
@@ -318,14 +319,33 @@ def _rows_per_chunk(plan: SortingPlan, like: Tensor, with_records: bool) -> int:
     return max(1, budget // max(1, numbers_per_row * like.element_size()))
 
 
-class _NativeSort(torch.autograd.Function):
+def _native_gradient(
+    x: Tensor, settings: _SortSettings, grad_sorted: Tensor | None, grad_perm: Tensor | None
+) -> Tensor:
+    """``d loss / d x``: the value pass again (recorded), the permutation's in row chunks."""
+    plan = settings.plan
+    values = _value_pass(x, settings, record=True)
+    perm_grad_alpha = None
+    if grad_perm is not None and plan.stages:
+        chunk = _rows_per_chunk(plan, x, with_records=True)
+        parts = [
+            _perm_grad_alpha(
+                [c[start : start + chunk] for c in values.c1],
+                grad_perm[start : start + chunk],
+                plan,
+            )
+            for start in range(0, x.shape[0], chunk)
+        ]
+        perm_grad_alpha = [torch.cat(layer, dim=0) for layer in zip(*parts, strict=True)]
+    return _values_backward(values, grad_sorted, perm_grad_alpha, settings)
+
+
+class _NativeSort(RecomputingSort):
     """Soft sort with a recomputing backward: memory held for backward is ``x`` alone."""
 
     @staticmethod
     def forward(ctx, x: Tensor, settings: _SortSettings) -> tuple[Tensor, Tensor]:  # type: ignore[override]
-        ctx.set_materialize_grads(False)
-        ctx.settings = settings
-        ctx.save_for_backward(x)
+        RecomputingSort.remember(ctx, x, settings, _native_gradient)
         plan = settings.plan
         rows, n = x.shape
         values = _value_pass(x, settings, record=False)
@@ -338,30 +358,6 @@ class _NativeSort(torch.autograd.Function):
             wire_major, _ = _perm_pass([c[part] for c in values.c1], plan, record=False)
             perm[part] = wire_major[:, plan.n_dropped :].transpose(1, 2)
         return values.sorted_x, perm
-
-    @staticmethod
-    def backward(  # type: ignore[override]
-        ctx, grad_sorted: Tensor | None, grad_perm: Tensor | None
-    ) -> tuple[Tensor | None, None]:
-        (x,) = ctx.saved_tensors
-        settings: _SortSettings = ctx.settings
-        plan = settings.plan
-        if grad_sorted is None and grad_perm is None:
-            return None, None
-        values = _value_pass(x, settings, record=True)
-        perm_grad_alpha = None
-        if grad_perm is not None and plan.stages:
-            chunk = _rows_per_chunk(plan, x, with_records=True)
-            parts = [
-                _perm_grad_alpha(
-                    [c[start : start + chunk] for c in values.c1],
-                    grad_perm[start : start + chunk],
-                    plan,
-                )
-                for start in range(0, x.shape[0], chunk)
-            ]
-            perm_grad_alpha = [torch.cat(layer, dim=0) for layer in zip(*parts, strict=True)]
-        return _values_backward(values, grad_sorted, perm_grad_alpha, settings), None
 
 
 def native_soft_sort(

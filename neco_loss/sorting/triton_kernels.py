@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from neco_loss.sorting.networks import sorting_plan
+from neco_loss.sorting.recomputing import RecomputingSort
 
 try:
     import triton
@@ -348,14 +349,48 @@ def _launch_options(tables: LayerTables) -> dict[str, Any]:
     return {"W": tables.wires, "NP": tables.columns, "num_warps": 4 if tables.wires <= 64 else 8}
 
 
-class _TritonSort(torch.autograd.Function):
+def _triton_gradient(
+    x: Tensor, settings: _Settings, grad_sorted: Tensor | None, grad_perm: Tensor | None
+) -> Tensor:
+    rows, n = x.shape
+    tables = layer_tables(settings.network, n, x.device, x.dtype)
+    grad_x = torch.empty_like(x)
+    per_row = tables.layers * tables.wires * (tables.columns + 1) * x.element_size()
+    chunk = max(1, min(rows, SCRATCH_BYTES // per_row))
+    tape = torch.empty(chunk * per_row // x.element_size(), device=x.device, dtype=x.dtype)
+    steepness = x.new_full((1,), settings.steepness)
+    sorted_grad = grad_sorted.contiguous() if grad_sorted is not None else x
+    perm_grad = grad_perm.contiguous() if grad_perm is not None else x
+    for start in range(0, rows, chunk):
+        _sort_backward_kernel[(min(chunk, rows - start),)](
+            x,
+            sorted_grad,
+            perm_grad,
+            grad_x,
+            tape,
+            tables.partner,
+            tables.first,
+            tables.sign,
+            tables.fixed,
+            start,
+            n,
+            tables.n_dropped,
+            tables.layers,
+            steepness,
+            KIND=RELAXATION_CODES[settings.relaxation],
+            HAS_SORTED=grad_sorted is not None,
+            HAS_PERM=grad_perm is not None,
+            **_launch_options(tables),
+        )
+    return grad_x
+
+
+class _TritonSort(RecomputingSort):
     """Soft sort with the Triton kernels; backward recomputes from ``x``."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, settings: _Settings) -> tuple[Tensor, Tensor]:  # type: ignore[override]
-        ctx.set_materialize_grads(False)
-        ctx.settings = settings
-        ctx.save_for_backward(x)
+        RecomputingSort.remember(ctx, x, settings, _triton_gradient)
         rows, n = x.shape
         tables = layer_tables(settings.network, n, x.device, x.dtype)
         sorted_x = torch.empty_like(x)
@@ -377,46 +412,6 @@ class _TritonSort(torch.autograd.Function):
                 **_launch_options(tables),
             )
         return sorted_x, perm
-
-    @staticmethod
-    def backward(  # type: ignore[override]
-        ctx: Any, grad_sorted: Tensor | None, grad_perm: Tensor | None
-    ) -> tuple[Tensor | None, None]:
-        if grad_sorted is None and grad_perm is None:
-            return None, None
-        (x,) = ctx.saved_tensors
-        settings: _Settings = ctx.settings
-        rows, n = x.shape
-        tables = layer_tables(settings.network, n, x.device, x.dtype)
-        grad_x = torch.empty_like(x)
-        per_row = tables.layers * tables.wires * (tables.columns + 1) * x.element_size()
-        chunk = max(1, min(rows, SCRATCH_BYTES // per_row))
-        tape = torch.empty(chunk * per_row // x.element_size(), device=x.device, dtype=x.dtype)
-        steepness = x.new_full((1,), settings.steepness)
-        sorted_grad = grad_sorted.contiguous() if grad_sorted is not None else x
-        perm_grad = grad_perm.contiguous() if grad_perm is not None else x
-        for start in range(0, rows, chunk):
-            _sort_backward_kernel[(min(chunk, rows - start),)](
-                x,
-                sorted_grad,
-                perm_grad,
-                grad_x,
-                tape,
-                tables.partner,
-                tables.first,
-                tables.sign,
-                tables.fixed,
-                start,
-                n,
-                tables.n_dropped,
-                tables.layers,
-                steepness,
-                KIND=RELAXATION_CODES[settings.relaxation],
-                HAS_SORTED=grad_sorted is not None,
-                HAS_PERM=grad_perm is not None,
-                **_launch_options(tables),
-            )
-        return grad_x, None
 
 
 def triton_soft_sort(
