@@ -13,6 +13,7 @@ torch.Size([])
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -118,11 +119,14 @@ class NeCoTerms:
         if self.q_teacher is not None:
             return permutation_entropy(self.q_teacher)
         steepness = self.options.steepnesses[1]
-        scores = self.teacher_scores.detach()
+        scores = prepare_scores(self.teacher_scores.detach(), "teacher_scores")
+        fused = _fused_cross_entropy(self.options, scores)
+        if fused is None:
+            raise RuntimeError("no fused kernel for the teacher entropy")  # terms came from one
         # CE(Q_t, Q_t) with permutation_entropy's clamp is the entropy, still fused.
         settings = _fused_settings(self.options, torch.finfo(scores.dtype).tiny, (steepness,) * 2)
         with torch.no_grad():
-            return compiled.sort_cross_entropy(scores, scores, settings)
+            return fused(scores, scores, settings)
 
 
 def similarity_scores(queries: Tensor, references: Tensor, similarity: str = "cosine") -> Tensor:
@@ -175,13 +179,15 @@ def soft_permutation_loss(
     """
     student_steepness, teacher_steepness = options.steepnesses
     teacher_scores = teacher_scores.detach()
-    if _fuses(options, student_scores):
+    if options.backend == "native" and options.loss == "ce":
         student = prepare_scores(student_scores, "student_scores")
-        teacher = prepare_scores(teacher_scores, "teacher_scores").to(student.dtype)
-        check_top_k(options.top_k, student.shape[1])
-        settings = _fused_settings(options, options.epsilon, options.steepnesses)
-        per_row = compiled.sort_cross_entropy(student, teacher, settings)
-        return NeCoTerms(per_row, None, None, student_scores, teacher_scores, options)
+        fused = _fused_cross_entropy(options, student)
+        if fused is not None:
+            teacher = prepare_scores(teacher_scores, "teacher_scores").to(student.dtype)
+            check_top_k(options.top_k, student.shape[1])
+            settings = _fused_settings(options, options.epsilon, options.steepnesses)
+            per_row = fused(student, teacher, settings)
+            return NeCoTerms(per_row, None, None, student_scores, teacher_scores, options)
     with torch.no_grad():
         _, q_teacher = options.sorter(teacher_steepness)(teacher_scores)
     _, q_student = options.sorter(student_steepness)(student_scores)
@@ -196,14 +202,21 @@ def soft_permutation_loss(
     return NeCoTerms(per_row, q_student, q_teacher, student_scores, teacher_scores, options)
 
 
-def _fuses(options: SortOptions, scores: Tensor) -> bool:
-    """Whether the fused sort + CE kernel computes this loss (native CE on the CPU)."""
-    return (
-        options.backend == "native"
-        and options.loss == "ce"
-        and scores.device.type == "cpu"
-        and compiled.cpu_kernels() is not None
-    )
+def _fused_cross_entropy(
+    options: SortOptions, scores: Tensor
+) -> Callable[[Tensor, Tensor, compiled.CrossEntropySettings], Tensor] | None:
+    """The fused sort + CE kernel for these (validated) scores, or ``None``.
+
+    The C++ kernel on the CPU, the Triton kernels on CUDA (supported relaxations, once verified).
+    """
+    if scores.device.type == "cpu" and compiled.cpu_kernels() is not None:
+        return compiled.sort_cross_entropy
+    if scores.device.type == "cuda":
+        from neco_loss.sorting import triton_kernels
+
+        if triton_kernels.usable(scores, options.network, options.relaxation):
+            return triton_kernels.triton_sort_cross_entropy
+    return None
 
 
 def _fused_settings(

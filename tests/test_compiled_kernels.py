@@ -198,7 +198,9 @@ def test_without_a_compiler_the_pytorch_backend_is_used(tmp_path):
 TRITON_CHECK = """
 import torch
 from neco_loss import soft_permutation
-from neco_loss.sorting.triton_kernels import triton_soft_sort
+from neco_loss.permutation_losses import permutation_loss
+from neco_loss.sorting.compiled import CrossEntropySettings
+from neco_loss.sorting.triton_kernels import triton_soft_sort, triton_sort_cross_entropy, verified
 
 generator = torch.Generator().manual_seed(0)
 checked = 0
@@ -220,6 +222,27 @@ for network in ("bitonic", "bitonic_padded", "odd_even"):
             for mine, theirs in zip(*outputs):
                 torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-9)
             checked += 1
+for direction, top_k in (("teacher_to_student", None), ("both", 3), ("student_to_teacher", 2)):
+    for n in (1, 5, 16):
+        student = torch.randn(4, n, generator=generator, dtype=torch.float64, requires_grad=True)
+        teacher = torch.randn(4, n, generator=generator, dtype=torch.float64)
+        top = None if top_k is None else min(top_k, n)
+        settings = CrossEntropySettings(
+            "bitonic", "cauchy", 33.3, 20.0, top_k=top,
+            teacher_to_student=direction != "student_to_teacher",
+            student_to_teacher=direction != "teacher_to_student",
+        )
+        weights = torch.rand(4, generator=generator, dtype=torch.float64)
+        fused = triton_sort_cross_entropy(student, teacher, settings)
+        (grad_fused,) = torch.autograd.grad((fused * weights).sum(), student)
+        _, q_student = soft_permutation(student, "bitonic", 33.3, backend="native-python")
+        _, q_teacher = soft_permutation(teacher, "bitonic", 20.0, backend="native-python")
+        reference = permutation_loss(q_student, q_teacher, direction=direction, top_k=top)
+        (grad_reference,) = torch.autograd.grad((reference * weights).sum(), student)
+        torch.testing.assert_close(fused, reference, rtol=0, atol=1e-9)
+        torch.testing.assert_close(grad_fused, grad_reference, rtol=0, atol=1e-9)
+        checked += 1
+assert verified("bitonic", 49, "cauchy", torch.float32, torch.device("cpu"))
 print("checked", checked)
 """
 
@@ -227,11 +250,31 @@ print("checked", checked)
 @pytest.mark.slow
 def test_triton_kernels_in_the_interpreter():
     """The GPU kernels, run by Triton's interpreter on the CPU: the PyTorch backend's values and
-    gradients (float64) for every network and supported relaxation."""
+    gradients (float64) for every network and supported relaxation, the fused CE's for every
+    direction and top_k, and the self-check a GPU runs before using them."""
     pytest.importorskip("triton")
     environment = {**os.environ, "TRITON_INTERPRET": "1"}
     result = subprocess.run(
         [sys.executable, "-c", TRITON_CHECK], env=environment, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "checked 45" in result.stdout
+    assert "checked 54" in result.stdout
+
+
+def test_a_gpu_kernel_failing_its_check_is_not_used(monkeypatch):
+    """A Triton kernel that does not compile (or disagrees) on a GPU: one warning, then the
+    PyTorch backend for that configuration."""
+    triton_kernels = pytest.importorskip("neco_loss.sorting.triton_kernels")
+
+    def fails_to_compile(*args, **kwargs):
+        raise RuntimeError("gather is not supported on this GPU")
+
+    monkeypatch.setattr(triton_kernels, "triton_soft_sort", fails_to_compile)
+    triton_kernels.verified.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="failed their check.*gather is not supported"):
+            assert not triton_kernels.verified(
+                "bitonic", 16, "cauchy", torch.float64, torch.device("cpu")
+            )
+    finally:
+        triton_kernels.verified.cache_clear()

@@ -45,7 +45,7 @@ def _native(
     if x.device.type == "cuda":
         from neco_loss.sorting import triton_kernels  # imports Triton: only for CUDA tensors
 
-        if triton_kernels.can_run(x, relaxation):
+        if triton_kernels.usable(x, network, relaxation):
             return triton_kernels.triton_soft_sort(x, network, relaxation, steepness)
     return _native_python(x, network, relaxation, steepness, art_lambda)
 

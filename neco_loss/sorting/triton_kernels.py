@@ -20,6 +20,7 @@ interpreter (``TRITON_INTERPRET=1``), which runs the same kernels with NumPy.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -27,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from neco_loss.sorting.compiled import CrossEntropySettings
 from neco_loss.sorting.networks import sorting_plan
 from neco_loss.sorting.recomputing import RecomputingSort
 
@@ -47,13 +49,75 @@ def available() -> bool:
 
 
 def can_run(x: Tensor, relaxation: str) -> bool:
-    """Whether these kernels sort ``x``: a float32/float64 CUDA tensor, a supported relaxation."""
+    """Whether these kernels take ``x``: a float32/float64 CUDA tensor, a supported relaxation."""
     return (
         available()
         and x.device.type == "cuda"
         and x.dtype in (torch.float32, torch.float64)
         and relaxation in RELAXATION_CODES
     )
+
+
+def usable(x: Tensor, network: str, relaxation: str) -> bool:
+    """``can_run``, and ``verified`` once per configuration.
+
+    That is: the kernels compile on this GPU and agree with the PyTorch backend on a few rows.
+    """
+    return can_run(x, relaxation) and verified(network, x.shape[1], relaxation, x.dtype, x.device)
+
+
+@lru_cache(maxsize=256)
+def verified(
+    network: str, n: int, relaxation: str, dtype: torch.dtype, device: torch.device
+) -> bool:
+    """Check the kernels against the PyTorch backend on 8 random rows.
+
+    Sorts forward and backward, and the fused CE, with both; on an error or a disagreement warns
+    once and returns ``False``, so that the PyTorch backend is used for this configuration.
+    """
+    from neco_loss.permutation_losses import permutation_loss
+    from neco_loss.sorting.native import native_soft_sort
+    from neco_loss.sorting.relaxations import get_relaxation
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(8, n, generator=generator, dtype=dtype).to(device).requires_grad_()
+    teacher = torch.randn(8, n, generator=generator, dtype=dtype).to(device)
+    weights = torch.randn(8, n, n, generator=generator, dtype=dtype).to(device)
+    plan = sorting_plan(network, n, device, dtype)
+    tolerance = 1e-3 if dtype == torch.float32 else 1e-9
+    settings = CrossEntropySettings(network, relaxation, 100.0, 100.0)
+    try:
+        results = []
+        for sort in (
+            lambda v: triton_soft_sort(v, network, relaxation, 30.0),
+            lambda v: native_soft_sort(v, plan, get_relaxation(relaxation), 30.0, 0.25),
+        ):
+            _, perm = sort(x)
+            (grad,) = torch.autograd.grad((perm * weights).sum(), x)
+            results.append((perm.detach(), grad))
+        fused = triton_sort_cross_entropy(x, teacher, settings)
+        (fused_grad,) = torch.autograd.grad(fused.sum(), x)
+        _, q_student = native_soft_sort(x, plan, get_relaxation(relaxation), 100.0, 0.25)
+        _, q_teacher = native_soft_sort(teacher, plan, get_relaxation(relaxation), 100.0, 0.25)
+        reference = permutation_loss(q_student, q_teacher.detach())
+        (reference_grad,) = torch.autograd.grad(reference.sum(), x)
+        results.append((fused.detach(), fused_grad))
+        results.append((reference.detach(), reference_grad))
+        for mine, theirs in (results[0:2], results[2:4]):
+            for a, b in zip(mine, theirs, strict=True):
+                scale = max(1.0, b.abs().max().item())
+                if not torch.allclose(a, b, rtol=0, atol=tolerance * scale):
+                    raise ValueError(f"max difference {(a - b).abs().max().item():.2e}")
+    except Exception as error:  # a kernel that does not compile or disagrees is not used
+        warnings.warn(
+            f"neco-loss: the Triton sorting kernels failed their check for {network}, n={n}, "
+            f"{relaxation}, {dtype} on {device} ({str(error).splitlines()[0][:200]}); using "
+            "the PyTorch native backend there.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -212,6 +276,99 @@ if triton is not None:
         return wire, values, state
 
     @triton.jit
+    def _forward(
+        x_ptr,
+        row,
+        n,
+        n_dropped,
+        layers,
+        steepness,
+        tables_ptrs,
+        tape,
+        KIND: tl.constexpr,
+        W: tl.constexpr,
+        NP: tl.constexpr,
+        WITH_STATE: tl.constexpr,
+        RECORD: tl.constexpr,
+    ):
+        """The network on one row: final values (W,) and state (W, NP).
+
+        With RECORD, every layer's input values and state go to the tape (W * (NP + 1) numbers
+        per layer).
+        """
+        partner_ptr, first_ptr, sign_ptr, fixed_ptr = tables_ptrs
+        dtype = x_ptr.dtype.element_ty
+        wire, values, state = _initial_state(x_ptr, row, n, n_dropped, W, NP, dtype)
+        column = tl.arange(0, NP)
+        for layer in range(layers):
+            offset = layer * W + wire
+            partner = tl.load(partner_ptr + offset)
+            first = tl.load(first_ptr + offset)
+            sign = tl.load(sign_ptr + offset)
+            fixed = tl.load(fixed_ptr + offset)
+            if RECORD:
+                base = tape + layer * W * (NP + 1)
+                tl.store(base + wire, values)
+                tl.store(base + W + wire[:, None] * NP + column[None, :], state)
+            partner_values = tl.gather(values, partner, 0)
+            _, c1, c2 = _layer_weights(values, partner_values, first, sign, fixed, steepness, KIND)
+            values = values * c1 + partner_values * c2
+            if WITH_STATE:
+                partner_state = tl.gather(state, tl.broadcast_to(partner[:, None], (W, NP)), 0)
+                state = partner_state + c1[:, None] * (state - partner_state)
+        return values, state
+
+    @triton.jit
+    def _reverse(
+        grad_values,
+        grad_state,
+        layers,
+        steepness,
+        tables_ptrs,
+        tape,
+        KIND: tl.constexpr,
+        W: tl.constexpr,
+        NP: tl.constexpr,
+        HAS_PERM: tl.constexpr,
+    ):
+        """From the gradients of the final values and state to those of the input values.
+
+        Each layer's input is read from the tape.
+        """
+        partner_ptr, first_ptr, sign_ptr, fixed_ptr = tables_ptrs
+        wire = tl.arange(0, W)
+        column = tl.arange(0, NP)
+        for step in range(layers):
+            layer = layers - 1 - step
+            offset = layer * W + wire
+            partner = tl.load(partner_ptr + offset)
+            first = tl.load(first_ptr + offset)
+            sign = tl.load(sign_ptr + offset)
+            fixed = tl.load(fixed_ptr + offset)
+            base = tape + layer * W * (NP + 1)
+            values_in = tl.load(base + wire)
+            partner_values = tl.gather(values_in, partner, 0)
+            delta, c1, c2 = _layer_weights(
+                values_in, partner_values, first, sign, fixed, steepness, KIND
+            )
+            grad_partner = tl.gather(grad_values, partner, 0)
+            # d loss / d c1 in the "first wire gets c1" orientation (the same on both wires)
+            grad_alpha = (grad_values - grad_partner) * (values_in - partner_values)
+            if HAS_PERM:
+                state_in = tl.load(base + W + wire[:, None] * NP + column[None, :])
+                index = tl.broadcast_to(partner[:, None], (W, NP))
+                partner_state = tl.gather(state_in, index, 0)
+                partner_grad_state = tl.gather(grad_state, index, 0)
+                grad_alpha += tl.sum(
+                    (grad_state - partner_grad_state) * (state_in - partner_state), axis=1
+                )
+                grad_state = partner_grad_state + c1[:, None] * (grad_state - partner_grad_state)
+            grad_delta = grad_alpha * sign * _dalpha(delta, steepness, KIND)
+            grad_values = c1 * grad_values + c2 * grad_partner
+            grad_values += tl.where(first > 0, -grad_delta, grad_delta)
+        return grad_values
+
+    @triton.jit
     def _sort_forward_kernel(
         x_ptr,
         sorted_ptr,
@@ -229,21 +386,24 @@ if triton is not None:
         NP: tl.constexpr,
     ):
         row = tl.program_id(0)
-        dtype = x_ptr.dtype.element_ty
         steepness = tl.load(steepness_ptr)  # in x's dtype: a float argument would be float32
-        wire, values, state = _initial_state(x_ptr, row, n, n_dropped, W, NP, dtype)
-        for layer in range(layers):
-            offset = layer * W + wire
-            partner = tl.load(partner_ptr + offset)
-            first = tl.load(first_ptr + offset)
-            sign = tl.load(sign_ptr + offset)
-            fixed = tl.load(fixed_ptr + offset)
-            partner_values = tl.gather(values, partner, 0)
-            _, c1, c2 = _layer_weights(values, partner_values, first, sign, fixed, steepness, KIND)
-            values = values * c1 + partner_values * c2
-            partner_state = tl.gather(state, tl.broadcast_to(partner[:, None], (W, NP)), 0)
-            state = partner_state + c1[:, None] * (state - partner_state)
-        element = wire - n_dropped
+        tables_ptrs = (partner_ptr, first_ptr, sign_ptr, fixed_ptr)
+        values, state = _forward(
+            x_ptr,
+            row,
+            n,
+            n_dropped,
+            layers,
+            steepness,
+            tables_ptrs,
+            x_ptr,
+            KIND,
+            W,
+            NP,
+            True,
+            False,
+        )
+        element = tl.arange(0, W) - n_dropped
         real = (element >= 0) & (element < n)
         tl.store(sorted_ptr + row * n + element, values, mask=real)
         column = tl.arange(0, NP)
@@ -277,27 +437,26 @@ if triton is not None:
         row = row_offset + local
         dtype = x_ptr.dtype.element_ty
         steepness = tl.load(steepness_ptr)
-        wire, values, state = _initial_state(x_ptr, row, n, n_dropped, W, NP, dtype)
-        column = tl.arange(0, NP)
-        # The layer inputs: values (W,) then state (W, NP) per layer, in this program's tape.
+        tables_ptrs = (partner_ptr, first_ptr, sign_ptr, fixed_ptr)
         tape = tape_ptr + local.to(tl.int64) * layers * W * (NP + 1)
-        for layer in range(layers):
-            offset = layer * W + wire
-            partner = tl.load(partner_ptr + offset)
-            first = tl.load(first_ptr + offset)
-            sign = tl.load(sign_ptr + offset)
-            fixed = tl.load(fixed_ptr + offset)
-            base = tape + layer * W * (NP + 1)
-            tl.store(base + wire, values)
-            tl.store(base + W + wire[:, None] * NP + column[None, :], state)
-            partner_values = tl.gather(values, partner, 0)
-            _, c1, c2 = _layer_weights(values, partner_values, first, sign, fixed, steepness, KIND)
-            values = values * c1 + partner_values * c2
-            if HAS_PERM:
-                partner_state = tl.gather(state, tl.broadcast_to(partner[:, None], (W, NP)), 0)
-                state = partner_state + c1[:, None] * (state - partner_state)
-        element = wire - n_dropped
+        _forward(
+            x_ptr,
+            row,
+            n,
+            n_dropped,
+            layers,
+            steepness,
+            tables_ptrs,
+            tape,
+            KIND,
+            W,
+            NP,
+            HAS_PERM,
+            True,
+        )
+        element = tl.arange(0, W) - n_dropped
         real = (element >= 0) & (element < n)
+        column = tl.arange(0, NP)
         grad_values = tl.zeros((W,), dtype)
         if HAS_SORTED:
             grad_values = tl.load(grad_sorted_ptr + row * n + element, mask=real, other=0.0)
@@ -307,35 +466,193 @@ if triton is not None:
             grad_state = tl.load(
                 pointers, mask=real[:, None] & (column[None, :] < n), other=0.0
             ).to(dtype)
-        for step in range(layers):
-            layer = layers - 1 - step
-            offset = layer * W + wire
-            partner = tl.load(partner_ptr + offset)
-            first = tl.load(first_ptr + offset)
-            sign = tl.load(sign_ptr + offset)
-            fixed = tl.load(fixed_ptr + offset)
-            base = tape + layer * W * (NP + 1)
-            values_in = tl.load(base + wire)
-            partner_values = tl.gather(values_in, partner, 0)
-            delta, c1, c2 = _layer_weights(
-                values_in, partner_values, first, sign, fixed, steepness, KIND
-            )
-            grad_partner = tl.gather(grad_values, partner, 0)
-            # d loss / d c1 in the "first wire gets c1" orientation (the same on both wires)
-            grad_alpha = (grad_values - grad_partner) * (values_in - partner_values)
-            if HAS_PERM:
-                state_in = tl.load(base + W + wire[:, None] * NP + column[None, :])
-                index = tl.broadcast_to(partner[:, None], (W, NP))
-                partner_state = tl.gather(state_in, index, 0)
-                partner_grad_state = tl.gather(grad_state, index, 0)
-                grad_alpha += tl.sum(
-                    (grad_state - partner_grad_state) * (state_in - partner_state), axis=1
-                )
-                grad_state = partner_grad_state + c1[:, None] * (grad_state - partner_grad_state)
-            grad_delta = grad_alpha * sign * _dalpha(delta, steepness, KIND)
-            grad_values = c1 * grad_values + c2 * grad_partner
-            grad_values += tl.where(first > 0, -grad_delta, grad_delta)
+        grad_values = _reverse(
+            grad_values, grad_state, layers, steepness, tables_ptrs, tape, KIND, W, NP, HAS_PERM
+        )
         tl.store(grad_x_ptr + row * n + element, grad_values, mask=real)
+
+    @triton.jit
+    def _cross_entropy_terms(
+        student_state,
+        teacher_state,
+        n,
+        n_dropped,
+        first_rank,
+        weight_ts,
+        weight_st,
+        epsilon,
+        W: tl.constexpr,
+        NP: tl.constexpr,
+    ):
+        """Per (rank wire, element) CE terms and d term / d Q_s, zero outside compared ranks.
+
+        As permutation_losses: clamp_min before the log, its gradient where Q_s >= epsilon.
+        """
+        rank = tl.arange(0, W) - n_dropped
+        column = tl.arange(0, NP)
+        compared = ((rank >= first_rank) & (rank < n))[:, None] & (column[None, :] < n)
+        qs = student_state
+        qt = teacher_state
+        log_s = tl.log(tl.maximum(qs, epsilon))
+        log_t = tl.log(tl.maximum(qt, epsilon))
+        terms = tl.where(compared, -(weight_ts * qt * log_s + weight_st * qs * log_t), 0.0)
+        passes = qs >= epsilon
+        ratio = qt / tl.where(passes, qs, 1.0)
+        grad = -tl.where(passes, weight_ts * ratio, 0.0) - weight_st * log_t
+        return terms, tl.where(compared, grad, 0.0)
+
+    @triton.jit
+    def _cross_entropy_forward_kernel(
+        student_ptr,
+        teacher_ptr,
+        loss_ptr,
+        partner_ptr,
+        first_ptr,
+        sign_ptr,
+        fixed_ptr,
+        n,
+        n_dropped,
+        layers,
+        constants_ptr,
+        first_rank,
+        KIND: tl.constexpr,
+        W: tl.constexpr,
+        NP: tl.constexpr,
+    ):
+        row = tl.program_id(0)
+        tables_ptrs = (partner_ptr, first_ptr, sign_ptr, fixed_ptr)
+        # constants in the scores' dtype: steepness student, teacher, weights ts, st, epsilon
+        steepness_student = tl.load(constants_ptr)
+        steepness_teacher = tl.load(constants_ptr + 1)
+        _, teacher_state = _forward(
+            teacher_ptr,
+            row,
+            n,
+            n_dropped,
+            layers,
+            steepness_teacher,
+            tables_ptrs,
+            teacher_ptr,
+            KIND,
+            W,
+            NP,
+            True,
+            False,
+        )
+        _, student_state = _forward(
+            student_ptr,
+            row,
+            n,
+            n_dropped,
+            layers,
+            steepness_student,
+            tables_ptrs,
+            student_ptr,
+            KIND,
+            W,
+            NP,
+            True,
+            False,
+        )
+        terms, _ = _cross_entropy_terms(
+            student_state,
+            teacher_state,
+            n,
+            n_dropped,
+            first_rank,
+            tl.load(constants_ptr + 2),
+            tl.load(constants_ptr + 3),
+            tl.load(constants_ptr + 4),
+            W,
+            NP,
+        )
+        tl.store(loss_ptr + row, tl.sum(tl.sum(terms, axis=1), axis=0) / n)
+
+    @triton.jit
+    def _cross_entropy_backward_kernel(
+        student_ptr,
+        teacher_ptr,
+        grad_loss_ptr,
+        grad_x_ptr,
+        tape_ptr,
+        partner_ptr,
+        first_ptr,
+        sign_ptr,
+        fixed_ptr,
+        row_offset,
+        n,
+        n_dropped,
+        layers,
+        constants_ptr,
+        first_rank,
+        KIND: tl.constexpr,
+        W: tl.constexpr,
+        NP: tl.constexpr,
+    ):
+        local = tl.program_id(0)
+        row = row_offset + local
+        dtype = student_ptr.dtype.element_ty
+        tables_ptrs = (partner_ptr, first_ptr, sign_ptr, fixed_ptr)
+        steepness_student = tl.load(constants_ptr)
+        steepness_teacher = tl.load(constants_ptr + 1)
+        tape = tape_ptr + local.to(tl.int64) * layers * W * (NP + 1)
+        _, teacher_state = _forward(
+            teacher_ptr,
+            row,
+            n,
+            n_dropped,
+            layers,
+            steepness_teacher,
+            tables_ptrs,
+            tape,
+            KIND,
+            W,
+            NP,
+            True,
+            False,
+        )
+        _, student_state = _forward(
+            student_ptr,
+            row,
+            n,
+            n_dropped,
+            layers,
+            steepness_student,
+            tables_ptrs,
+            tape,
+            KIND,
+            W,
+            NP,
+            True,
+            True,
+        )
+        _, grad_state = _cross_entropy_terms(
+            student_state,
+            teacher_state,
+            n,
+            n_dropped,
+            first_rank,
+            tl.load(constants_ptr + 2),
+            tl.load(constants_ptr + 3),
+            tl.load(constants_ptr + 4),
+            W,
+            NP,
+        )
+        grad_state = grad_state * (tl.load(grad_loss_ptr + row) / n)
+        grad_values = _reverse(
+            tl.zeros((W,), dtype),
+            grad_state.to(dtype),
+            layers,
+            steepness_student,
+            tables_ptrs,
+            tape,
+            KIND,
+            W,
+            NP,
+            True,
+        )
+        element = tl.arange(0, W) - n_dropped
+        tl.store(grad_x_ptr + row * n + element, grad_values, mask=(element >= 0) & (element < n))
 
 
 @dataclass(frozen=True)
@@ -349,15 +666,20 @@ def _launch_options(tables: LayerTables) -> dict[str, Any]:
     return {"W": tables.wires, "NP": tables.columns, "num_warps": 4 if tables.wires <= 64 else 8}
 
 
+def _tape(tables: LayerTables, x: Tensor) -> tuple[int, Tensor]:
+    """Rows per backward launch and their scratch: every layer's input values and state."""
+    per_row = tables.layers * tables.wires * (tables.columns + 1)
+    chunk = max(1, min(x.shape[0], SCRATCH_BYTES // (per_row * x.element_size())))
+    return chunk, torch.empty(chunk * per_row, device=x.device, dtype=x.dtype)
+
+
 def _triton_gradient(
     x: Tensor, settings: _Settings, grad_sorted: Tensor | None, grad_perm: Tensor | None
 ) -> Tensor:
     rows, n = x.shape
     tables = layer_tables(settings.network, n, x.device, x.dtype)
     grad_x = torch.empty_like(x)
-    per_row = tables.layers * tables.wires * (tables.columns + 1) * x.element_size()
-    chunk = max(1, min(rows, SCRATCH_BYTES // per_row))
-    tape = torch.empty(chunk * per_row // x.element_size(), device=x.device, dtype=x.dtype)
+    chunk, tape = _tape(tables, x)
     steepness = x.new_full((1,), settings.steepness)
     sorted_grad = grad_sorted.contiguous() if grad_sorted is not None else x
     perm_grad = grad_perm.contiguous() if grad_perm is not None else x
@@ -426,3 +748,93 @@ def triton_soft_sort(
 
     """
     return _TritonSort.apply(x.contiguous(), _Settings(network, relaxation, float(steepness)))
+
+
+class _TritonSortCrossEntropy(torch.autograd.Function):
+    """Per-row CE of the student's and the teacher's soft permutations on CUDA.
+
+    Neither permutation is stored or returned; backward recomputes both rows.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, student: Tensor, teacher: Tensor, settings: CrossEntropySettings
+    ) -> Tensor:
+        ctx.settings = settings
+        ctx.save_for_backward(student, teacher)
+        rows, n = student.shape
+        tables = layer_tables(settings.network, n, student.device, student.dtype)
+        loss = torch.empty(rows, device=student.device, dtype=student.dtype)
+        if rows:
+            _cross_entropy_forward_kernel[(rows,)](
+                student,
+                teacher,
+                loss,
+                tables.partner,
+                tables.first,
+                tables.sign,
+                tables.fixed,
+                n,
+                tables.n_dropped,
+                tables.layers,
+                _constants(settings, student),
+                n - (settings.top_k or n),
+                KIND=RELAXATION_CODES[settings.relaxation],
+                **_launch_options(tables),
+            )
+        return loss
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        student, teacher = ctx.saved_tensors
+        settings: CrossEntropySettings = ctx.settings
+        rows, n = student.shape
+        tables = layer_tables(settings.network, n, student.device, student.dtype)
+        grad = torch.empty_like(student)
+        chunk, tape = _tape(tables, student)
+        grad_loss = grad_loss.contiguous()
+        for start in range(0, rows, chunk):
+            _cross_entropy_backward_kernel[(min(chunk, rows - start),)](
+                student,
+                teacher,
+                grad_loss,
+                grad,
+                tape,
+                tables.partner,
+                tables.first,
+                tables.sign,
+                tables.fixed,
+                start,
+                n,
+                tables.n_dropped,
+                tables.layers,
+                _constants(settings, student),
+                n - (settings.top_k or n),
+                KIND=RELAXATION_CODES[settings.relaxation],
+                **_launch_options(tables),
+            )
+        return grad, None, None
+
+
+def _constants(settings: CrossEntropySettings, like: Tensor) -> Tensor:
+    """Steepnesses, CE weights and epsilon in the scores' dtype (float arguments are float32)."""
+    values = [
+        settings.steepness_student,
+        settings.steepness_teacher,
+        float(settings.teacher_to_student),
+        float(settings.student_to_teacher),
+        settings.epsilon,
+    ]
+    return torch.tensor(values, device=like.device, dtype=like.dtype)
+
+
+def triton_sort_cross_entropy(
+    student_scores: Tensor, teacher_scores: Tensor, settings: CrossEntropySettings
+) -> Tensor:
+    """``compiled.sort_cross_entropy`` on CUDA: per-row CE, no permutation materialised.
+
+    Check ``can_run`` first (Triton's interpreter also runs it on CPU tensors).
+    """
+    return _TritonSortCrossEntropy.apply(
+        student_scores.contiguous(), teacher_scores.detach().contiguous(), settings
+    )
