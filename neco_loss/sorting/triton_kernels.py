@@ -143,6 +143,10 @@ class LayerTables:
         """Number of layers ``L``."""
         return int(self.partner.shape[0])
 
+    def tensors(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The four tables, in the order every kernel takes them."""
+        return self.partner, self.first, self.sign, self.fixed
+
 
 @lru_cache(maxsize=256)
 def layer_tables(network: str, n: int, device: torch.device, dtype: torch.dtype) -> LayerTables:
@@ -690,10 +694,7 @@ def _triton_gradient(
             perm_grad,
             grad_x,
             tape,
-            tables.partner,
-            tables.first,
-            tables.sign,
-            tables.fixed,
+            *tables.tensors(),
             start,
             n,
             tables.n_dropped,
@@ -722,10 +723,7 @@ class _TritonSort(RecomputingSort):
                 x,
                 sorted_x,
                 perm,
-                tables.partner,
-                tables.first,
-                tables.sign,
-                tables.fixed,
+                *tables.tensors(),
                 n,
                 tables.n_dropped,
                 tables.layers,
@@ -770,10 +768,7 @@ class _TritonSortCrossEntropy(torch.autograd.Function):
                 student,
                 teacher,
                 loss,
-                tables.partner,
-                tables.first,
-                tables.sign,
-                tables.fixed,
+                *tables.tensors(),
                 n,
                 tables.n_dropped,
                 tables.layers,
@@ -800,10 +795,7 @@ class _TritonSortCrossEntropy(torch.autograd.Function):
                 grad_loss,
                 grad,
                 tape,
-                tables.partner,
-                tables.first,
-                tables.sign,
-                tables.fixed,
+                *tables.tensors(),
                 start,
                 n,
                 tables.n_dropped,
