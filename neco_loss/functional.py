@@ -123,8 +123,15 @@ class NeCoTerms:
         fused = _fused_cross_entropy(self.options, scores)
         if fused is None:
             raise RuntimeError("no fused kernel for the teacher entropy")  # terms came from one
-        # CE(Q_t, Q_t) with permutation_entropy's clamp is the entropy, still fused.
-        settings = _fused_settings(self.options, torch.finfo(scores.dtype).tiny, (steepness,) * 2)
+        # CE(Q_t, Q_t) over all ranks, one direction, with permutation_entropy's clamp is the
+        # entropy, still fused (whatever top_k and direction the loss itself compares).
+        settings = compiled.CrossEntropySettings(
+            network=self.options.network,
+            relaxation=self.options.relaxation,
+            steepness_student=steepness,
+            steepness_teacher=steepness,
+            epsilon=torch.finfo(scores.dtype).tiny,
+        )
         with torch.no_grad():
             return fused(scores, scores, settings)
 
@@ -164,9 +171,9 @@ def soft_permutation_loss(
 ) -> NeCoTerms:
     """Soft-sort both score matrices ascending and compare the permutations row by row.
 
-    With the native backend, a CE loss and CPU scores, the compiled kernel sorts both and
-    computes the CE row by row without materialising either permutation (``q_student`` and
-    ``q_teacher`` are then ``None``); the values equal the unfused path's.
+    With the native backend and a CE loss, a fused kernel (C++ on the CPU, Triton on CUDA)
+    sorts both and computes the CE row by row without materialising either permutation
+    (``q_student`` and ``q_teacher`` are then ``None``); the values equal the unfused path's.
 
     Args:
         student_scores: ``(rows, R)`` scores (with gradient).
@@ -185,8 +192,7 @@ def soft_permutation_loss(
         if fused is not None:
             teacher = prepare_scores(teacher_scores, "teacher_scores").to(student.dtype)
             check_top_k(options.top_k, student.shape[1])
-            settings = _fused_settings(options, options.epsilon, options.steepnesses)
-            per_row = fused(student, teacher, settings)
+            per_row = fused(student, teacher, _fused_settings(options))
             return NeCoTerms(per_row, None, None, student_scores, teacher_scores, options)
     with torch.no_grad():
         _, q_teacher = options.sorter(teacher_steepness)(teacher_scores)
@@ -219,18 +225,17 @@ def _fused_cross_entropy(
     return None
 
 
-def _fused_settings(
-    options: SortOptions, epsilon: float, steepnesses: tuple[float, float]
-) -> compiled.CrossEntropySettings:
+def _fused_settings(options: SortOptions) -> compiled.CrossEntropySettings:
+    """The loss ``options`` as the fused kernels take them."""
     return compiled.CrossEntropySettings(
         network=options.network,
         relaxation=options.relaxation,
-        steepness_student=steepnesses[0],
-        steepness_teacher=steepnesses[1],
+        steepness_student=options.steepnesses[0],
+        steepness_teacher=options.steepnesses[1],
         top_k=options.top_k,
         teacher_to_student=options.direction in ("teacher_to_student", "both"),
         student_to_teacher=options.direction in ("student_to_teacher", "both"),
-        epsilon=epsilon,
+        epsilon=options.epsilon,
     )
 
 

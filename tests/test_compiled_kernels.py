@@ -278,3 +278,22 @@ def test_a_gpu_kernel_failing_its_check_is_not_used(monkeypatch):
             )
     finally:
         triton_kernels.verified.cache_clear()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        SortOptions(top_k=5),
+        SortOptions(direction="both"),
+        SortOptions(direction="student_to_teacher"),
+    ],
+)
+def test_fused_teacher_entropy_ignores_the_loss_comparison(options):
+    """The diagnostic is the entropy over all ranks, whatever top_k and direction the loss uses."""
+    generator = torch.Generator().manual_seed(4)
+    student = torch.randn(16, 49, generator=generator, dtype=torch.float64)
+    teacher = torch.randn(16, 49, generator=generator, dtype=torch.float64)
+    fused = soft_permutation_loss(student, teacher, options)
+    assert fused.q_teacher is None
+    _, q_teacher = soft_permutation(teacher, backend="native-python")
+    torch.testing.assert_close(fused.teacher_entropy(), permutation_entropy(q_teacher))
