@@ -6,8 +6,8 @@
 // (the values at each layer input and, for the permutation, the touched segments of Y) in a
 // per-thread scratch buffer, so nothing but the input x is held between forward and backward.
 //
-// The arithmetic follows neco_loss/sorting/native.py and relaxations.py operation for
-// operation (diffsort 0.2.0's formulas), so that both backends agree to rounding.
+// The values and swap probabilities follow neco_loss/sorting/native.py and relaxations.py
+// operation for operation (diffsort 0.2.0's formulas), so that both backends agree to rounding.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -228,25 +228,20 @@ inline void coefficients(const Plan& plan, int64_t c, T alpha, T* c1, T* c2) {
   }
 }
 
-// torch.lerp(start, end, weight) as ATen computes it on the CPU.
-template <typename T>
-inline T lerp(T start, T end, T weight) {
-  return std::abs(weight) < T(0.5) ? start + weight * (end - start)
-                                   : end - (end - start) * (T(1) - weight);
-}
-
-// Mix two rows of the permutation state (or of its gradient; the 2x2 mix is symmetric):
-// a' = b + c1 (a - b), b' = a + c1 (b - a), over columns [lo, hi).
-// lo and hi are multiples of kColumnBlock.
-template <typename T>
-inline void mix_rows(T* __restrict ya, T* __restrict yb, int64_t lo, int64_t hi, T c1) {
+// Mix two rows of the permutation state: a' = b + c1 (a - b), b' = a - c1 (a - b), over
+// columns [lo, hi) (multiples of kColumnBlock). With kRecord, also keep a - b in
+// difference[lo .. hi) (indexed by column) for backward.
+template <bool kRecord, typename T>
+inline void mix_rows(T* __restrict ya, T* __restrict yb, int64_t lo, int64_t hi, T c1,
+                     T* __restrict difference) {
   for (int64_t j0 = lo; j0 < hi; j0 += kColumnBlock) {
 #pragma omp simd
     for (int64_t j = j0; j < j0 + kColumnBlock; ++j) {
       const T a = ya[j], b = yb[j];
-      const T change = c1 * (a - b);
-      ya[j] = b + change;
-      yb[j] = a - change;
+      const T gap = a - b;
+      if constexpr (kRecord) difference[j] = gap;
+      ya[j] = b + c1 * gap;
+      yb[j] = a - c1 * gap;
     }
   }
 }
@@ -286,7 +281,7 @@ struct Scratch {
   std::vector<T> grad_y;        // (n_wires, n)
   std::vector<T> grad_alpha;    // (C,) d loss / d c1 through the permutation
   std::vector<T> grad_values;   // (n_wires,)
-  std::vector<T> delta;         // (n_wires / 2,) one layer's gaps, then swap probabilities
+  std::vector<T> delta;         // (n_wires,) one layer's gaps, then its swap probabilities
 
   explicit Scratch(const Plan& plan, bool backward, bool teacher) {
     const int64_t w = plan.n_wires, n = plan.ld;
@@ -354,19 +349,9 @@ void permutation_pass(const Plan& plan, T* y, bool record, Scratch<T>* s) {
     T* yb = y + comparator[1] * ld;
     if (record) {
       T* tape = s->tape.data() + plan.tape_offsets[c] - lo;  // indexed by column
-      const T c1 = s->c1[c];
-      for (int64_t j0 = lo; j0 < hi; j0 += kColumnBlock) {
-#pragma omp simd
-        for (int64_t j = j0; j < j0 + kColumnBlock; ++j) {
-          const T a = ya[j], b = yb[j];
-          const T difference = a - b;
-          tape[j] = difference;
-          ya[j] = b + c1 * difference;
-          yb[j] = a - c1 * difference;
-        }
-      }
+      mix_rows<true>(ya, yb, lo, hi, s->c1[c], tape);
     } else {
-      mix_rows(ya, yb, lo, hi, s->c1[c]);
+      mix_rows<false>(ya, yb, lo, hi, s->c1[c], static_cast<T*>(nullptr));
     }
   }
 }
