@@ -17,6 +17,7 @@ from neco_loss.schedules import cosine
 DINOV2_REGISTERS = "vit_small_patch14_reg4_dinov2"  # reference configs: dinov2-reg ViT-S/14
 HEAD_HIDDEN_DIM = 2048  # reference configs: projection_hidden_dim
 HEAD_OUT_DIM = 256  # reference configs: projection_feat_dim
+REFERENCE_MOMENTUM = 0.9995  # reference configs: momentum_teacher, EMA cosine from it to 1
 
 
 def load_state_dict(path: str | Path) -> dict[str, Tensor]:
@@ -189,7 +190,9 @@ class DenseEncoder(nn.Module):
         return self.head(self.backbone(images))
 
 
-def momentum_at(step: int, total_steps: int, start: float = 0.9995, end: float = 1.0) -> float:
+def momentum_at(
+    step: int, total_steps: int, start: float = REFERENCE_MOMENTUM, end: float = 1.0
+) -> float:
     """Cosine EMA momentum from ``start`` at step 0 to ``end`` at ``total_steps`` (reference)."""
     return cosine(step, total_steps, start, end)
 

@@ -23,7 +23,7 @@ from neco_loss.integrations.lightly.transform import split_views_and_boxes
 from torch import Tensor
 
 from neco_loss.loss import NeCoLoss
-from neco_loss.models import DINOV2_REGISTERS, DenseViT, ProjectionHead
+from neco_loss.models import DINOV2_REGISTERS, REFERENCE_MOMENTUM, DenseViT, ProjectionHead
 
 
 class NeCo(pl.LightningModule):
@@ -57,7 +57,7 @@ class NeCo(pl.LightningModule):
         lr_backbone: float = 1e-5,
         lr_head: float = 1e-4,
         weight_decay: float = 0.04,
-        momentum_start: float = 0.9995,
+        momentum_start: float = REFERENCE_MOMENTUM,
         n_global_views: int = 2,
         gather_distributed: bool = False,
         backbone_kwargs: dict[str, Any] | None = None,

@@ -22,11 +22,9 @@ from torch import Tensor
 from torch.optim.lr_scheduler import LambdaLR
 
 from neco_loss.loss import NeCoLoss
-from neco_loss.models import ProjectionHead, vit_tokens_and_patch_map
+from neco_loss.models import REFERENCE_MOMENTUM, ProjectionHead, vit_tokens_and_patch_map
 from neco_loss.references import all_gather
 from neco_loss.schedules import warmup_cosine
-
-REFERENCE_BASE_TAU = 0.9995  # reference configs: momentum_teacher 0.9995, cosine to 1
 
 
 class NeCo(BaseMomentumMethod):
@@ -79,7 +77,7 @@ class NeCo(BaseMomentumMethod):
     def add_and_assert_specific_cfg(cfg: omegaconf.DictConfig) -> omegaconf.DictConfig:
         """Defaults and checks: NeCo's ``method_kwargs`` and the reference EMA momentum."""
         cfg.momentum = omegaconf_select(cfg, "momentum", {})
-        cfg.momentum.base_tau = omegaconf_select(cfg, "momentum.base_tau", REFERENCE_BASE_TAU)
+        cfg.momentum.base_tau = omegaconf_select(cfg, "momentum.base_tau", REFERENCE_MOMENTUM)
         cfg = super(NeCo, NeCo).add_and_assert_specific_cfg(cfg)
         cfg.method_kwargs = neco_method_kwargs(cfg.method_kwargs)
         return cfg

@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from neco_loss.models import REFERENCE_MOMENTUM
+
 
 @dataclass
 class TrainConfig:
@@ -99,7 +101,7 @@ class TrainConfig:
     weight_decay: float = 0.04
     weight_decay_end: float = 0.5
     use_teacher: bool = True
-    momentum: float = 0.9995
+    momentum: float = REFERENCE_MOMENTUM
     momentum_end: float = 1.0
     grad_clip: float | None = None
     num_workers: int = 0
