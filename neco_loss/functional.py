@@ -13,7 +13,6 @@ torch.Size([])
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +27,9 @@ from neco_loss.permutation_losses import (
     check_top_k,
     permutation_loss,
 )
-from neco_loss.sorting import SoftSorter, compiled, get_sorter
+from neco_loss import kernels
+from neco_loss.kernels import CrossEntropySettings
+from neco_loss.sorting import SoftSorter, get_sorter
 from neco_loss.sorting.sorter import prepare_scores
 
 SIMILARITIES = ("cosine", "euclidean")
@@ -119,13 +120,13 @@ class NeCoTerms:
         if self.q_teacher is not None:
             return permutation_entropy(self.q_teacher)
         steepness = self.options.steepnesses[1]
-        scores = prepare_scores(self.teacher_scores.detach(), "teacher_scores")
-        fused = _fused_cross_entropy(self.options, scores)
-        if fused is None:
+        scores = self.teacher_scores.detach().to(compute_dtype(self.teacher_scores.dtype))
+        kernel = kernels.kernel_for(scores, self.options.network, self.options.relaxation)
+        if kernel is None:
             raise RuntimeError("no fused kernel for the teacher entropy")  # terms came from one
         # CE(Q_t, Q_t) over all ranks, one direction, with permutation_entropy's clamp is the
         # entropy, still fused (whatever top_k and direction the loss itself compares).
-        settings = compiled.CrossEntropySettings(
+        settings = CrossEntropySettings(
             network=self.options.network,
             relaxation=self.options.relaxation,
             steepness_student=steepness,
@@ -133,7 +134,7 @@ class NeCoTerms:
             epsilon=torch.finfo(scores.dtype).tiny,
         )
         with torch.no_grad():
-            return fused(scores, scores, settings)
+            return kernel.sort_cross_entropy(scores, scores, settings)
 
 
 def similarity_scores(queries: Tensor, references: Tensor, similarity: str = "cosine") -> Tensor:
@@ -183,20 +184,45 @@ def soft_permutation_loss(
     Returns:
         The per-row loss and the intermediate tensors.
 
+    Raises:
+        TypeError: If the scores are not floating tensors.
+        ValueError: If they are not 2-D with ``R >= 1`` columns, hold NaN/Inf, differ in shape,
+            or ``top_k > R``.
+
+    """
+    student = prepare_scores(student_scores, "student_scores")
+    teacher = prepare_scores(teacher_scores.detach(), "teacher_scores").to(student.dtype)
+    if teacher.shape != student.shape:
+        raise ValueError(
+            f"teacher_scores must have student_scores' shape {tuple(student.shape)} but has "
+            f"shape {tuple(teacher.shape)}."
+        )
+    check_top_k(options.top_k, student.shape[1])
+    return compare_valid_scores(student, teacher, options)
+
+
+def compare_valid_scores(student: Tensor, teacher: Tensor, options: SortOptions) -> NeCoTerms:
+    """``soft_permutation_loss`` for scores already checked: no validation, no host sync.
+
+    Args:
+        student: ``(rows, R)`` float32/float64 finite scores (with gradient).
+        teacher: ``(rows, R)`` same dtype and shape (used without gradient).
+        options: Sorting and comparison options, ``top_k <= R``.
+
+    Returns:
+        The per-row loss and the intermediate tensors.
+
     """
     student_steepness, teacher_steepness = options.steepnesses
-    teacher_scores = teacher_scores.detach()
+    teacher = teacher.detach()
     if options.backend == "native" and options.loss == "ce":
-        student = prepare_scores(student_scores, "student_scores")
-        fused = _fused_cross_entropy(options, student)
-        if fused is not None:
-            teacher = prepare_scores(teacher_scores, "teacher_scores").to(student.dtype)
-            check_top_k(options.top_k, student.shape[1])
-            per_row = fused(student, teacher, _fused_settings(options))
-            return NeCoTerms(per_row, None, None, student_scores, teacher_scores, options)
+        kernel = kernels.kernel_for(student, options.network, options.relaxation)
+        if kernel is not None:
+            per_row = kernel.sort_cross_entropy(student, teacher, _fused_settings(options))
+            return NeCoTerms(per_row, None, None, student, teacher, options)
     with torch.no_grad():
-        _, q_teacher = options.sorter(teacher_steepness)(teacher_scores)
-    _, q_student = options.sorter(student_steepness)(student_scores)
+        _, q_teacher = options.sorter(teacher_steepness).sort_valid(teacher)
+    _, q_student = options.sorter(student_steepness).sort_valid(student)
     per_row = permutation_loss(
         q_student,
         q_teacher,
@@ -205,29 +231,12 @@ def soft_permutation_loss(
         top_k=options.top_k,
         epsilon=options.epsilon,
     )
-    return NeCoTerms(per_row, q_student, q_teacher, student_scores, teacher_scores, options)
+    return NeCoTerms(per_row, q_student, q_teacher, student, teacher, options)
 
 
-def _fused_cross_entropy(
-    options: SortOptions, scores: Tensor
-) -> Callable[[Tensor, Tensor, compiled.CrossEntropySettings], Tensor] | None:
-    """The fused sort + CE kernel for these (validated) scores, or ``None``.
-
-    The C++ kernel on the CPU, the Triton kernels on CUDA (supported relaxations, once verified).
-    """
-    if scores.device.type == "cpu" and compiled.cpu_kernels() is not None:
-        return compiled.sort_cross_entropy
-    if scores.device.type == "cuda":
-        from neco_loss.sorting import triton_kernels
-
-        if triton_kernels.usable(scores, options.network, options.relaxation):
-            return triton_kernels.triton_sort_cross_entropy
-    return None
-
-
-def _fused_settings(options: SortOptions) -> compiled.CrossEntropySettings:
+def _fused_settings(options: SortOptions) -> CrossEntropySettings:
     """The loss ``options`` as the fused kernels take them."""
-    return compiled.CrossEntropySettings(
+    return CrossEntropySettings(
         network=options.network,
         relaxation=options.relaxation,
         steepness_student=options.steepnesses[0],
@@ -327,7 +336,7 @@ def neco_loss(
         references = references.detach().to(dtype)
         student_scores = similarity_scores(student.to(dtype), references, similarity)
         teacher_scores = similarity_scores(teacher.detach().to(dtype), references, similarity)
-        terms = soft_permutation_loss(
+        terms = compare_valid_scores(
             student_scores.flatten(0, 1), teacher_scores.flatten(0, 1), options
         )
         return terms.per_row.mean()

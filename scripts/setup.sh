@@ -35,6 +35,6 @@ fi
 $PIP install --quiet --disable-pip-version-check -e ".[$EXTRAS]"
 # Build the compiled sorting kernel now (cached in ~/.cache/torch_extensions) rather than on the
 # first loss call; without a compiler this only warns and the PyTorch backend is used.
-"$VENV/bin/python" -c "from neco_loss.sorting.compiled import cpu_kernels; cpu_kernels()"
+"$VENV/bin/python" -c "from neco_loss.kernels.cpp import cpu_kernels; cpu_kernels()"
 echo "$fingerprint" >"$STAMP"
 echo "neco-loss setup: done"

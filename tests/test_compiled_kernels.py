@@ -15,7 +15,8 @@ from neco_loss import soft_permutation
 from neco_loss.diagnostics import permutation_entropy
 from neco_loss.functional import SortOptions, soft_permutation_loss
 from neco_loss.permutation_losses import permutation_loss
-from neco_loss.sorting.compiled import CrossEntropySettings, cpu_kernels, sort_cross_entropy
+from neco_loss.kernels import CrossEntropySettings
+from neco_loss.kernels.cpp import cpu_kernels, sort_cross_entropy
 from tests.strategies import NETWORKS, RELAXATIONS, score_matrices
 
 pytestmark = pytest.mark.skipif(cpu_kernels() is None, reason="no C++ compiler here")
@@ -193,91 +194,6 @@ def test_without_a_compiler_the_pytorch_backend_is_used(tmp_path):
     count, message = result.stdout.strip().split(" ", 1)
     assert count == "1"
     assert "could not be built" in message and "pure-PyTorch native backend" in message
-
-
-TRITON_CHECK = """
-import torch
-from neco_loss import soft_permutation
-from neco_loss.permutation_losses import permutation_loss
-from neco_loss.sorting.compiled import CrossEntropySettings
-from neco_loss.sorting.triton_kernels import triton_soft_sort, triton_sort_cross_entropy, verified
-
-generator = torch.Generator().manual_seed(0)
-checked = 0
-for network in ("bitonic", "bitonic_padded", "odd_even"):
-    for relaxation in ("cauchy", "logistic", "reciprocal"):
-        for n in (1, 2, 5, 16, 17):
-            x = torch.randn(3, n, generator=generator, dtype=torch.float64, requires_grad=True)
-            weights = torch.randn(3, n, n, generator=generator, dtype=torch.float64)
-            sorted_weights = torch.randn(3, n, generator=generator, dtype=torch.float64)
-            outputs = []
-            for run in ("triton", "native-python"):
-                if run == "triton":
-                    sorted_x, perm = triton_soft_sort(x, network, relaxation, 33.3)
-                else:
-                    sorted_x, perm = soft_permutation(x, network, 33.3, relaxation, run)
-                loss = (perm * weights).sum() + (sorted_x * sorted_weights).sum()
-                (grad,) = torch.autograd.grad(loss, x)
-                outputs.append((sorted_x.detach(), perm.detach(), grad))
-            for mine, theirs in zip(*outputs):
-                torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-9)
-            checked += 1
-for direction, top_k in (("teacher_to_student", None), ("both", 3), ("student_to_teacher", 2)):
-    for n in (1, 5, 16):
-        student = torch.randn(4, n, generator=generator, dtype=torch.float64, requires_grad=True)
-        teacher = torch.randn(4, n, generator=generator, dtype=torch.float64)
-        top = None if top_k is None else min(top_k, n)
-        settings = CrossEntropySettings(
-            "bitonic", "cauchy", 33.3, 20.0, top_k=top,
-            teacher_to_student=direction != "student_to_teacher",
-            student_to_teacher=direction != "teacher_to_student",
-        )
-        weights = torch.rand(4, generator=generator, dtype=torch.float64)
-        fused = triton_sort_cross_entropy(student, teacher, settings)
-        (grad_fused,) = torch.autograd.grad((fused * weights).sum(), student)
-        _, q_student = soft_permutation(student, "bitonic", 33.3, backend="native-python")
-        _, q_teacher = soft_permutation(teacher, "bitonic", 20.0, backend="native-python")
-        reference = permutation_loss(q_student, q_teacher, direction=direction, top_k=top)
-        (grad_reference,) = torch.autograd.grad((reference * weights).sum(), student)
-        torch.testing.assert_close(fused, reference, rtol=0, atol=1e-9)
-        torch.testing.assert_close(grad_fused, grad_reference, rtol=0, atol=1e-9)
-        checked += 1
-assert verified("bitonic", 49, "cauchy", torch.float32, torch.device("cpu"))
-print("checked", checked)
-"""
-
-
-@pytest.mark.slow
-def test_triton_kernels_in_the_interpreter():
-    """The GPU kernels, run by Triton's interpreter on the CPU: the PyTorch backend's values and
-    gradients (float64) for every network and supported relaxation, the fused CE's for every
-    direction and top_k, and the self-check a GPU runs before using them."""
-    pytest.importorskip("triton")
-    environment = {**os.environ, "TRITON_INTERPRET": "1"}
-    result = subprocess.run(
-        [sys.executable, "-c", TRITON_CHECK], env=environment, capture_output=True, text=True
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "checked 54" in result.stdout
-
-
-def test_a_gpu_kernel_failing_its_check_is_not_used(monkeypatch):
-    """A Triton kernel that does not compile (or disagrees) on a GPU: one warning, then the
-    PyTorch backend for that configuration."""
-    triton_kernels = pytest.importorskip("neco_loss.sorting.triton_kernels")
-
-    def fails_to_compile(*args, **kwargs):
-        raise RuntimeError("gather is not supported on this GPU")
-
-    monkeypatch.setattr(triton_kernels, "triton_soft_sort", fails_to_compile)
-    triton_kernels.verified.cache_clear()
-    try:
-        with pytest.warns(RuntimeWarning, match="failed their check.*gather is not supported"):
-            assert not triton_kernels.verified(
-                "bitonic", 16, "cauchy", torch.float64, torch.device("cpu")
-            )
-    finally:
-        triton_kernels.verified.cache_clear()
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from neco_loss.sorting.networks import Layer, SortingPlan
-from neco_loss.sorting.recomputing import RecomputingSort
+from neco_loss.kernels.recomputing import RecomputingSort
 from neco_loss.sorting.relaxations import Relaxation
 
 # Working-set budgets of a chunk of rows: (forward permutation state, backward layer states).
@@ -345,7 +345,7 @@ class _NativeSort(RecomputingSort):
 
     @staticmethod
     def forward(ctx, x: Tensor, settings: _SortSettings) -> tuple[Tensor, Tensor]:  # type: ignore[override]
-        RecomputingSort.remember(ctx, x, settings, _native_gradient)
+        RecomputingSort.remember(ctx, x, settings, _native_gradient, "native-python")
         plan = settings.plan
         rows, n = x.shape
         values = _value_pass(x, settings, record=False)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from neco_loss.checks import check_choice, check_float_tensor, check_positive_finite, compute_dtype
-from neco_loss.sorting import compiled
+from neco_loss import kernels
 from neco_loss.sorting.diffsort_backend import diffsort_soft_sort
 from neco_loss.sorting.native import native_soft_sort
 from neco_loss.sorting.networks import NETWORKS, sorting_plan
@@ -35,19 +35,11 @@ def _native_python(
 def _native(
     x: Tensor, network: str, relaxation: str, steepness: float, art_lambda: float
 ) -> tuple[Tensor, Tensor]:
-    """The compiled kernels where they run, else the PyTorch backend.
-
-    CPU: the C++ kernel (when a compiler is present). CUDA: the Triton kernels (Cauchy,
-    logistic and reciprocal relaxations).
-    """
-    if compiled.can_run(x):
-        return compiled.compiled_soft_sort(x, network, relaxation, steepness, art_lambda)
-    if x.device.type == "cuda":
-        from neco_loss.sorting import triton_kernels  # imports Triton: only for CUDA tensors
-
-        if triton_kernels.usable(x, network, relaxation):
-            return triton_kernels.triton_soft_sort(x, network, relaxation, steepness)
-    return _native_python(x, network, relaxation, steepness, art_lambda)
+    """The device's kernel (``neco_loss.kernels.kernel_for``), else the PyTorch backend."""
+    kernel = kernels.kernel_for(x, network, relaxation)
+    if kernel is None:
+        return _native_python(x, network, relaxation, steepness, art_lambda)
+    return kernel.soft_sort(x, kernels.SortSettings(network, relaxation, steepness, art_lambda))
 
 
 BACKENDS: dict[str, BackendFn] = {
@@ -103,7 +95,19 @@ class SoftSorter:
             ValueError: If ``x`` is not 2-D, has no column, or holds NaN/Inf.
 
         """
-        x = prepare_scores(x, "x")
+        return self.sort_valid(prepare_scores(x, "x"))
+
+    def sort_valid(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``__call__`` for scores already checked: no validation, so no host sync.
+
+        Args:
+            x: ``(rows, n)`` float32 or float64, finite, ``n >= 1`` (as ``prepare_scores``
+                returns it).
+
+        Returns:
+            ``sorted_x (rows, n)`` and ``perm (rows, n, n)`` as ``__call__``.
+
+        """
         return BACKENDS[self.backend](
             x, self.network, self.relaxation, float(self.steepness), float(self.art_lambda)
         )

@@ -1,4 +1,4 @@
-"""The soft sorting network as Triton kernels for CUDA tensors: one program per row.
+"""The soft sorting network as Triton kernels: one program per row.
 
 A program keeps the row's values ``(W,)`` and its permutation state ``(W, NP)`` (wires x
 element columns, ``W`` and ``NP`` padded to powers of two) on chip and applies the layers one
@@ -10,11 +10,14 @@ not touch are their own partner with ``c1 = 1``.
 Backward recomputes the row's forward, keeping each layer's input state in a scratch buffer of
 the call (rows are processed in chunks so that it stays bounded), and propagates the gradient
 through the same mixes in reverse, plus d loss / d alpha: nothing but ``x`` is held between
-forward and backward.
+forward and backward. Offsets of rows into ``(rows, n)`` and ``(rows, n, n)`` tensors are
+int64 (``rows * n * n`` passes 2**31 at 8 GiB of float32 permutations).
 
 The arithmetic is that of ``native.py`` / ``relaxations.py`` (Cauchy, logistic, reciprocal;
 the other relaxations use the PyTorch backend on CUDA). Tested on the CPU with Triton's
-interpreter (``TRITON_INTERPRET=1``), which runs the same kernels with NumPy.
+interpreter (``TRITON_INTERPRET=1``), which runs the same kernels with NumPy. Which kernel runs
+for a tensor is decided by ``neco_loss.kernels.kernel_for``; ``verified`` checks these kernels
+once per configuration against the PyTorch backend.
 """
 
 from __future__ import annotations
@@ -28,9 +31,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from neco_loss.sorting.compiled import CrossEntropySettings
-from neco_loss.sorting.networks import sorting_plan
-from neco_loss.sorting.recomputing import RecomputingSort
+from neco_loss.kernels.cross_entropy import CrossEntropySettings
+from neco_loss.kernels.plan import SortSettings, flat_plan
+from neco_loss.kernels.recomputing import RecomputingSort, refuse_double_backward
 
 try:
     import triton
@@ -39,8 +42,10 @@ except ImportError:  # pragma: no cover - Triton ships with CUDA builds of PyTor
     triton = None
     tl = None
 
-RELAXATION_CODES = {"cauchy": 0, "logistic": 1, "reciprocal": 2}
+NAME = "native (Triton kernels)"
+RELAXATIONS = ("cauchy", "logistic", "reciprocal")  # the ones _alpha implements
 SCRATCH_BYTES = 1 << 30  # bound of backward's per-call layer states; rows are chunked to fit
+CHECK_ROWS = 8  # rows of the self-check
 
 
 def available() -> bool:
@@ -49,75 +54,106 @@ def available() -> bool:
 
 
 def can_run(x: Tensor, relaxation: str) -> bool:
-    """Whether these kernels take ``x``: a float32/float64 CUDA tensor, a supported relaxation."""
-    return (
-        available()
-        and x.device.type == "cuda"
-        and x.dtype in (torch.float32, torch.float64)
-        and relaxation in RELAXATION_CODES
-    )
+    """Whether these kernels take ``x``: float32/float64, a relaxation they implement.
+
+    The device is the dispatcher's choice (``neco_loss.kernels.kernel_for``): CUDA tensors, or
+    CPU tensors under Triton's interpreter.
+    """
+    return available() and x.dtype in (torch.float32, torch.float64) and relaxation in RELAXATIONS
 
 
 def usable(x: Tensor, network: str, relaxation: str) -> bool:
-    """``can_run``, and ``verified`` once per configuration.
-
-    That is: the kernels compile on this GPU and agree with the PyTorch backend on a few rows.
-    """
+    """``can_run``, and ``verified`` once per configuration."""
     return can_run(x, relaxation) and verified(network, x.shape[1], relaxation, x.dtype, x.device)
 
 
-@lru_cache(maxsize=256)
 def verified(
     network: str, n: int, relaxation: str, dtype: torch.dtype, device: torch.device
 ) -> bool:
-    """Check the kernels against the PyTorch backend on 8 random rows.
+    """Whether the kernels compile here and agree with the PyTorch backend (checked once).
 
-    Sorts forward and backward, and the fused CE, with both; on an error or a disagreement warns
-    once and returns ``False``, so that the PyTorch backend is used for this configuration.
+    Whatever the caller's grad mode. A kernel that fails to compile or launch, or disagrees, is
+    remembered (with one warning naming the cause) and the PyTorch backend is used for this
+    configuration; any other error propagates and is not remembered.
     """
-    from neco_loss.permutation_losses import permutation_loss
+    return _kernel_failure(network, n, relaxation, dtype, device) is None
+
+
+@lru_cache(maxsize=256)
+def _kernel_failure(
+    network: str, n: int, relaxation: str, dtype: torch.dtype, device: torch.device
+) -> str | None:
+    """Why the kernels cannot be used for this configuration, or ``None``; warns on a failure.
+
+    Sorts forward and backward, and the fused CE, with the Triton kernels and with the PyTorch
+    backend on ``CHECK_ROWS`` random rows. Cached: an exception (not a kernel failure) leaves no
+    entry.
+    """
+    with torch.inference_mode(False), torch.enable_grad():
+        failure = _compare_with_pytorch(network, n, relaxation, dtype, device)
+    if failure is not None:
+        warnings.warn(
+            f"neco-loss: the Triton sorting kernels {failure} for {network}, n={n}, "
+            f"{relaxation}, {dtype} on {device}; using the PyTorch native backend there.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+    return failure
+
+
+def _compare_with_pytorch(
+    network: str, n: int, relaxation: str, dtype: torch.dtype, device: torch.device
+) -> str | None:
     from neco_loss.sorting.native import native_soft_sort
+    from neco_loss.sorting.networks import sorting_plan
     from neco_loss.sorting.relaxations import get_relaxation
 
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(8, n, generator=generator, dtype=dtype).to(device).requires_grad_()
-    teacher = torch.randn(8, n, generator=generator, dtype=dtype).to(device)
-    weights = torch.randn(8, n, n, generator=generator, dtype=dtype).to(device)
-    plan = sorting_plan(network, n, device, dtype)
-    tolerance = 1e-3 if dtype == torch.float32 else 1e-9
-    settings = CrossEntropySettings(network, relaxation, 100.0, 100.0)
+    x, teacher = torch.randn(2, CHECK_ROWS, n, generator=generator, dtype=dtype).to(device)
+    x.requires_grad_()
+    weights = torch.randn(CHECK_ROWS, n, n, generator=generator, dtype=dtype).to(device)
+    sort = SortSettings(network, relaxation, 30.0)
+    fused = CrossEntropySettings(network, relaxation, 100.0, 100.0)
+
+    def pytorch_sort(scores: Tensor, settings: SortSettings) -> Tensor:
+        plan = sorting_plan(network, n, device, dtype)
+        relax = get_relaxation(relaxation)
+        return native_soft_sort(scores, plan, relax, settings.steepness, settings.art_lambda)[1]
+
+    def perm_and_grad(perm: Tensor) -> tuple[Tensor, Tensor]:
+        (grad,) = torch.autograd.grad((perm * weights).sum(), x)
+        return perm.detach(), grad
+
+    def loss_and_grad(loss: Tensor) -> tuple[Tensor, Tensor]:
+        (grad,) = torch.autograd.grad(loss.sum(), x)
+        return loss.detach(), grad
+
+    expected = [
+        perm_and_grad(pytorch_sort(x, sort)),
+        loss_and_grad(
+            fused.on_permutations(
+                pytorch_sort(x, fused.sort("student")),
+                pytorch_sort(teacher, fused.sort("teacher")),
+            )
+        ),
+    ]
     try:
-        results = []
-        for sort in (
-            lambda v: triton_soft_sort(v, network, relaxation, 30.0),
-            lambda v: native_soft_sort(v, plan, get_relaxation(relaxation), 30.0, 0.25),
-        ):
-            _, perm = sort(x)
-            (grad,) = torch.autograd.grad((perm * weights).sum(), x)
-            results.append((perm.detach(), grad))
-        fused = triton_sort_cross_entropy(x, teacher, settings)
-        (fused_grad,) = torch.autograd.grad(fused.sum(), x)
-        _, q_student = native_soft_sort(x, plan, get_relaxation(relaxation), 100.0, 0.25)
-        _, q_teacher = native_soft_sort(teacher, plan, get_relaxation(relaxation), 100.0, 0.25)
-        reference = permutation_loss(q_student, q_teacher.detach())
-        (reference_grad,) = torch.autograd.grad(reference.sum(), x)
-        results.append((fused.detach(), fused_grad))
-        results.append((reference.detach(), reference_grad))
-        for mine, theirs in (results[0:2], results[2:4]):
-            for a, b in zip(mine, theirs, strict=True):
-                scale = max(1.0, b.abs().max().item())
-                if not torch.allclose(a, b, rtol=0, atol=tolerance * scale):
-                    raise ValueError(f"max difference {(a - b).abs().max().item():.2e}")
-    except Exception as error:  # a kernel that does not compile or disagrees is not used
-        warnings.warn(
-            f"neco-loss: the Triton sorting kernels failed their check for {network}, n={n}, "
-            f"{relaxation}, {dtype} on {device} ({str(error).splitlines()[0][:200]}); using "
-            "the PyTorch native backend there.",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-        return False
-    return True
+        results = [
+            perm_and_grad(soft_sort(x, sort)[1]),
+            loss_and_grad(sort_cross_entropy(x, teacher, fused)),
+        ]
+    except torch.OutOfMemoryError:  # transient, not the kernels' fault: never remembered
+        raise
+    except Exception as error:  # compile or launch error of the kernels
+        return f"failed to run ({type(error).__name__}: {str(error).strip()[:200]})"
+    tolerance = 1e-3 if dtype == torch.float32 else 1e-9
+    for name, mine, theirs in zip(("sort", "fused CE"), results, expected, strict=True):
+        for what, a, b in zip(("value", "gradient"), mine, theirs, strict=True):
+            scale = max(1.0, b.abs().max().item())
+            if not torch.allclose(a, b, rtol=0, atol=tolerance * scale):
+                difference = (a - b).abs().max().item()
+                return f"disagree with the PyTorch backend ({name} {what}: {difference:.2e})"
+    return None
 
 
 @dataclass(frozen=True)
@@ -150,52 +186,29 @@ class LayerTables:
 
 @lru_cache(maxsize=256)
 def layer_tables(network: str, n: int, device: torch.device, dtype: torch.dtype) -> LayerTables:
-    """The tables of ``network`` for ``n`` inputs on ``device`` (cached)."""
-    plan = sorting_plan(network, n, torch.device("cpu"), torch.float64)
+    """The tables of ``network`` for ``n`` inputs on ``device``, from ``flat_plan`` (cached)."""
+    plan = flat_plan(network, n)
     wires = 1 << max(0, math.ceil(math.log2(plan.n_wires)))
     columns = 1 << max(0, math.ceil(math.log2(n)))
-    partner, first, sign, fixed = [], [], [], []
-    identity = torch.arange(wires)
-    for stage in plan.stages:
-        group_first = torch.arange(stage.groups).view(-1, 1, 1) * stage.group_size
-        for layer in stage.layers:
-            shape = (stage.groups, layer.chunks, layer.half)
-            wire_a = (
-                (
-                    group_first
-                    + layer.start
-                    + torch.arange(layer.chunks).view(1, -1, 1) * 2 * layer.half
-                    + torch.arange(layer.half).view(1, 1, -1)
-                )
-                .expand(shape)
-                .reshape(-1)
-            )
-            wire_b = wire_a + layer.half
-            layer_sign = (torch.ones(shape) if layer.sign is None else layer.sign).reshape(-1)
-            layer_fixed = (torch.ones(shape) if layer.fixed is None else layer.fixed).reshape(-1)
-            row_partner = identity.clone()
-            row_partner[wire_a], row_partner[wire_b] = wire_b, wire_a
-            row_first = torch.zeros(wires)
-            row_first[wire_a] = 1.0
-            row_sign, row_fixed = torch.zeros(wires), torch.ones(wires)
-            for wire in (wire_a, wire_b):
-                row_sign[wire], row_fixed[wire] = layer_sign.float(), layer_fixed.float()
-            partner.append(row_partner)
-            first.append(row_first)
-            sign.append(row_sign)
-            fixed.append(row_fixed)
-    if not partner:  # n == 1: one identity layer keeps the kernels simple
-        partner, first = [identity], [torch.zeros(wires)]
-        sign, fixed = [torch.zeros(wires)], [torch.ones(wires)]
+    layers = max(1, plan.n_layers)  # n == 1: one identity layer keeps the kernels simple
+    layer = torch.repeat_interleave(torch.arange(plan.n_layers), plan.layer_offsets.diff())
+    wire_a, wire_b, sign = plan.comparators[:, :3].unbind(dim=1)
+    partner = torch.arange(wires).repeat(layers, 1)
+    partner[layer, wire_a], partner[layer, wire_b] = wire_b, wire_a
+    first = torch.zeros(layers, wires)
+    first[layer, wire_a] = 1.0
+    signs, fixed = torch.zeros(layers, wires), torch.ones(layers, wires)
+    for wire in (wire_a, wire_b):
+        signs[layer, wire], fixed[layer, wire] = sign.float(), plan.fixed.float()
     return LayerTables(
         n,
         plan.n_dropped,
         wires,
         columns,
-        torch.stack(partner).to(device=device, dtype=torch.int32).contiguous(),
-        torch.stack(first).to(device=device, dtype=dtype).contiguous(),
-        torch.stack(sign).to(device=device, dtype=dtype).contiguous(),
-        torch.stack(fixed).to(device=device, dtype=dtype).contiguous(),
+        partner.to(device=device, dtype=torch.int32).contiguous(),
+        first.to(device=device, dtype=dtype).contiguous(),
+        signs.to(device=device, dtype=dtype).contiguous(),
+        fixed.to(device=device, dtype=dtype).contiguous(),
     )
 
 
@@ -237,11 +250,11 @@ if triton is not None:
     @triton.jit
     def _alpha(delta, steepness, kind: tl.constexpr):
         v = steepness * delta
-        if kind == 0:  # cauchy: atan(v) / pi + 1/2
+        if kind == 0:  # cauchy (RELAXATION_CODES): atan(v) / pi + 1/2
             result = _atan(v) * 0.3183098861837907 + 0.5
         elif kind == 1:  # logistic
             result = tl.sigmoid(v)
-        else:  # reciprocal
+        else:  # 4: reciprocal
             result = 0.5 * (v / (2.0 + tl.abs(v)) + 1.0)
         return result
 
@@ -259,6 +272,15 @@ if triton is not None:
         return result
 
     @triton.jit
+    def _row_starts(row, n):
+        """Where row ``row`` starts in ``(rows, n)`` and in ``(rows, n, n)`` tensors, in int64.
+
+        ``program_id`` and ``n`` are int32: ``row * n * n`` would wrap at 2**31 elements.
+        """
+        row = row.to(tl.int64)
+        return row * n, row * n * n
+
+    @triton.jit
     def _layer_weights(values, partner_values, first, sign, fixed, steepness, kind: tl.constexpr):
         """Swap gap and (c1, c2) of every wire's comparator, seen from the wire."""
         delta = tl.where(first > 0, partner_values - values, values - partner_values)
@@ -274,7 +296,8 @@ if triton is not None:
         wire = tl.arange(0, W)
         element = wire - n_dropped
         real = (element >= 0) & (element < n)
-        values = tl.load(x_ptr + row * n + element, mask=real, other=0.0).to(dtype)
+        row_start, _ = _row_starts(row, n)
+        values = tl.load(x_ptr + row_start + element, mask=real, other=0.0).to(dtype)
         column = tl.arange(0, NP)
         state = tl.where(element[:, None] == column[None, :], 1.0, 0.0).to(dtype)
         return wire, values, state
@@ -409,10 +432,11 @@ if triton is not None:
         )
         element = tl.arange(0, W) - n_dropped
         real = (element >= 0) & (element < n)
-        tl.store(sorted_ptr + row * n + element, values, mask=real)
+        row_start, perm_start = _row_starts(row, n)
+        tl.store(sorted_ptr + row_start + element, values, mask=real)
         column = tl.arange(0, NP)
         # perm[row, e, rank] = state[n_dropped + rank, e]
-        pointers = perm_ptr + row * n * n + column[None, :] * n + element[:, None]
+        pointers = perm_ptr + perm_start + column[None, :] * n + element[:, None]
         tl.store(pointers, state, mask=real[:, None] & (column[None, :] < n))
 
     @triton.jit
@@ -461,19 +485,20 @@ if triton is not None:
         element = tl.arange(0, W) - n_dropped
         real = (element >= 0) & (element < n)
         column = tl.arange(0, NP)
+        row_start, perm_start = _row_starts(row, n)
         grad_values = tl.zeros((W,), dtype)
         if HAS_SORTED:
-            grad_values = tl.load(grad_sorted_ptr + row * n + element, mask=real, other=0.0)
+            grad_values = tl.load(grad_sorted_ptr + row_start + element, mask=real, other=0.0)
         grad_state = tl.zeros((W, NP), dtype)
         if HAS_PERM:
-            pointers = grad_perm_ptr + row * n * n + column[None, :] * n + element[:, None]
+            pointers = grad_perm_ptr + perm_start + column[None, :] * n + element[:, None]
             grad_state = tl.load(
                 pointers, mask=real[:, None] & (column[None, :] < n), other=0.0
             ).to(dtype)
         grad_values = _reverse(
             grad_values, grad_state, layers, steepness, tables_ptrs, tape, KIND, W, NP, HAS_PERM
         )
-        tl.store(grad_x_ptr + row * n + element, grad_values, mask=real)
+        tl.store(grad_x_ptr + row_start + element, grad_values, mask=real)
 
     @triton.jit
     def _cross_entropy_terms(
@@ -656,14 +681,8 @@ if triton is not None:
             True,
         )
         element = tl.arange(0, W) - n_dropped
-        tl.store(grad_x_ptr + row * n + element, grad_values, mask=(element >= 0) & (element < n))
-
-
-@dataclass(frozen=True)
-class _Settings:
-    network: str
-    relaxation: str
-    steepness: float
+        row_start, _ = _row_starts(row, n)
+        tl.store(grad_x_ptr + row_start + element, grad_values, mask=(element >= 0) & (element < n))
 
 
 def _launch_options(tables: LayerTables) -> dict[str, Any]:
@@ -678,7 +697,7 @@ def _tape(tables: LayerTables, x: Tensor) -> tuple[int, Tensor]:
 
 
 def _triton_gradient(
-    x: Tensor, settings: _Settings, grad_sorted: Tensor | None, grad_perm: Tensor | None
+    x: Tensor, settings: SortSettings, grad_sorted: Tensor | None, grad_perm: Tensor | None
 ) -> Tensor:
     rows, n = x.shape
     tables = layer_tables(settings.network, n, x.device, x.dtype)
@@ -700,7 +719,7 @@ def _triton_gradient(
             tables.n_dropped,
             tables.layers,
             steepness,
-            KIND=RELAXATION_CODES[settings.relaxation],
+            KIND=settings.code,
             HAS_SORTED=grad_sorted is not None,
             HAS_PERM=grad_perm is not None,
             **_launch_options(tables),
@@ -712,8 +731,8 @@ class _TritonSort(RecomputingSort):
     """Soft sort with the Triton kernels; backward recomputes from ``x``."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, settings: _Settings) -> tuple[Tensor, Tensor]:  # type: ignore[override]
-        RecomputingSort.remember(ctx, x, settings, _triton_gradient)
+    def forward(ctx: Any, x: Tensor, settings: SortSettings) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        RecomputingSort.remember(ctx, x, settings, _triton_gradient, NAME)
         rows, n = x.shape
         tables = layer_tables(settings.network, n, x.device, x.dtype)
         sorted_x = torch.empty_like(x)
@@ -728,15 +747,13 @@ class _TritonSort(RecomputingSort):
                 tables.n_dropped,
                 tables.layers,
                 x.new_full((1,), settings.steepness),
-                KIND=RELAXATION_CODES[settings.relaxation],
+                KIND=settings.code,
                 **_launch_options(tables),
             )
         return sorted_x, perm
 
 
-def triton_soft_sort(
-    x: Tensor, network: str, relaxation: str, steepness: float
-) -> tuple[Tensor, Tensor]:
+def soft_sort(x: Tensor, settings: SortSettings) -> tuple[Tensor, Tensor]:
     """Soft-sort the rows of ``x (rows, n)`` with the Triton kernels.
 
     Check ``can_run`` first; Triton's interpreter also runs them on CPU tensors.
@@ -745,7 +762,7 @@ def triton_soft_sort(
         ``sorted_x (rows, n)`` and ``perm (rows, n, n)`` as every backend.
 
     """
-    return _TritonSort.apply(x.contiguous(), _Settings(network, relaxation, float(steepness)))
+    return _TritonSort.apply(x.contiguous(), settings)
 
 
 class _TritonSortCrossEntropy(torch.autograd.Function):
@@ -773,14 +790,15 @@ class _TritonSortCrossEntropy(torch.autograd.Function):
                 tables.n_dropped,
                 tables.layers,
                 _constants(settings, student),
-                n - (settings.top_k or n),
-                KIND=RELAXATION_CODES[settings.relaxation],
+                settings.first_rank(n),
+                KIND=settings.sort("student").code,
                 **_launch_options(tables),
             )
         return loss
 
     @staticmethod
     def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        refuse_double_backward(NAME + ", fused CE")
         student, teacher = ctx.saved_tensors
         settings: CrossEntropySettings = ctx.settings
         rows, n = student.shape
@@ -801,8 +819,8 @@ class _TritonSortCrossEntropy(torch.autograd.Function):
                 tables.n_dropped,
                 tables.layers,
                 _constants(settings, student),
-                n - (settings.top_k or n),
-                KIND=RELAXATION_CODES[settings.relaxation],
+                settings.first_rank(n),
+                KIND=settings.sort("student").code,
                 **_launch_options(tables),
             )
         return grad, None, None
@@ -820,10 +838,10 @@ def _constants(settings: CrossEntropySettings, like: Tensor) -> Tensor:
     return torch.tensor(values, device=like.device, dtype=like.dtype)
 
 
-def triton_sort_cross_entropy(
+def sort_cross_entropy(
     student_scores: Tensor, teacher_scores: Tensor, settings: CrossEntropySettings
 ) -> Tensor:
-    """``compiled.sort_cross_entropy`` on CUDA: per-row CE, no permutation materialised.
+    """Per-row CE of two score matrices' soft permutations, none materialised (``(rows,)``).
 
     Check ``can_run`` first (Triton's interpreter also runs it on CPU tensors).
     """

@@ -26,11 +26,11 @@ namespace {
 constexpr double kPi = 3.14159265358979323846;
 constexpr double kPhiEpsilon = 1e-10;      // relaxations.PHI_EPSILON
 constexpr double kOptimalEpsilon = 1e-10;  // relaxations.OPTIMAL_EPSILON
-// Comparators mix whole blocks of 8 columns (compiled.COLUMN_BLOCK): no scalar loop tails.
+// Comparators mix whole blocks of 8 columns (plan.py's COLUMN_BLOCK): no scalar loop tails.
 // Columns beyond a comparator's reach are zero in both rows, so the extra work is harmless.
 constexpr int64_t kColumnBlock = 8;
 
-enum Relaxation : int64_t {
+enum Relaxation : int64_t {  // plan.py's RELAXATION_CODES
   kCauchy = 0,
   kLogistic = 1,
   kLogisticPhi = 2,

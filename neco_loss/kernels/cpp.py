@@ -1,0 +1,176 @@
+"""The C++ sorting kernel for CPU tensors: a fused per-row network and a fused sort+CE.
+
+``csrc/soft_sort.cpp`` runs the network one row at a time in cache (values once, the
+permutation mixed in place, only the columns a comparator can reach) and recomputes the row in
+backward: memory held for backward is the input alone. It also fuses the consumer:
+``sort_cross_entropy`` sorts the student's and the teacher's rows and returns the CE per row
+without materialising either permutation.
+
+The extension is compiled just in time on first use with ``torch.utils.cpp_extension.load``
+(cached under ``TORCH_EXTENSIONS_DIR``, ``~/.cache/torch_extensions`` by default; ``make setup``
+builds it once). Without a working compiler the pure-PyTorch backend is used instead, with a
+one-line warning. Which kernel runs for a tensor is decided by ``neco_loss.kernels.kernel_for``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+import warnings
+from functools import lru_cache
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from neco_loss.kernels.cross_entropy import CrossEntropySettings
+from neco_loss.kernels.plan import SortSettings, flat_plan
+from neco_loss.kernels.recomputing import RecomputingSort, refuse_double_backward
+
+NAME = "native (C++ kernel)"
+SOURCE = Path(__file__).parent / "csrc" / "soft_sort.cpp"
+# -ffp-contract=off: no fused multiply-adds, so that the values round as in PyTorch's kernels
+# (the relaxed network amplifies rounding differences); -march=native: vector width of this CPU.
+CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]
+LDFLAGS = ["-fopenmp"]
+
+
+def _cpu_signature() -> str:
+    """The CPU's instruction-set flags: ``-march=native`` builds differ between CPUs."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+@lru_cache(maxsize=1)
+def cpu_kernels() -> ModuleType | None:
+    """The compiled CPU extension, built on first call; ``None`` (and a warning) if it cannot be.
+
+    The build is named by a hash of the source, the flags and the CPU, so an edited source or a
+    different CPU never loads a stale binary.
+    """
+    key = "\n".join([SOURCE.read_text(), *CFLAGS, _cpu_signature(), torch.__version__])
+    name = "neco_soft_sort_" + hashlib.sha256(key.encode()).hexdigest()[:16]
+    try:
+        from torch.utils.cpp_extension import load
+
+        return load(
+            name,
+            [str(SOURCE)],
+            extra_cflags=CFLAGS,
+            extra_ldflags=LDFLAGS,
+            verbose=False,
+        )
+    except Exception as error:  # no compiler, no ninja, a failed build: fall back, say so once
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        warnings.warn(
+            f"neco-loss: the compiled sorting kernel could not be built ({reason[:200]}); using "
+            "the pure-PyTorch native backend (same values, slower).",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None
+
+
+def usable(x: Tensor, network: str, relaxation: str) -> bool:
+    """Whether the extension is built (every network and relaxation runs on it)."""
+    return cpu_kernels() is not None
+
+
+def _sort_arguments(settings: SortSettings, n: int) -> tuple[Any, ...]:
+    return (
+        *flat_plan(settings.network, n).arguments(),
+        settings.code,
+        float(settings.steepness),
+        float(settings.art_lambda),
+    )
+
+
+def _cross_entropy_arguments(settings: CrossEntropySettings, n: int) -> tuple[Any, ...]:
+    return (
+        *flat_plan(settings.network, n).arguments(),
+        settings.sort("student").code,
+        float(settings.steepness_student),
+        float(settings.steepness_teacher),
+        float(settings.art_lambda),
+        settings.first_rank(n),
+        float(settings.teacher_to_student),
+        float(settings.student_to_teacher),
+        float(settings.epsilon),
+    )
+
+
+def _gradient(
+    x: Tensor, settings: SortSettings, grad_sorted: Tensor | None, grad_perm: Tensor | None
+) -> Tensor:
+    kernels: Any = cpu_kernels()
+    return kernels.sort_backward(
+        x,
+        None if grad_sorted is None else grad_sorted.contiguous(),
+        None if grad_perm is None else grad_perm.contiguous(),
+        *_sort_arguments(settings, x.shape[1]),
+    )
+
+
+class _CompiledSort(RecomputingSort):
+    """Soft sort on the CPU kernel; backward recomputes the rows from ``x``."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, settings: SortSettings) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        RecomputingSort.remember(ctx, x, settings, _gradient, NAME)
+        kernels: Any = cpu_kernels()
+        sorted_x, perm = kernels.sort_forward(x, *_sort_arguments(settings, x.shape[1]), True)
+        return sorted_x, perm
+
+
+class _CompiledSortCrossEntropy(torch.autograd.Function):
+    """Per-row CE of the two soft permutations; nothing ``n x n`` is stored or returned."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, student: Tensor, teacher: Tensor, settings: CrossEntropySettings
+    ) -> Tensor:
+        ctx.settings = settings
+        ctx.save_for_backward(student, teacher)
+        kernels: Any = cpu_kernels()
+        return kernels.sort_ce_forward(
+            student, teacher, *_cross_entropy_arguments(settings, student.shape[1])
+        )
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        refuse_double_backward(NAME + ", fused CE")
+        student, teacher = ctx.saved_tensors
+        kernels: Any = cpu_kernels()
+        grad = kernels.sort_ce_backward(
+            student,
+            teacher,
+            grad_loss.contiguous(),
+            *_cross_entropy_arguments(ctx.settings, student.shape[1]),
+        )
+        return grad, None, None
+
+
+def soft_sort(x: Tensor, settings: SortSettings) -> tuple[Tensor, Tensor]:
+    """Soft-sort the rows of ``x (rows, n)`` with the C++ kernel.
+
+    Returns:
+        ``sorted_x (rows, n)`` and ``perm (rows, n, n)`` as every backend.
+
+    """
+    return _CompiledSort.apply(x.contiguous(), settings)
+
+
+def sort_cross_entropy(
+    student_scores: Tensor, teacher_scores: Tensor, settings: CrossEntropySettings
+) -> Tensor:
+    """Per-row CE between the soft permutations of two score matrices (``(rows,)``)."""
+    return _CompiledSortCrossEntropy.apply(
+        student_scores.contiguous(), teacher_scores.detach().contiguous(), settings
+    )
