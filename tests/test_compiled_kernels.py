@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 from neco_loss import soft_permutation
 from neco_loss.diagnostics import permutation_entropy
 from neco_loss.functional import SortOptions, soft_permutation_loss
-from neco_loss.permutation_losses import permutation_loss
 from neco_loss.kernels import CrossEntropySettings
 from neco_loss.kernels.cpp import cpu_kernels, sort_cross_entropy
+from neco_loss.permutation_losses import permutation_loss
 from tests.strategies import NETWORKS, RELAXATIONS, score_matrices
 
 pytestmark = pytest.mark.skipif(cpu_kernels() is None, reason="no C++ compiler here")

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from neco_loss.sorting.networks import Layer, SortingPlan
 from neco_loss.kernels.recomputing import RecomputingSort
+from neco_loss.sorting.networks import Layer, SortingPlan
 from neco_loss.sorting.relaxations import Relaxation
 
 # Working-set budgets of a chunk of rows: (forward permutation state, backward layer states).

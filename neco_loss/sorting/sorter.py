@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from neco_loss.checks import check_choice, check_float_tensor, check_positive_finite, compute_dtype
 from neco_loss import kernels
+from neco_loss.checks import check_choice, check_float_tensor, check_positive_finite, compute_dtype
 from neco_loss.sorting.diffsort_backend import diffsort_soft_sort
 from neco_loss.sorting.native import native_soft_sort
 from neco_loss.sorting.networks import NETWORKS, sorting_plan
