@@ -114,8 +114,13 @@ assert kernel_for(x, "bitonic", "cauchy") is triton_sort
 assert kernel_for(student, "odd_even", "logistic") is triton_sort
 
 # With grad back on, the Triton autograd functions are the ones that ran.
-_, perm = soft_permutation(x.clone().requires_grad_())
+x_grad = x.clone().requires_grad_()
+_, perm = soft_permutation(x_grad)
 print("sort", type(perm.grad_fn).__name__)
+try:
+    torch.autograd.grad((perm * perm.detach()).sum(), x_grad, create_graph=True)
+except RuntimeError as error:
+    print("double backward:", error)
 terms = soft_permutation_loss(student.clone().requires_grad_(), teacher, fused_options)
 print("fused", type(terms.per_row.grad_fn).__name__)
 torch.testing.assert_close(perm.detach(), perm_no_grad)
@@ -131,6 +136,7 @@ def test_first_call_no_grad_uses_the_triton_kernels():
     output = run_interpreted(FIRST_CALL_NO_GRAD)
     assert "sort _TritonSortBackward" in output
     assert "fused _TritonSortCrossEntropyBackward" in output
+    assert "double backward: the native (Triton kernels) soft sort has a first-order" in output
 
 
 ROW_OFFSETS = """

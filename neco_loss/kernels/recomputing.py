@@ -35,6 +35,29 @@ def refuse_double_backward(backend: str) -> None:
         )
 
 
+class _FirstOrderOnly(torch.autograd.Function):
+    """Identity whose backward refuses ``create_graph=True``."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, backend: str) -> Tensor:  # type: ignore[override]
+        ctx.backend = backend
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        refuse_double_backward(ctx.backend)
+        return grad, None
+
+
+def first_order_only(x: Tensor, backend: str) -> Tensor:
+    """``x`` unchanged, but a backward through it with ``create_graph=True`` raises.
+
+    For third-party operations whose second derivative is wrong (torchsort's soft ranks):
+    pass their input through this.
+    """
+    return _FirstOrderOnly.apply(x, backend)
+
+
 class RecomputingSort(torch.autograd.Function):
     """Base of a soft sort ``(x, settings) -> (sorted_x, perm)`` that keeps only ``x``.
 
