@@ -20,7 +20,7 @@ boxes = torch.tensor(
     ]
 ).float()
 criterion = NeCoLoss()  # the reference configuration
-loss = criterion(student, teacher, boxes.expand(2, -1, -1))
+loss = criterion(student, teacher, boxes.expand(2, -1, -1), compute_stats=True)
 loss.backward()
 print(f"NeCoLoss: {loss.item():.4f}", criterion.last_stats)
 

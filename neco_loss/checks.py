@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import Tensor
@@ -37,8 +37,15 @@ def check_positive_finite(value: float, name: str) -> float:
     return float(value)
 
 
-def check_float_tensor(x: object, name: str, dims: int) -> Tensor:
-    """Return ``x`` if it is a floating tensor with ``dims`` dimensions and finite values.
+def check_float_tensor(x: object, name: str, dims: int, *, finite: bool = True) -> Tensor:
+    """Return ``x`` if it is a floating tensor with ``dims`` dimensions (and finite values).
+
+    Args:
+        x: The argument.
+        name: Its name in the error.
+        dims: Number of dimensions it must have.
+        finite: Also check that it holds no NaN or Inf (one host sync; callers checking many
+            tensors pass ``False`` and call ``check_finite`` once for all of them).
 
     Raises:
         TypeError: If ``x`` is not a tensor or not floating point.
@@ -51,10 +58,29 @@ def check_float_tensor(x: object, name: str, dims: int) -> Tensor:
         raise TypeError(f"{name} must have a floating dtype but has dtype {x.dtype}.")
     if x.dim() != dims:
         raise ValueError(f"{name} must be {dims}-D but has shape {tuple(x.shape)}.")
-    if not bool(torch.isfinite(x).all()):
-        bad = int((~torch.isfinite(x)).sum())
-        raise ValueError(f"{name} must be finite but holds {bad} NaN or Inf values.")
+    if finite:
+        check_finite({name: x})
     return x
+
+
+def check_finite(tensors: Mapping[str, Tensor]) -> None:
+    """Raise unless every tensor holds only finite values; one host sync for all of them.
+
+    Args:
+        tensors: ``{name: tensor}`` on one device.
+
+    Raises:
+        ValueError: Naming the first tensor with NaN or Inf and how many it holds.
+
+    """
+    if not tensors:
+        return
+    flags = torch.stack([torch.isfinite(x).all() for x in tensors.values()])
+    if bool(flags.all()):
+        return
+    name, x = list(tensors.items())[int(flags.logical_not().nonzero()[0, 0])]
+    bad = int((~torch.isfinite(x)).sum())
+    raise ValueError(f"{name} must be finite but holds {bad} NaN or Inf values.")
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

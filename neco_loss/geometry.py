@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from torchvision.ops import roi_align
 
-from neco_loss.checks import check_float_tensor, compute_dtype
+from neco_loss.checks import check_finite, check_float_tensor, compute_dtype
 
 REFERENCE_ROI_SIZE = 7  # reference configs: roi_align_kernel_size: 7
 
@@ -29,20 +29,27 @@ def check_boxes(boxes: object, name: str = "boxes") -> Tensor:
     """
     if not isinstance(boxes, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor but is {type(boxes).__name__}.")
-    boxes = check_float_tensor(boxes, name, dims=boxes.dim())
+    boxes = check_float_tensor(boxes, name, dims=boxes.dim(), finite=False)
     if boxes.dim() == 0 or boxes.shape[-1] not in (4, 5):
         raise ValueError(
             f"{name} must have 4 columns (x0, y0, x1, y1) or 5 (+ flip) but has shape "
             f"{tuple(boxes.shape)}."
         )
     empty = (boxes[..., 2] <= boxes[..., 0]) | (boxes[..., 3] <= boxes[..., 1])
-    if bool(empty.any()):
+    bad_flip = (boxes[..., 4] != 0) & (boxes[..., 4] != 1) if boxes.shape[-1] == 5 else empty
+    # One host sync for the three checks; the errors are worked out only when one fails.
+    infinite, any_empty, any_bad_flip = torch.stack(
+        [~torch.isfinite(boxes).all(), empty.any(), bad_flip.any()]
+    ).tolist()
+    if infinite:
+        check_finite({name: boxes})
+    if any_empty:
         first = boxes[empty][0].tolist()
         raise ValueError(
             f"{name} must have x1 > x0 and y1 > y0 but {int(empty.sum())} boxes do not, "
             f"e.g. {first}."
         )
-    if boxes.shape[-1] == 5 and not bool(((boxes[..., 4] == 0) | (boxes[..., 4] == 1)).all()):
+    if any_bad_flip:
         raise ValueError(
             f"{name}[..., 4] (flip) must be 0 or 1 but holds {boxes[..., 4].unique()}."
         )
@@ -146,7 +153,8 @@ def align_pair(
 
     """
     for name, feature_map in (("map_a", map_a), ("map_b", map_b)):
-        check_float_tensor(feature_map, name, dims=4)
+        check_float_tensor(feature_map, name, dims=4, finite=False)
+    check_finite({"map_a": map_a, "map_b": map_b})
     if map_a.shape[:2] != map_b.shape[:2]:
         raise ValueError(
             f"map_a and map_b must agree in (B, D) but have shapes {tuple(map_a.shape)} and "
@@ -161,6 +169,25 @@ def align_pair(
             )
     if isinstance(roi_size, bool) or not isinstance(roi_size, int) or roi_size < 1:
         raise ValueError(f"roi_size must be an int >= 1 but is {roi_size!r}.")
+    return align_checked_pair(map_a, map_b, boxes_a, boxes_b, roi_size)
+
+
+def align_checked_pair(
+    map_a: Tensor, map_b: Tensor, boxes_a: Tensor, boxes_b: Tensor, roi_size: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``align_pair`` for arguments already checked: no validation, so no host sync.
+
+    Args:
+        map_a: ``(B, D, h_a, w_a)`` finite floating patch map.
+        map_b: ``(B, D, h_b, w_b)``.
+        boxes_a: ``(B, 4 or 5)`` proper boxes.
+        boxes_b: ``(B, 4 or 5)``.
+        roi_size: Side of the aligned grid, >= 1.
+
+    Returns:
+        As ``align_pair``.
+
+    """
     dtype = compute_dtype(map_a.dtype)
     map_a, map_b = map_a.to(dtype), map_b.to(dtype)
     boxes_a, boxes_b = boxes_a.to(device=map_a.device, dtype=dtype), boxes_b.to(map_a.device, dtype)

@@ -14,17 +14,23 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from neco_loss.checks import check_choice, check_float_tensor, compute_dtype
+from neco_loss.checks import check_choice, check_finite, check_float_tensor, compute_dtype
 from neco_loss.diagnostics import NeCoStats, spearman
 from neco_loss.functional import (
     REFERENCE_STEEPNESS,
     SIMILARITIES,
     NeCoTerms,
     SortOptions,
+    compare_valid_scores,
     similarity_scores,
-    soft_permutation_loss,
 )
-from neco_loss.geometry import REFERENCE_ROI_SIZE, align_pair, check_boxes
+from neco_loss.geometry import (
+    REFERENCE_ROI_SIZE,
+    align_checked_pair,
+    check_boxes,
+    intersect,
+    is_nonempty,
+)
 from neco_loss.permutation_losses import EPSILON, check_top_k
 from neco_loss.references import (
     DEFAULT_QUEUE_LENGTH,
@@ -74,7 +80,9 @@ class NeCoLoss(nn.Module):
         top_k: Compare only the ``k`` nearest-neighbour ranks (paper Table 9a).
         epsilon: Clamp of probabilities before their log.
         seed: Seeds a private CPU generator for the reference draws; ``None`` uses the global RNG.
-        compute_stats: Fill ``last_stats`` after every call.
+        compute_stats: Fill ``last_stats`` on every call. Off by default: the diagnostics cost
+            two extra teacher sorts and several host syncs per call (about 25-30% of a CPU loss
+            step); ask for them on logging steps with ``forward(..., compute_stats=True)``.
         gather: Draw references from the batches of all processes: a function returning a
             tensor from every process, in rank order (e.g. ``lightly.utils.dist.gather``, or
             ``neco_loss.references.all_gather``). Every process must use the same ``seed``;
@@ -83,7 +91,7 @@ class NeCoLoss(nn.Module):
             tokens).
 
     Attributes:
-        last_stats: ``NeCoStats`` of the last call (``None`` before the first call).
+        last_stats: ``NeCoStats`` of the last call that computed them (``None`` before).
 
     Examples:
         >>> import torch
@@ -93,7 +101,7 @@ class NeCoLoss(nn.Module):
         >>> teacher_maps = [torch.randn(2, 32, 16, 16) for _ in range(2)]
         >>> boxes = torch.tensor([[0, 0, 100, 100], [20, 20, 120, 120],
         ...                       [10, 10, 50, 50], [60, 60, 90, 90]]).float().expand(2, -1, -1)
-        >>> loss = criterion(student_maps, teacher_maps, boxes)
+        >>> loss = criterion(student_maps, teacher_maps, boxes, compute_stats=True)
         >>> criterion.last_stats.valid_pairs
         12
 
@@ -119,7 +127,7 @@ class NeCoLoss(nn.Module):
         top_k: int | None = None,
         epsilon: float = EPSILON,
         seed: int | None = None,
-        compute_stats: bool = True,
+        compute_stats: bool = False,
         gather: Callable[[Tensor], Sequence[Tensor]] | None = None,
     ) -> None:
         super().__init__()
@@ -154,9 +162,17 @@ class NeCoLoss(nn.Module):
         self.last_stats: NeCoStats | None = None
 
     def forward(
-        self, student_maps: Sequence[Tensor], teacher_maps: Sequence[Tensor], boxes: Tensor
+        self,
+        student_maps: Sequence[Tensor],
+        teacher_maps: Sequence[Tensor],
+        boxes: Tensor,
+        *,
+        compute_stats: bool | None = None,
     ) -> Tensor:
         """Compute the loss.
+
+        Inputs are validated once per call, with a fixed number of host syncs whatever the
+        number of views (see ``benchmarks/loss_step.py``).
 
         Args:
             student_maps: ``V`` student patch maps ``(B, D, h_v, w_v)``, global views first.
@@ -164,6 +180,8 @@ class NeCoLoss(nn.Module):
                 views (the global views), ``1 <= C <= V``.
             boxes: ``(B, V, 4 or 5)`` every view's crop box in original-image pixels
                 ``(x0, y0, x1, y1[, flip])``.
+            compute_stats: Fill ``last_stats`` for this call (``None``: the module's
+                ``compute_stats``).
 
         Returns:
             Scalar loss (float32 for half inputs).
@@ -175,8 +193,9 @@ class NeCoLoss(nn.Module):
 
         """
         batch, views = _check_views(student_maps, teacher_maps, boxes)
+        stats = self.compute_stats if compute_stats is None else compute_stats
         with torch.autocast(device_type=boxes.device.type, enabled=False):
-            return self._loss(student_maps, teacher_maps, boxes, batch, views)
+            return self._loss(student_maps, teacher_maps, boxes, batch, views, stats)
 
     def _loss(
         self,
@@ -185,6 +204,7 @@ class NeCoLoss(nn.Module):
         boxes: Tensor,
         batch: int,
         views: int,
+        compute_stats: bool,
     ) -> Tensor:
         if self.queue is not None:
             source_maps = teacher_maps if self.reference_source == "teacher" else student_maps
@@ -194,24 +214,33 @@ class NeCoLoss(nn.Module):
                 if self.gather is not None:  # every process queues every process's tokens
                     tokens = torch.cat(list(self.gather(tokens.contiguous())))
                 self.queue.push(view, tokens, len(teacher_maps), self.generator)
+        overlaps = _overlapping_pairs(boxes, len(teacher_maps))  # [c][v][b] on the host
         groups: dict[int, list[tuple[Tensor, Tensor]]] = {}
         valid_pairs = 0
         for teacher_view, teacher_map in enumerate(teacher_maps):
             for student_view in range(views):
                 if student_view == teacher_view:
                     continue
-                teacher, student, valid = align_pair(
+                overlapping = overlaps[teacher_view][student_view]  # (B,) bools
+                if not any(overlapping) and self.gather is None:
+                    continue
+                valid_pairs += sum(overlapping)
+                teacher, student, valid = align_checked_pair(
                     teacher_map,
                     student_maps[student_view],
                     boxes[:, teacher_view],
                     boxes[:, student_view],
                     self.roi_size,
                 )
-                if not bool(valid.any()) and self.gather is None:
-                    continue
-                valid_pairs += int(valid.sum())
-                references = self._pair_references(teacher_view, teacher, student, valid)
-                teacher, student = teacher[valid], student[valid]
+                if self.gather is None:
+                    if not all(overlapping):  # keep the overlapping images (host indices)
+                        kept = [image for image, overlap in enumerate(overlapping) if overlap]
+                        index = torch.tensor(kept, device=teacher.device)
+                        teacher, student = teacher[index], student[index]
+                    references = self._references(teacher_view, _pool(self, teacher, student))
+                else:
+                    references = self._gathered_references(teacher_view, teacher, student, valid)
+                    teacher, student = teacher[valid], student[valid]
                 scores = (
                     similarity_scores(student, references, self.similarity).flatten(0, 1),
                     similarity_scores(teacher.detach(), references, self.similarity).flatten(0, 1),
@@ -227,7 +256,7 @@ class NeCoLoss(nn.Module):
         terms = [self._terms(pairs) for pairs in groups.values()]
         per_row = torch.cat([term.per_row for term in terms])
         loss = per_row.mean()
-        if self.compute_stats:
+        if compute_stats:
             self.last_stats = self._stats(loss, terms, valid_pairs, total_pairs)
         return loss
 
@@ -243,7 +272,9 @@ class NeCoLoss(nn.Module):
                 "count, or the batch size.",
                 stacklevel=3,
             )
-        return soft_permutation_loss(student_scores, teacher_scores, self._options_for(count))
+        options = self._options_for(count)
+        check_top_k(options.top_k, count)
+        return compare_valid_scores(student_scores, teacher_scores, options)
 
     def _options_for(self, count: int) -> SortOptions:
         """The sort options for ``R = count``.
@@ -294,17 +325,17 @@ class NeCoLoss(nn.Module):
                 f"references x {batch} images; use a longer queue or a smaller batch."
             )
 
-    def _pair_references(
+    def _gathered_references(
         self, teacher_view: int, teacher: Tensor, student: Tensor, valid: Tensor
     ) -> Tensor:
-        """References of the valid images of one pair: ``(B_valid, R, D)`` or ``(R, D)``.
+        """References of this process's valid images when drawing across processes.
 
-        With ``gather``, the references are drawn for the valid images of every process, as
-        one process would draw them for the whole batch, and this process keeps its images'.
+        They are drawn for the valid images of every process, as one process would draw them
+        for the whole batch, and this process keeps its images': ``(B_valid, R, D)`` or
+        ``(R, D)``.
         """
-        pool = (teacher if self.reference_source == "teacher" else student).detach()
-        if self.gather is None:
-            return self._references(teacher_view, pool[valid])
+        assert self.gather is not None  # only called with gather
+        pool = _pool(self, teacher, student)
         shapes = torch.cat(list(self.gather(torch.tensor(pool.shape, device=pool.device))))
         if not bool((shapes.view(-1, 3) == shapes[:3]).all()):
             raise ValueError(
@@ -360,6 +391,20 @@ class NeCoLoss(nn.Module):
         )
 
 
+def _pool(criterion: NeCoLoss, teacher: Tensor, student: Tensor) -> Tensor:
+    """The aligned patches references are drawn from (``reference_source``), detached."""
+    return (teacher if criterion.reference_source == "teacher" else student).detach()
+
+
+def _overlapping_pairs(boxes: Tensor, teacher_views: int) -> list[list[list[bool]]]:
+    """``[c][v][b]``: whether teacher view ``c``'s crop overlaps view ``v``'s in image ``b``.
+
+    One host transfer for all pairs, so that the pair loop needs none.
+    """
+    shared = intersect(boxes[:, :teacher_views, None], boxes[:, None, :])  # (B, C, V, 4)
+    return is_nonempty(shared).permute(1, 2, 0).tolist()
+
+
 def _check_fraction(references: str, fraction: float | None) -> float | None:
     if references != "fraction":
         if fraction is not None:
@@ -401,7 +446,7 @@ def _check_views(
         if isinstance(maps, Tensor) or not isinstance(maps, Sequence):
             raise TypeError(f"{name} must be a list of (B, D, h, w) tensors, one per view.")
         for index, feature_map in enumerate(maps):
-            check_float_tensor(feature_map, f"{name}[{index}]", dims=4)
+            check_float_tensor(feature_map, f"{name}[{index}]", dims=4, finite=False)
     views = len(student_maps)
     if views < 2:
         raise ValueError(f"student_maps must hold >= 2 views but holds {views}.")
@@ -418,6 +463,10 @@ def _check_views(
                     f"{name}[{index}] must have (B, D) = {(batch, dim)} like student_maps[0] but "
                     f"has shape {tuple(feature_map.shape)}."
                 )
+    check_finite(
+        {f"student_maps[{i}]": m for i, m in enumerate(student_maps)}
+        | {f"teacher_maps[{i}]": m for i, m in enumerate(teacher_maps)}
+    )
     check_boxes(boxes)
     if boxes.dim() != 3 or boxes.shape[:2] != (batch, views):
         raise ValueError(

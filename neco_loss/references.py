@@ -147,10 +147,11 @@ class ReferenceQueue(nn.Module):
         self.length = length
         self.register_buffer("tokens", torch.empty(0, length, 0))  # (views, length, D)
         self.register_buffer("filled", torch.zeros(0, dtype=torch.long))  # (views,)
+        self._filled_on_host: list[int] = []  # ``filled`` read without a device sync
 
     def is_full(self, view: int) -> bool:
         """Whether queue ``view`` exists and holds ``length`` tokens."""
-        return view < len(self.filled) and int(self.filled[view]) == self.length
+        return view < len(self._filled_on_host) and self._filled_on_host[view] == self.length
 
     def push(
         self, view: int, tokens: Tensor, views: int, generator: torch.Generator | None = None
@@ -172,6 +173,7 @@ class ReferenceQueue(nn.Module):
         if self.tokens.shape[0] == 0:
             self.tokens = tokens.new_zeros(views, self.length, tokens.shape[1])
             self.filled = torch.zeros(views, dtype=torch.long, device=tokens.device)
+            self._filled_on_host = [0] * views
         if self.tokens.shape[0] != views or self.tokens.shape[2] != tokens.shape[1]:
             raise ValueError(
                 f"the queue holds {self.tokens.shape[0]} views of dimension "
@@ -183,7 +185,8 @@ class ReferenceQueue(nn.Module):
         queue = self.tokens[view]  # (length, D), a view into the buffer
         queue[count:] = queue[: self.length - count].clone()
         queue[:count] = chosen.to(queue.dtype)
-        self.filled[view] = min(int(self.filled[view]) + count, self.length)
+        self._filled_on_host[view] = min(self._filled_on_host[view] + count, self.length)
+        self.filled[view] = self._filled_on_host[view]
 
     def sample(
         self, view: int, batch: int, count: int, generator: torch.Generator | None = None
@@ -213,3 +216,4 @@ class ReferenceQueue(nn.Module):
             if prefix + name in state_dict:
                 setattr(self, name, torch.empty_like(state_dict[prefix + name]))
         super()._load_from_state_dict(state_dict, prefix, *args)
+        self._filled_on_host = self.filled.tolist()

@@ -81,7 +81,7 @@ class TestNeCoTransform:
             )
 
 
-def test_lightning_fit_updates_student_and_moves_frozen_teacher(tmp_path):
+def test_lightning_fit_updates_student_and_moves_frozen_teacher(tmp_path, monkeypatch):
     torch.manual_seed(0)
     model = NeCo(
         DenseViT("vit_small_patch14_reg4_dinov2", **TINY_VIT),
@@ -97,8 +97,16 @@ def test_lightning_fit_updates_student_and_moves_frozen_teacher(tmp_path):
     name = "blocks.0.attn.qkv.weight"
     student_before = model.student_backbone.vit.state_dict()[name].clone()
     teacher_before = model.teacher_backbone.vit.state_dict()[name].clone()
+    stats_steps = []
+    compute_stats = model.criterion._stats
+    monkeypatch.setattr(
+        model.criterion,
+        "_stats",
+        lambda *args: stats_steps.append(model.global_step) or compute_stats(*args),
+    )
     trainer = pl.Trainer(
         max_steps=3,
+        log_every_n_steps=2,
         accelerator="cpu",
         devices=1,
         logger=False,
@@ -106,6 +114,7 @@ def test_lightning_fit_updates_student_and_moves_frozen_teacher(tmp_path):
         enable_progress_bar=False,
     )
     trainer.fit(model, loader)
+    assert stats_steps == [1]  # diagnostics only on Lightning's logging step (the 2nd)
     student = model.student_backbone.vit.state_dict()[name]
     teacher = model.teacher_backbone.vit.state_dict()[name]
     assert trainer.global_step == 3

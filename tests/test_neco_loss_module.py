@@ -106,7 +106,7 @@ class TestPairing:
         student, teacher = random_maps(batch=2, views=3)
         _, _, boxes = scene(batch=2, views=3)
         boxes[1, 2] = torch.tensor([250.0, 250, 256, 256, 0])  # image 1's local crop: alone
-        criterion = NeCoLoss(seed=2)
+        criterion = NeCoLoss(seed=2, compute_stats=True)
         loss = criterion(student, teacher, boxes)
         assert criterion.last_stats.valid_pairs == 2 * 2 * 2 - 2
         assert criterion.last_stats.total_pairs == 8
@@ -126,7 +126,7 @@ class TestPairing:
 
     def test_flipped_views(self):
         student, teacher, boxes = scene(flip=True)
-        criterion = NeCoLoss(seed=0)
+        criterion = NeCoLoss(seed=0, compute_stats=True)
         criterion(student, teacher, boxes)
         assert criterion.last_stats.rank_agreement > 0.8
         unflipped = boxes.clone()
@@ -147,7 +147,7 @@ class TestPairing:
 class TestStats:
     def test_consistent_views_agree_random_views_do_not(self):
         student, teacher, boxes = scene()
-        criterion = NeCoLoss(seed=0)
+        criterion = NeCoLoss(seed=0, compute_stats=True)
         consistent_loss = criterion(student, teacher, boxes)
         consistent = criterion.last_stats
         random_loss = criterion(*random_maps(), boxes)
@@ -165,7 +165,7 @@ class TestStats:
         student, teacher, boxes = scene()
         entropies = []
         for steepness in (1.0, 10.0, 100.0):
-            criterion = NeCoLoss(steepness=(100.0, steepness), seed=0)
+            criterion = NeCoLoss(steepness=(100.0, steepness), seed=0, compute_stats=True)
             criterion(student, teacher, boxes)
             entropies.append(criterion.last_stats.teacher_entropy)
         assert entropies[0] > entropies[1] > entropies[2]
@@ -176,7 +176,9 @@ class TestStrategies:
     def test_fraction(self, fraction):
         student, teacher = random_maps(batch=2, views=3)
         _, _, boxes = scene(batch=2, views=3)
-        criterion = NeCoLoss(references="fraction", reference_fraction=fraction, seed=0)
+        criterion = NeCoLoss(
+            references="fraction", reference_fraction=fraction, seed=0, compute_stats=True
+        )
         loss = criterion(student, teacher, boxes)
         assert torch.isfinite(loss)
         assert criterion.last_stats.num_references == max(1, round(fraction * 2 * 49))
@@ -192,7 +194,9 @@ class TestStrategies:
     def test_count_needs_a_sorting_network_for_r(self):
         with pytest.raises(ValueError, match="n=22 is not a sorting network"):
             NeCoLoss(references="count", num_references=22)
-        criterion = NeCoLoss(references="count", num_references=22, network="bitonic_padded")
+        criterion = NeCoLoss(
+            references="count", num_references=22, network="bitonic_padded", compute_stats=True
+        )
         student, teacher = random_maps()
         _, _, boxes = scene()
         criterion(student, teacher, boxes)
@@ -204,21 +208,25 @@ class TestStrategies:
         student, teacher = random_maps(batch=3)
         _, _, boxes = scene(batch=3)
         count = {"num_references": 16} if references == "count" else {}
-        criterion = NeCoLoss(references=references, reference_images=images, seed=0, **count)
+        criterion = NeCoLoss(
+            references=references, reference_images=images, seed=0, **count, compute_stats=True
+        )
         assert torch.isfinite(criterion(student, teacher, boxes))
 
     def test_intra_per_image_uses_the_images_own_patches(self):
         """With intra references of the teacher, identical student and teacher give CE = H(Q_t)."""
         student, _, boxes = scene()
         teacher = student[:2]
-        criterion = NeCoLoss(reference_images="intra", seed=0)
+        criterion = NeCoLoss(reference_images="intra", seed=0, compute_stats=True)
         loss = criterion(student, teacher, boxes)
         assert torch.isfinite(loss)
 
     def test_queue_is_used_once_full(self):
         student, teacher = random_maps(batch=2)
         _, _, boxes = scene(batch=2)
-        criterion = NeCoLoss(references="queue", queue_length=60, num_references=16, seed=0)
+        criterion = NeCoLoss(
+            references="queue", queue_length=60, num_references=16, seed=0, compute_stats=True
+        )
         criterion(student, teacher, boxes)
         assert criterion.last_stats.queue_full is False
         assert int(criterion.queue.filled[0]) == 20  # 10 tokens per image per step
@@ -398,3 +406,47 @@ def test_cuda_equals_cpu():
     on_gpu = [m.cuda() for m in student], [m.cuda() for m in teacher], boxes.cuda()
     gpu = NeCoLoss(seed=0)(*on_gpu)
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-5, atol=1e-5)
+
+
+class TestCostPerCall:
+    """Diagnostics only when asked; a fixed, small number of host syncs per call."""
+
+    def test_stats_only_when_asked(self):
+        student, teacher, boxes = scene()
+        criterion = NeCoLoss(seed=0)
+        loss = criterion(student, teacher, boxes)
+        assert criterion.last_stats is None
+        asked = criterion(student, teacher, boxes, compute_stats=True)
+        assert criterion.last_stats is not None and criterion.last_stats.valid_pairs == 20
+        assert criterion.last_stats.loss == pytest.approx(float(asked))
+        assert torch.isfinite(loss)
+        kept = criterion.last_stats
+        criterion(student, teacher, boxes)  # not asked: the last computed stats stay
+        assert criterion.last_stats is kept
+        always = NeCoLoss(seed=0, compute_stats=True)
+        always(student, teacher, boxes)
+        assert always.last_stats is not None
+        always(student, teacher, boxes, compute_stats=False)
+        assert always.last_stats.loss == pytest.approx(float(asked), rel=0.2)
+
+    @pytest.mark.parametrize(
+        "options",
+        [{}, {"references": "queue", "queue_length": 200, "num_references": 16}],
+    )
+    def test_host_syncs_do_not_grow_with_views(self, options):
+        from neco_loss.host_syncs import count_host_syncs, host_syncs
+
+        syncs, scans = [], []
+        for views in (3, 6):
+            student, teacher, boxes = scene(views=views)
+            boxes[1, -1] = torch.tensor([250.0, 250, 256, 256, 0])  # a pair that is left out
+            student = [m.requires_grad_() for m in student]
+            criterion = NeCoLoss(seed=0, **options)
+            for _ in range(5):  # the queue fills
+                criterion(student, teacher, boxes)
+            with count_host_syncs() as counts:
+                criterion(student, teacher, boxes).backward()
+            syncs.append(host_syncs(counts))
+            scans.append(counts["isfinite"])
+        assert syncs[0] == syncs[1] <= 3, syncs  # finite maps, box checks, overlaps
+        assert scans == [3 + 2 + 1, 6 + 2 + 1]  # each map and the boxes scanned once

@@ -56,10 +56,10 @@ def test_resume_reaches_the_identical_state(tmp_path, monkeypatch):
     interrupted = Trainer(config, progress=False)
     original_step = interrupted._train_step
 
-    def crash_at_third_step(views, boxes):
+    def crash_at_third_step(views, boxes, log_stats):
         if interrupted.step == 2:
             raise KeyboardInterrupt
-        return original_step(views, boxes)
+        return original_step(views, boxes, log_stats)
 
     monkeypatch.setattr(interrupted, "_train_step", crash_at_third_step)
     with pytest.raises(KeyboardInterrupt):

@@ -20,6 +20,7 @@ from lightly.models.utils import (
 from lightly.utils.dist import gather
 from lightly.utils.scheduler import cosine_schedule
 from neco_loss.integrations.lightly.transform import split_views_and_boxes
+from neco_loss.integrations.lightning_steps import logs_this_step
 from torch import Tensor
 
 from neco_loss.loss import NeCoLoss
@@ -99,9 +100,10 @@ class NeCo(pl.LightningModule):
         views, boxes = split_views_and_boxes(batch[0])
         student_maps = [self.forward(view) for view in views]
         teacher_maps = [self.forward_teacher(view) for view in views[: self.n_global_views]]
-        loss = self.criterion(student_maps, teacher_maps, boxes)
+        log_stats = logs_this_step(self)
+        loss = self.criterion(student_maps, teacher_maps, boxes, compute_stats=log_stats)
         self.log("train_loss", loss, prog_bar=True)
-        if self.criterion.last_stats is not None:
+        if log_stats and self.criterion.last_stats is not None:
             self.log_dict(self.criterion.last_stats.as_dict())
         return loss
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import omegaconf
 import torch
+from neco_loss.integrations.lightning_steps import logs_this_step
 from neco_loss.integrations.solo_learn.config import loss_kwargs, neco_method_kwargs
 from solo.methods.base import BaseMomentumMethod
 from solo.utils.misc import omegaconf_select
@@ -167,9 +168,12 @@ class NeCo(BaseMomentumMethod):
         """NeCo loss over all (teacher large crop, student crop) pairs + the classifier loss."""
         indexes, views, boxes, targets = _unpack(batch)
         outs = super().training_step([indexes, views, targets], batch_idx)
-        neco = self.neco_loss(outs["neco_maps"], outs["momentum_neco_maps"], boxes)
+        log_stats = logs_this_step(self)
+        neco = self.neco_loss(
+            outs["neco_maps"], outs["momentum_neco_maps"], boxes, compute_stats=log_stats
+        )
         self.log("train_neco_loss", neco, on_epoch=True, sync_dist=True, prog_bar=True)
-        if self.neco_loss.last_stats is not None:
+        if log_stats and self.neco_loss.last_stats is not None:
             self.log_dict(self.neco_loss.last_stats.as_dict())
         return neco + outs["loss"]
 

@@ -266,7 +266,7 @@ class Trainer:
             )
         return momentum_at(self.step, self.total_steps, config.momentum, config.momentum_end)
 
-    def _train_step(self, views: list[Tensor], boxes: Tensor) -> float:
+    def _train_step(self, views: list[Tensor], boxes: Tensor, log_stats: bool) -> float:
         momentum = self._set_schedules()
         # Drop-path draws from the global RNG: seed it per (seed, step, process) so that a
         # resumed run and every process of a distributed run draw reproducibly.
@@ -279,12 +279,13 @@ class Trainer:
                 teacher_maps = self.teacher_views(views[: self.config.num_global])
             else:  # the reference's use_teacher: False: the student's own global views
                 teacher_maps = [m.detach() for m in student_maps[: self.config.num_global]]
-        if not all(bool(torch.isfinite(m).all()) for m in student_maps + teacher_maps):
+        finite = torch.stack([torch.isfinite(m).all() for m in student_maps + teacher_maps])
+        if not bool(finite.all()):  # one host sync for all maps
             raise FloatingPointError(
                 f"the model produced NaN/Inf features at step {self.step}: training stopped. "
                 "Lower the learning rates, or enable grad_clip."
             )
-        loss = self.criterion(student_maps, teacher_maps, boxes)
+        loss = self.criterion(student_maps, teacher_maps, boxes, compute_stats=log_stats)
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"the loss is {float(loss)} at step {self.step}: training stopped. Lower the "
@@ -399,12 +400,13 @@ class Trainer:
         while self.step < end and not stop.requested:
             views, boxes = next(batches)
             start = time.perf_counter()
-            last_loss = self._train_step(views, boxes)
+            logs_this_step = log is not None and (self.step + 1) % self.config.log_every == 0
+            last_loss = self._train_step(views, boxes, log_stats=logs_this_step)
             speed = self.config.batch_size * self.world / (time.perf_counter() - start)
             self.step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{speed:.1f}")
-            if log is not None and self.step % self.config.log_every == 0:
+            if logs_this_step:
                 stats = self.criterion.last_stats
                 assert stats is not None
                 group = self.optimizer.param_groups[0]
