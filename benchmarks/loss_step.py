@@ -4,8 +4,11 @@ One step = ROI alignment of the 10 (teacher global, student view) pairs, referen
 teacher and student soft sorts of all pairs, CE, and the backward into the student's patch maps:
 what the reference code's ``knn_loss`` does with its 20 ``DiffSortNet`` calls. Inputs are random
 patch maps of the reference shapes (2 global views + 4 local views, 256-d head output) and
-overlapping crop boxes. Reported: median time over repeats after one warm-up, and on CUDA the
-peak memory allocated during a step beyond the inputs.
+overlapping crop boxes. Reported: median time over repeats after one warm-up, the host syncs
+and ``isfinite`` scans of one call (``neco_loss.host_syncs``; each sync makes the host wait on a
+GPU), and on CUDA the peak memory allocated during a step beyond the inputs. Every backend is
+run as users get it (``NeCoLoss()``: no diagnostics) and, for the first backend, also with the
+diagnostics of every call (``compute_stats=True``, what a logging step costs).
 
 Usage:
     python benchmarks/loss_step.py                              # CPU, batch 8, 224 px globals
@@ -22,6 +25,7 @@ import time
 import torch
 
 from neco_loss import NeCoLoss
+from neco_loss.host_syncs import count_host_syncs, host_syncs
 
 LOCAL_GRID = 7  # 98 px local crops with patch 14 (reference configs)
 
@@ -44,14 +48,16 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def measure(backend: str, args: argparse.Namespace) -> tuple[float, float | None, float]:
-    """Median seconds per step, peak CUDA bytes beyond the inputs (None on CPU), loss."""
+def measure(backend: str, stats: bool, args: argparse.Namespace) -> dict[str, float]:
+    """Median seconds per step, syncs and scans per call, peak CUDA bytes, loss."""
     student, teacher, boxes = neco_inputs(args)
-    criterion = NeCoLoss(backend=backend, seed=0, compute_stats=False)
+    criterion = NeCoLoss(backend=backend, seed=0, compute_stats=stats)
     loss = criterion(student, teacher, boxes)  # warm-up
     loss.backward()
+    with count_host_syncs() as counts:
+        criterion(student, teacher, boxes).backward()
     times = []
-    peak = None
+    peak = float("nan")
     for _ in range(args.repeats):
         synchronize(args.device)
         if args.device.startswith("cuda"):
@@ -63,7 +69,13 @@ def measure(backend: str, args: argparse.Namespace) -> tuple[float, float | None
         times.append(time.perf_counter() - start)
         if args.device.startswith("cuda"):
             peak = float(torch.cuda.max_memory_allocated() - base)
-    return statistics.median(times), peak, float(loss.detach())
+    return {
+        "seconds": statistics.median(times),
+        "syncs": host_syncs(counts),
+        "scans": counts["isfinite"],
+        "peak": peak,
+        "loss": float(loss.detach()),
+    }
 
 
 def main() -> None:
@@ -73,22 +85,32 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--global-grid", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     parser.add_argument("--backends", nargs="+", default=["native", "native-python", "diffsort"])
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(
         f"NeCoLoss step, batch {args.batch}, 2 x {args.global_grid}^2 + 4 x {LOCAL_GRID}^2 "
-        f"tokens, D = {args.dim}, {args.device}, torch {torch.__version__}"
+        f"tokens, D = {args.dim}, {args.device}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}"
     )
-    print("| backend | ms / step | vs native | peak GiB (CUDA) | loss |")
-    print("|---|---|---|---|---|")
+    print(
+        "| backend | diagnostics | ms / step | vs first row | host syncs / call | isfinite "
+        "scans / call | peak GiB (CUDA) | loss |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    runs = [(args.backends[0], False), (args.backends[0], True)]
+    runs += [(backend, False) for backend in args.backends[1:]]
     baseline = None
-    for backend in args.backends:
-        seconds, peak, loss = measure(backend, args)
-        baseline = baseline or seconds
-        peak_text = "-" if peak is None else f"{peak / 2**30:.2f}"
+    for backend, stats in runs:
+        result = measure(backend, stats, args)
+        baseline = baseline or result["seconds"]
+        peak = "-" if result["peak"] != result["peak"] else f"{result['peak'] / 2**30:.2f}"
         print(
-            f"| {backend} | {seconds * 1e3:.1f} | {seconds / baseline:.2f}x | {peak_text} "
-            f"| {loss:.6f} |"
+            f"| {backend} | {'every call' if stats else 'off (default)'} | "
+            f"{result['seconds'] * 1e3:.1f} | {result['seconds'] / baseline:.2f}x | "
+            f"{result['syncs']} | {result['scans']} | {peak} | {result['loss']:.6f} |"
         )
 
 
