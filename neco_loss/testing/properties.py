@@ -77,9 +77,7 @@ def _tolerance(dtype: torch.dtype, float64: float, float32: float) -> float:
 
 
 def _draw_scores(data: st.DataObject, config: CheckConfig, max_rows: int = 4) -> Tensor:
-    return data.draw(
-        score_matrices(config.min_n, config.max_n, max_rows, config.dtypes), label="x"
-    )
+    return data.draw(score_matrices(config.min_n, config.max_n, max_rows, config.dtypes), label="x")
 
 
 def _draw_steepness(sorter: SorterUnderTest, data: st.DataObject, low: float, high: float) -> float:
@@ -273,9 +271,7 @@ def check_gradcheck(sorter: SorterUnderTest, data: st.DataObject, config: CheckC
     _gradcheck(sorter, data, config, second_order=False)
 
 
-def check_gradgradcheck(
-    sorter: SorterUnderTest, data: st.DataObject, config: CheckConfig
-) -> None:
+def check_gradgradcheck(sorter: SorterUnderTest, data: st.DataObject, config: CheckConfig) -> None:
     """Second derivatives agree with finite differences (``gradgradcheck``, float64)."""
     _gradcheck(sorter, data, config, second_order=True)
 

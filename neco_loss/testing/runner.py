@@ -69,8 +69,10 @@ def resolve_properties(properties: str | Sequence[str]) -> list[str]:
         ValueError: For an unknown name (the message lists the valid ones).
 
     """
-    names = list(PROPERTIES) if properties == "all" else (
-        [properties] if isinstance(properties, str) else list(properties)
+    names = (
+        list(PROPERTIES)
+        if properties == "all"
+        else ([properties] if isinstance(properties, str) else list(properties))
     )
     unknown = [name for name in names if name not in PROPERTIES]
     if unknown or not names:

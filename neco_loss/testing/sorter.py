@@ -22,7 +22,8 @@ Sorter = Callable[..., Any]
 
 class SorterError(TypeError):
     """The callable is not a soft sorter: not callable, raises on a plain input, or returns the
-    wrong kind or shape of output."""
+    wrong kind or shape of output.
+    """
 
 
 class SorterRaised(AssertionError):
@@ -137,7 +138,9 @@ def _as_output(result: Any, x: Tensor, name: str) -> SortOutput:
     elif isinstance(result, (tuple, list)) and len(result) == 2:
         sorted_x, perm = result
     else:
-        raise SorterError(f"the sorter {name} must return {expected}, but returned {_kind(result)}.")
+        raise SorterError(
+            f"the sorter {name} must return {expected}, but returned {_kind(result)}."
+        )
     for value in (sorted_x, perm):
         if value is not None and not (isinstance(value, Tensor) and value.is_floating_point()):
             raise SorterError(
@@ -145,7 +148,9 @@ def _as_output(result: Any, x: Tensor, name: str) -> SortOutput:
                 f"{_kind(result)}."
             )
     if perm.shape != (rows, n, n) or (sorted_x is not None and sorted_x.shape != (rows, n)):
-        raise SorterError(f"the sorter {name} must return {expected}, but returned {_kind(result)}.")
+        raise SorterError(
+            f"the sorter {name} must return {expected}, but returned {_kind(result)}."
+        )
     return SortOutput(sorted_x, perm)
 
 
