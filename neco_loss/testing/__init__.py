@@ -12,7 +12,7 @@ with minimal counterexamples, ``run_properties`` returns the report instead, and
 ['ascending', 'cross_entropy', 'doubly_stochastic']
 """
 
-from neco_loss.testing.properties import PROPERTIES, CheckConfig, Property, PropertyViolation
+from neco_loss.testing.properties import PROPERTIES, CheckConfig, Property, PropertyViolationError
 from neco_loss.testing.runner import (
     PropertyResult,
     SorterReport,
@@ -20,7 +20,7 @@ from neco_loss.testing.runner import (
     resolve_properties,
     run_properties,
 )
-from neco_loss.testing.sorter import SorterError, SorterRaised, SorterUnderTest
+from neco_loss.testing.sorter import SorterCallError, SorterError, SorterUnderTest
 from neco_loss.testing.strategies import score_matrices, separated_rows, sizes, steepnesses
 
 __all__ = [
@@ -28,9 +28,9 @@ __all__ = [
     "CheckConfig",
     "Property",
     "PropertyResult",
-    "PropertyViolation",
+    "PropertyViolationError",
     "SorterError",
-    "SorterRaised",
+    "SorterCallError",
     "SorterReport",
     "SorterUnderTest",
     "check_soft_sort",

@@ -1,6 +1,6 @@
 """One check per property of a soft sort, each drawing its inputs from hypothesis.
 
-Every check raises ``PropertyViolation`` with the input and what was wrong, in words
+Every check raises ``PropertyViolationError`` with the input and what was wrong, in words
 ("n = 22, input [...]: row 3 of perm sums to 0.41"); hypothesis shrinks the input first, so
 the message describes a minimal counterexample. Tolerances follow from the relaxation: a
 relaxed comparator leaves about ``1 / steepness`` (in value units) out of order, and a network
@@ -21,7 +21,7 @@ from neco_loss.testing.sorter import SorterUnderTest, describe
 from neco_loss.testing.strategies import score_matrices, separated_rows, sizes, steepnesses
 
 
-class PropertyViolation(AssertionError):
+class PropertyViolationError(AssertionError):
     """A property does not hold; the message names the input and what was seen."""
 
 
@@ -104,7 +104,7 @@ def check_entries(sorter: SorterUnderTest, data: st.DataObject, config: CheckCon
     outside = ~((perm >= -slack) & (perm <= 1 + slack))
     if outside.any():
         r, i, j = _first(outside)
-        raise PropertyViolation(
+        raise PropertyViolationError(
             f"{_where(sorter, x, steepness)}: perm[{r}, {i}, {j}] = {perm[r, i, j].item():.6g} "
             "is not in [0, 1]"
         )
@@ -123,7 +123,7 @@ def check_doubly_stochastic(
         wrong = (sums - 1).abs() > slack
         if wrong.any():
             r, i = _first(wrong)
-            raise PropertyViolation(
+            raise PropertyViolationError(
                 f"{_where(sorter, x, steepness)}: in row {r} of the input, "
                 f"{what.format(i=i)} sums to {sums[r, i].item():.6g}, not 1"
             )
@@ -142,7 +142,7 @@ def check_sorted_matches_perm(
     difference = (applied - output.sorted_x).abs()
     if (difference > _tolerance(x.dtype, 1e-9, 1e-5) * scale).any():
         r, j = _first(difference == difference.max())
-        raise PropertyViolation(
+        raise PropertyViolationError(
             f"{_where(sorter, x, steepness)}: sorted_x[{r}, {j}] = "
             f"{output.sorted_x[r, j].item():.6g} but (x @ perm)[{r}, {j}] = "
             f"{applied[r, j].item():.6g}"
@@ -166,7 +166,7 @@ def check_ascending(sorter: SorterUnderTest, data: st.DataObject, config: CheckC
     drops = -values.diff(dim=1)
     if (drops > tolerance).any():
         r, j = _first(drops == drops.max())
-        raise PropertyViolation(
+        raise PropertyViolationError(
             f"{_where(sorter, x, steepness)}: sorted value {j + 1} of row {r} "
             f"({values[r, j + 1].item():.6g}) is below value {j} ({values[r, j].item():.6g}) "
             f"by more than the tolerance {tolerance:.3g}"
@@ -192,7 +192,7 @@ def check_hard_ranks(sorter: SorterUnderTest, data: st.DataObject, config: Check
     wrong = likely != expected
     if wrong.any():
         r, i = _first(wrong)
-        raise PropertyViolation(
+        raise PropertyViolationError(
             f"{_where(sorter, x, steepness)}: element {i} of row {r} (value "
             f"{x[r, i].item():.6g}) is most likely at rank {int(likely[r, i])} "
             f"(probability {perm[r, i].max().item():.3g}) but its rank is {int(expected[r, i])}"
@@ -211,7 +211,7 @@ def check_equivariance(sorter: SorterUnderTest, data: st.DataObject, config: Che
     difference = (shuffled - perm[:, shuffle]).abs()
     if (difference > tolerance).any():
         r, i, j = _first(difference == difference.max())
-        raise PropertyViolation(
+        raise PropertyViolationError(
             f"{_where(sorter, x, steepness)}, shuffled by {shuffle.tolist()[:12]}: the shuffled "
             f"input's element {i} has probability {shuffled[r, i, j].item():.4g} at rank {j}, "
             f"but the same element unshuffled has {perm[r, shuffle[i], j].item():.4g}"
@@ -232,11 +232,11 @@ def check_finite_gradients(
     steepness = _draw_steepness(sorter, data, *config.steepness_range)
     output = sorter(x, steepness)
     if not output.perm.requires_grad:
-        raise PropertyViolation(f"{_where(sorter, x, steepness)}: perm carries no gradient")
+        raise PropertyViolationError(f"{_where(sorter, x, steepness)}: perm carries no gradient")
     (grad,) = torch.autograd.grad(_weighted_loss(output.sorted_x, output.perm), x)
     if not torch.isfinite(grad).all():
         r, i = _first(~torch.isfinite(grad))
-        raise PropertyViolation(
+        raise PropertyViolationError(
             f"{_where(sorter, x, steepness)}: the gradient of element {i} of row {r} is "
             f"{grad[r, i].item()}"
         )
@@ -260,7 +260,7 @@ def _gradcheck(
         check(outputs, (x,), eps=1e-6, atol=1e-5)
     except (GradcheckError, RuntimeError) as error:
         lines = [line for line in str(error).splitlines() if line.strip()][:3]
-        raise PropertyViolation(
+        raise PropertyViolationError(
             f"{_where(sorter, x, steepness)} (float64): {check.__name__} failed: "
             + " ".join(lines)[:400]
         ) from error
@@ -286,7 +286,7 @@ def check_parity(sorter: SorterUnderTest, data: st.DataObject, config: CheckConf
     difference = (mine - theirs.to(mine.dtype)).abs()
     if (difference > config.parity_atol).any():
         r, i, j = _first(difference == difference.max())
-        raise PropertyViolation(
+        raise PropertyViolationError(
             f"{_where(sorter, x, steepness)}: perm[{r}, {i}, {j}] = {mine[r, i, j].item():.6g} "
             f"but the reference {config.reference.name} gives {theirs[r, i, j].item():.6g}"
         )
@@ -308,14 +308,14 @@ def check_cross_entropy(sorter: SorterUnderTest, data: st.DataObject, config: Ch
     (grad,) = torch.autograd.grad(at_teacher, student)
     if grad.abs().max() > 1e-6:
         r, i = _first(grad.abs() == grad.abs().max())
-        raise PropertyViolation(
+        raise PropertyViolationError(
             f"{_where(sorter, x, steepness)}: at Q_s = Q_t the gradient of CE(Q_t, Q_s) for "
             f"element {i} of row {r} is {grad[r, i].item():.4g}, not 0"
         )
     noise = torch.randn(x.shape, dtype=x.dtype, generator=torch.Generator().manual_seed(seed))
     perturbed = cross_entropy(q_teacher, sorter(x + 0.1 * noise, steepness).perm.detach())
     if perturbed < at_teacher - 1e-9:
-        raise PropertyViolation(
+        raise PropertyViolationError(
             f"{_where(sorter, x, steepness)}: CE(Q_t, Q_s) is {perturbed.item():.6g} for a "
             f"perturbed input, below its value {at_teacher.item():.6g} at Q_s = Q_t"
         )

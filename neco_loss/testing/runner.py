@@ -18,8 +18,8 @@ import torch
 from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 
-from neco_loss.testing.properties import PROPERTIES, Check, CheckConfig, PropertyViolation
-from neco_loss.testing.sorter import Sorter, SorterRaised, SorterUnderTest
+from neco_loss.testing.properties import PROPERTIES, Check, CheckConfig, PropertyViolationError
+from neco_loss.testing.sorter import Sorter, SorterCallError, SorterUnderTest
 
 STATUSES = ("passed", "failed", "not applicable")
 
@@ -146,7 +146,7 @@ def run_properties(
 
         try:
             _search(prop.check, under_test, config, max_examples, random_seed)
-        except (PropertyViolation, SorterRaised) as failure:
+        except (PropertyViolationError, SorterCallError) as failure:
             report.results.append(PropertyResult(property_name, "failed", str(failure)))
         else:
             report.results.append(PropertyResult(property_name, "passed"))

@@ -21,12 +21,13 @@ Sorter = Callable[..., Any]
 
 
 class SorterError(TypeError):
-    """The callable is not a soft sorter: not callable, raises on a plain input, or returns the
-    wrong kind or shape of output.
+    """The callable is not a soft sorter.
+
+    It is not callable, raises on a plain input, or returns the wrong kind or shape of output.
     """
 
 
-class SorterRaised(AssertionError):
+class SorterCallError(AssertionError):
     """The sorter raised on an input a property gave it (reported as that property's failure)."""
 
 
@@ -96,14 +97,14 @@ class SorterUnderTest:
         self.returns_sorted = output.sorted_x is not None
 
     def __call__(self, x: Tensor, steepness: float | None = None) -> SortOutput:
-        """Sort ``x``; the sorter's own exceptions become ``SorterRaised`` naming the input."""
+        """Sort ``x``; the sorter's own exceptions become ``SorterCallError`` naming the input."""
         steepness = self.fixed_steepness if steepness is None else steepness
         try:
             return self._call(x, steepness)
         except SorterError:
             raise
         except Exception as error:
-            raise SorterRaised(
+            raise SorterCallError(
                 f"n = {x.shape[1]}, input {describe(x)}: the sorter raised "
                 f"{type(error).__name__}: {str(error).strip()[:300]}"
             ) from error
