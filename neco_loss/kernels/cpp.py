@@ -27,7 +27,7 @@ from torch import Tensor
 
 from neco_loss.kernels.cross_entropy import CrossEntropySettings
 from neco_loss.kernels.plan import SortSettings, flat_plan
-from neco_loss.kernels.recomputing import RecomputingSort, refuse_double_backward
+from neco_loss.kernels.recomputing import RecomputingCrossEntropy, RecomputingSort
 
 NAME = "native (C++ kernel)"
 SOURCE = Path(__file__).parent / "csrc" / "soft_sort.cpp"
@@ -129,32 +129,27 @@ class _CompiledSort(RecomputingSort):
         return sorted_x, perm
 
 
-class _CompiledSortCrossEntropy(torch.autograd.Function):
+def _cross_entropy_gradient(
+    student: Tensor, teacher: Tensor, settings: CrossEntropySettings, grad_loss: Tensor
+) -> Tensor:
+    kernels: Any = cpu_kernels()
+    arguments = _cross_entropy_arguments(settings, student.shape[1])
+    return kernels.sort_ce_backward(student, teacher, grad_loss, *arguments)
+
+
+class _CompiledSortCrossEntropy(RecomputingCrossEntropy):
     """Per-row CE of the two soft permutations; nothing ``n x n`` is stored or returned."""
 
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any, student: Tensor, teacher: Tensor, settings: CrossEntropySettings
     ) -> Tensor:
-        ctx.settings = settings
-        ctx.save_for_backward(student, teacher)
-        kernels: Any = cpu_kernels()
-        return kernels.sort_ce_forward(
-            student, teacher, *_cross_entropy_arguments(settings, student.shape[1])
+        RecomputingCrossEntropy.remember(
+            ctx, student, teacher, settings, _cross_entropy_gradient, NAME + ", fused CE"
         )
-
-    @staticmethod
-    def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
-        refuse_double_backward(NAME + ", fused CE")
-        student, teacher = ctx.saved_tensors
         kernels: Any = cpu_kernels()
-        grad = kernels.sort_ce_backward(
-            student,
-            teacher,
-            grad_loss.contiguous(),
-            *_cross_entropy_arguments(ctx.settings, student.shape[1]),
-        )
-        return grad, None, None
+        arguments = _cross_entropy_arguments(settings, student.shape[1])
+        return kernels.sort_ce_forward(student, teacher, *arguments)
 
 
 def soft_sort(x: Tensor, settings: SortSettings) -> tuple[Tensor, Tensor]:

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 Gradient = Callable[[Tensor, Any, Tensor | None, Tensor | None], Tensor]
+CrossEntropyGradient = Callable[[Tensor, Tensor, Any, Tensor], Tensor]
 
 
 def refuse_double_backward(backend: str) -> None:
@@ -85,3 +86,36 @@ class RecomputingSort(torch.autograd.Function):
         refuse_double_backward(ctx.backend)
         (x,) = ctx.saved_tensors
         return ctx.gradient(x, ctx.settings, grad_sorted, grad_perm), None
+
+
+class RecomputingCrossEntropy(torch.autograd.Function):
+    """Base of a fused sort+CE ``(student, teacher, settings) -> (rows,)`` keeping the scores.
+
+    A subclass's ``forward`` calls ``remember(ctx, student, teacher, settings, gradient,
+    backend)`` and returns the kernel's per-row losses; ``gradient(student, teacher, settings,
+    grad_loss)`` returns ``d loss / d student`` (the teacher gets none).
+    """
+
+    @staticmethod
+    def remember(
+        ctx: Any,
+        student: Tensor,
+        teacher: Tensor,
+        settings: Any,
+        gradient: CrossEntropyGradient,
+        backend: str,
+    ) -> None:
+        """Keep what backward needs: both score matrices, the settings and the gradient."""
+        ctx.save_for_backward(student, teacher)
+        ctx.settings = settings
+        ctx.gradient = gradient
+        ctx.backend = backend
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, grad_loss: Tensor
+    ) -> tuple[Tensor, None, None]:
+        """``d loss / d student``, recomputing both sorts."""
+        refuse_double_backward(ctx.backend)
+        student, teacher = ctx.saved_tensors
+        return ctx.gradient(student, teacher, ctx.settings, grad_loss.contiguous()), None, None

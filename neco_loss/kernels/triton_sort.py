@@ -33,7 +33,7 @@ from torch import Tensor
 
 from neco_loss.kernels.cross_entropy import CrossEntropySettings
 from neco_loss.kernels.plan import SortSettings, flat_plan
-from neco_loss.kernels.recomputing import RecomputingSort, refuse_double_backward
+from neco_loss.kernels.recomputing import RecomputingCrossEntropy, RecomputingSort
 
 try:
     import triton
@@ -765,7 +765,34 @@ def soft_sort(x: Tensor, settings: SortSettings) -> tuple[Tensor, Tensor]:
     return _TritonSort.apply(x.contiguous(), settings)
 
 
-class _TritonSortCrossEntropy(torch.autograd.Function):
+def _cross_entropy_gradient(
+    student: Tensor, teacher: Tensor, settings: CrossEntropySettings, grad_loss: Tensor
+) -> Tensor:
+    rows, n = student.shape
+    tables = layer_tables(settings.network, n, student.device, student.dtype)
+    grad = torch.empty_like(student)
+    chunk, tape = _tape(tables, student)
+    for start in range(0, rows, chunk):
+        _cross_entropy_backward_kernel[(min(chunk, rows - start),)](
+            student,
+            teacher,
+            grad_loss,
+            grad,
+            tape,
+            *tables.tensors(),
+            start,
+            n,
+            tables.n_dropped,
+            tables.layers,
+            _constants(settings, student),
+            settings.first_rank(n),
+            KIND=settings.sort("student").code,
+            **_launch_options(tables),
+        )
+    return grad
+
+
+class _TritonSortCrossEntropy(RecomputingCrossEntropy):
     """Per-row CE of the student's and the teacher's soft permutations on CUDA.
 
     Neither permutation is stored or returned; backward recomputes both rows.
@@ -775,8 +802,9 @@ class _TritonSortCrossEntropy(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx: Any, student: Tensor, teacher: Tensor, settings: CrossEntropySettings
     ) -> Tensor:
-        ctx.settings = settings
-        ctx.save_for_backward(student, teacher)
+        RecomputingCrossEntropy.remember(
+            ctx, student, teacher, settings, _cross_entropy_gradient, NAME + ", fused CE"
+        )
         rows, n = student.shape
         tables = layer_tables(settings.network, n, student.device, student.dtype)
         loss = torch.empty(rows, device=student.device, dtype=student.dtype)
@@ -795,35 +823,6 @@ class _TritonSortCrossEntropy(torch.autograd.Function):
                 **_launch_options(tables),
             )
         return loss
-
-    @staticmethod
-    def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
-        refuse_double_backward(NAME + ", fused CE")
-        student, teacher = ctx.saved_tensors
-        settings: CrossEntropySettings = ctx.settings
-        rows, n = student.shape
-        tables = layer_tables(settings.network, n, student.device, student.dtype)
-        grad = torch.empty_like(student)
-        chunk, tape = _tape(tables, student)
-        grad_loss = grad_loss.contiguous()
-        for start in range(0, rows, chunk):
-            _cross_entropy_backward_kernel[(min(chunk, rows - start),)](
-                student,
-                teacher,
-                grad_loss,
-                grad,
-                tape,
-                *tables.tensors(),
-                start,
-                n,
-                tables.n_dropped,
-                tables.layers,
-                _constants(settings, student),
-                settings.first_rank(n),
-                KIND=settings.sort("student").code,
-                **_launch_options(tables),
-            )
-        return grad, None, None
 
 
 def _constants(settings: CrossEntropySettings, like: Tensor) -> Tensor:
