@@ -156,9 +156,16 @@ def _soft_sorted(output_sorted: Tensor | None, x: Tensor, perm: Tensor) -> Tenso
 
 
 def check_ascending(sorter: SorterUnderTest, data: st.DataObject, config: CheckConfig) -> None:
-    """The soft sorted values ascend, up to ``2 n / steepness`` (fewer than 2n layers)."""
-    x = _draw_scores(data, config)
-    steepness = _draw_steepness(sorter, data, *config.steepness_range)
+    """The soft sorted values ascend, up to ``2 n / steepness`` (fewer than 2n layers).
+
+    Inputs are score matrices (ties, magnitudes) or rows of distinct values the network
+    resolves, where a comparator network that mis-sorts shows drops far above the tolerance.
+    """
+    if data.draw(st.booleans(), label="separated values"):
+        x, _, steepness = _separated_input(sorter, data, config)
+    else:
+        x = _draw_scores(data, config)
+        steepness = _draw_steepness(sorter, data, *config.steepness_range)
     output = sorter(x, steepness)
     values = _soft_sorted(output.sorted_x, x, output.perm)
     n = x.shape[1]

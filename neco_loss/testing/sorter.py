@@ -139,19 +139,14 @@ def _as_output(result: Any, x: Tensor, name: str) -> SortOutput:
     elif isinstance(result, (tuple, list)) and len(result) == 2:
         sorted_x, perm = result
     else:
-        raise SorterError(
-            f"the sorter {name} must return {expected}, but returned {_kind(result)}."
-        )
+        raise SorterError(f"the sorter {name} must return {expected}, not {_kind(result)}.")
     for value in (sorted_x, perm):
         if value is not None and not (isinstance(value, Tensor) and value.is_floating_point()):
             raise SorterError(
-                f"the sorter {name} must return float tensors ({expected}), but returned "
-                f"{_kind(result)}."
+                f"the sorter {name} must return float tensors ({expected}), not {_kind(result)}."
             )
     if perm.shape != (rows, n, n) or (sorted_x is not None and sorted_x.shape != (rows, n)):
-        raise SorterError(
-            f"the sorter {name} must return {expected}, but returned {_kind(result)}."
-        )
+        raise SorterError(f"the sorter {name} must return {expected}, not {_kind(result)}.")
     return SortOutput(sorted_x, perm)
 
 

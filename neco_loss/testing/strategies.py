@@ -21,7 +21,7 @@ KINDS = ("free", "ties", "constant", "two_values")
 
 
 def sizes(min_n: int = 1, max_n: int = 130) -> st.SearchStrategy[int]:
-    """Row lengths ``n`` in ``[min_n, max_n]``: any, with the edges and powers of two (+-1) often.
+    """Row lengths ``n`` in ``[min_n, max_n]``, uniform; edges and powers of two (+-1) more often.
 
     Shrinks towards ``min_n``, so a failure is reported at the smallest ``n`` that shows it.
     """
@@ -32,7 +32,8 @@ def sizes(min_n: int = 1, max_n: int = 130) -> st.SearchStrategy[int]:
     while power <= 2 * max_n:
         special.update(k for k in (power - 1, power, power + 1) if min_n <= k <= max_n)
         power *= 2
-    return st.one_of(st.integers(min_n, max_n), st.sampled_from(sorted(special)))
+    # sampled_from draws uniformly (integers() favours small values) and shrinks to min_n.
+    return st.one_of(st.sampled_from(range(min_n, max_n + 1)), st.sampled_from(sorted(special)))
 
 
 def steepnesses(low: float = 1.0, high: float = 1000.0) -> st.SearchStrategy[float]:
