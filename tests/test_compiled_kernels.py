@@ -17,7 +17,8 @@ from neco_loss.functional import SortOptions, soft_permutation_loss
 from neco_loss.kernels import CrossEntropySettings
 from neco_loss.kernels.cpp import cpu_kernels, sort_cross_entropy
 from neco_loss.permutation_losses import permutation_loss
-from tests.strategies import NETWORKS, RELAXATIONS, score_matrices
+from neco_loss.sorting import NETWORKS, RELAXATIONS
+from neco_loss.testing import score_matrices
 
 pytestmark = pytest.mark.skipif(cpu_kernels() is None, reason="no C++ compiler here")
 
@@ -34,7 +35,7 @@ def sort_and_grad(x: torch.Tensor, backend: str, network: str, relaxation: str, 
 
 @settings(max_examples=60, deadline=None)
 @given(
-    x=score_matrices(max_n=70, max_rows=3),
+    x=score_matrices(max_n=70, max_rows=3, dtypes=(torch.float64,)),
     network=st.sampled_from(NETWORKS),
     relaxation=st.sampled_from(RELAXATIONS),
     steepness=st.sampled_from([1.0, 30.0, 100.0, 1000.0]),

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from neco_loss import soft_permutation
+from neco_loss.sorting import RELAXATIONS
 from neco_loss.sorting.networks import sorts_every_input
-from tests.strategies import RELAXATIONS
 
 VALID_BITONIC_SIZES = [n for n in range(1, 131) if sorts_every_input("bitonic", n)]
 GRADIENT_SIZES = [1, 2, 3, 5, 8, 16, 17, 31, 49, 64, 100, 128]
