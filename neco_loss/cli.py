@@ -1,4 +1,6 @@
-"""The ``neco`` command: ``demo``, ``train``, ``eval in-context``, ``sort-demo``."""
+"""The ``neco`` command: ``demo``, ``train``, ``eval``, ``ablate``, ``sort-demo``,
+``check-sorter``.
+"""
 
 from __future__ import annotations
 
@@ -62,6 +64,63 @@ def _evaluate(args: argparse.Namespace) -> None:
     markdown, _ = write_results(results, args.output)
     print(markdown.read_text(), end="")
     print(f"tables and figures in {args.output}")
+
+
+def _size_range(text: str) -> tuple[int, int]:
+    """``"1..130"`` (or ``"22"``) as ``(min_n, max_n)``."""
+    low, _, high = text.partition("..")
+    try:
+        sizes = (int(low), int(high or low))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected MIN..MAX such as 1..130, got {text!r}"
+        ) from None
+    if not 1 <= sizes[0] <= sizes[1]:
+        raise argparse.ArgumentTypeError(f"expected 1 <= MIN <= MAX, got {text!r}")
+    return sizes
+
+
+def _check_sorters(args: argparse.Namespace) -> int:
+    """Run the properties on each sorter; print the tables; 1 if a property failed."""
+    from neco_loss.testing import SorterError, resolve_properties, run_properties
+    from neco_loss.testing.report import QUICK, load_sorter, markdown_table, named_sorters
+
+    specs = list(args.sorters)
+    if args.report:
+        specs += list(QUICK if args.quick else named_sorters())
+    if not specs:
+        raise SystemExit("error: name a sorter (MODULE:FUNCTION or a report name), or --report")
+    try:
+        properties = resolve_properties(args.properties)
+        sorters = [load_sorter(spec) for spec in specs]
+        reference = load_sorter(args.reference).sorter if args.reference else None
+    except (SorterError, ValueError) as error:
+        raise SystemExit(f"error: {error}") from None
+    max_n = min(args.n[1], 24) if args.quick else args.n[1]
+    reports = []
+    for named in sorters:
+        try:
+            report = run_properties(
+                named.sorter,
+                properties,
+                max_examples=5 if args.quick else args.max_examples,
+                n=(max(args.n[0], named.min_n), max(max_n, named.min_n)),
+                steepness=args.steepness,
+                reference=reference,
+                random_seed=args.seed,
+                name=named.name,
+            )
+        except SorterError as error:
+            raise SystemExit(f"error: {error}") from None
+        print(report.as_text(), flush=True)
+        reports.append(report)
+    if args.markdown:
+        notes = {named.name: named.note for named in sorters if named.note}
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(markdown_table(reports, notes))
+        print(f"table written to {args.markdown}")
+    failed = any(report.failures for report in reports)
+    return 1 if failed and not args.report else 0
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -147,6 +206,38 @@ def main(argv: list[str] | None = None) -> None:
     sort_demo.add_argument("--rows", type=int, default=3136)
     sort_demo.add_argument("--n", type=int, default=49)
 
+    check = commands.add_parser(
+        "check-sorter",
+        help="property-based checks of any soft sorter (neco_loss.testing), with counterexamples",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    check.add_argument(
+        "sorters",
+        nargs="*",
+        help="MODULE:FUNCTION of a sorter x -> (sorted_x, perm) or x -> perm (optionally taking "
+        "steepness=), or a report name such as diffsort/bitonic/cauchy",
+    )
+    check.add_argument("--n", type=_size_range, default=(1, 130), help="sizes MIN..MAX")
+    check.add_argument(
+        "--properties", nargs="+", default="all", help="'all' or names of neco_loss.testing"
+    )
+    check.add_argument("--max-examples", type=int, default=50, help="per property")
+    check.add_argument(
+        "--steepness",
+        type=float,
+        default=100.0,
+        help="the steepness of a sorter without a steepness parameter (sets tolerances)",
+    )
+    check.add_argument("--reference", default=None, help="a sorter for the parity property")
+    check.add_argument("--seed", type=int, default=0, help="hypothesis' search seed")
+    check.add_argument(
+        "--report", action="store_true", help="also check every sorter of the published report"
+    )
+    check.add_argument(
+        "--quick", action="store_true", help="reduced: 3 report sorters, n <= 24, 5 examples"
+    )
+    check.add_argument("--markdown", type=Path, default=None, help="write the table here")
+
     args, extra = parser.parse_known_args(argv)
     if extra and args.command not in ("train", "ablate"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -174,6 +265,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"table, plot and per-variant runs in {output}")
     elif args.command == "eval":
         _evaluate(args)
+    elif args.command == "check-sorter":
+        raise SystemExit(_check_sorters(args))
     elif args.command == "make-images":
         from neco_loss.data.synthetic import save_scenes
 
