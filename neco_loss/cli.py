@@ -1,6 +1,4 @@
-"""The ``neco`` command: ``demo``, ``train``, ``eval``, ``ablate``, ``sort-demo``,
-``check-sorter``.
-"""
+"""The ``neco`` command: demo, train, eval, ablate, make-images, sort-demo, check-sorter."""
 
 from __future__ import annotations
 
