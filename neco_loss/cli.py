@@ -84,8 +84,9 @@ def _check_sorters(args: argparse.Namespace) -> int:
     from neco_loss.testing.report import QUICK, load_sorter, markdown_table, named_sorters
 
     specs = list(args.sorters)
-    if args.report:
+    if args.report:  # the published report also checks second derivatives
         specs += list(QUICK if args.quick else named_sorters())
+        args.properties = [*args.properties, "gradgradcheck"]
     if not specs:
         raise SystemExit("error: name a sorter (MODULE:FUNCTION or a report name), or --report")
     try:
@@ -217,7 +218,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     check.add_argument("--n", type=_size_range, default=(1, 130), help="sizes MIN..MAX")
     check.add_argument(
-        "--properties", nargs="+", default="all", help="'all' or names of neco_loss.testing"
+        "--properties",
+        nargs="+",
+        default=["all"],
+        help="'all' (every property but the optional gradgradcheck) and/or property names",
     )
     check.add_argument("--max-examples", type=int, default=50, help="per property")
     check.add_argument(

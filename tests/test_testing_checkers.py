@@ -90,7 +90,7 @@ def mass_follows_values(x, steepness):
 
 BROKEN = {
     "entries": (negative_entries, r"perm\[\d+, \d+, \d+\] = -?[\d.e-]+ is not in \[0, 1\]"),
-    "doubly_stochastic": (rows_not_summing_to_one, r"sums to 0\.9\d*, not 1"),
+    "doubly_stochastic": (rows_not_summing_to_one, r"sums to 0\.9\d*, not 1 \(tolerance"),
     "sorted_matches_perm": (sorted_x_off, r"sorted_x\[\d+, \d+\] = .* but \(x @ perm\)"),
     "ascending": (descending, r"is below value \d+ .* by more than the tolerance"),
     "hard_ranks": (identity, r"is most likely at rank \d+ .* but its rank is \d+"),

@@ -10,6 +10,8 @@ table; ``--quick`` is the reduced form CI runs.
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -104,6 +106,8 @@ def load_sorter(spec: str) -> NamedSorter:
             f"sorter must be MODULE:FUNCTION (e.g. mypackage.sorting:my_sort) or one of "
             f"{sorted(known)}, but is {spec!r}."
         )
+    if os.getcwd() not in sys.path:  # find the user's modules as ``python -m`` would
+        sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:

@@ -63,17 +63,22 @@ class SorterReport:
 
 
 def resolve_properties(properties: str | Sequence[str]) -> list[str]:
-    """Property names from ``"all"``, one name, or a list of names.
+    """Property names from ``"all"``, one name, or a list (which may contain ``"all"``).
+
+    ``"all"`` is every property but the optional ones (``gradgradcheck``), which are asked
+    for by name: ``["all", "gradgradcheck"]``.
 
     Raises:
         ValueError: For an unknown name (the message lists the valid ones).
 
     """
-    names = (
-        list(PROPERTIES)
-        if properties == "all"
-        else ([properties] if isinstance(properties, str) else list(properties))
-    )
+    asked = [properties] if isinstance(properties, str) else list(properties)
+    names: list[str] = []
+    for name in asked:
+        expanded = (
+            [p.name for p in PROPERTIES.values() if not p.optional] if name == "all" else [name]
+        )
+        names += [n for n in expanded if n not in names]
     unknown = [name for name in names if name not in PROPERTIES]
     if unknown or not names:
         raise ValueError(
@@ -101,7 +106,8 @@ def run_properties(
     Args:
         sorter: ``x -> (sorted_x, perm)`` or ``x -> perm`` (optionally with a ``steepness``
             keyword, then drawn from ``steepness_range``).
-        properties: ``"all"`` or names from ``neco_loss.testing.PROPERTIES``.
+        properties: ``"all"`` (every property but the optional ``gradgradcheck``), names from
+            ``neco_loss.testing.PROPERTIES``, or a list of both.
         max_examples: Hypothesis examples per property.
         n: Smallest and largest row length.
         steepness: The steepness a sorter without a ``steepness`` keyword runs at (tolerances).

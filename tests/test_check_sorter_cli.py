@@ -1,0 +1,175 @@
+"""``neco check-sorter`` and the ``soft_sort_check`` pytest fixture, as users run them."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+NECO = str(Path(sys.executable).parent / "neco")
+
+USER_SORTERS = """
+import torch
+from neco_loss import soft_permutation
+
+
+def odd_even(x, steepness):
+    return soft_permutation(x, "odd_even", steepness, backend="native-python")
+
+
+def descending(x):
+    sorted_x, perm = soft_permutation(x, "odd_even", 100.0, backend="native-python")
+    return sorted_x.flip(-1), perm.flip(-1)
+
+
+def only_perm(x):
+    return soft_permutation(x, "odd_even", 100.0, backend="native-python")[1]
+
+
+def wrong_shape(x):
+    return x
+
+
+NOT_A_FUNCTION = 3
+"""
+
+
+def neco(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [NECO, "check-sorter", *args], cwd=cwd, capture_output=True, text=True, timeout=600
+    )
+
+
+@pytest.fixture
+def user_folder(tmp_path):
+    (tmp_path / "user_sorters.py").write_text(USER_SORTERS)
+    return tmp_path
+
+
+def test_a_correct_sorter_passes(user_folder):
+    result = neco("user_sorters:odd_even", "--n", "1..8", "--max-examples", "10", cwd=user_folder)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "soft sort properties of user_sorters:odd_even" in result.stdout
+    assert "ascending            PASSED" in result.stdout
+    assert "gradgradcheck" not in result.stdout  # optional: asked for by name
+
+
+def test_a_broken_sorter_fails_with_counterexamples(user_folder):
+    result = neco(
+        "user_sorters:descending",
+        "--n",
+        "1..8",
+        "--max-examples",
+        "10",
+        "--properties",
+        "entries",
+        "ascending",
+        cwd=user_folder,
+    )
+    assert result.returncode == 1
+    lines = result.stdout.splitlines()
+    assert any(line.strip().startswith("entries") and "PASSED" in line for line in lines)
+    failed = next(line for line in lines if line.strip().startswith("ascending"))
+    assert "FAILED" in failed and "n = 2, input [[" in failed
+
+
+def test_a_perm_only_sorter_and_a_reference(user_folder):
+    result = neco(
+        "user_sorters:only_perm",
+        "--n",
+        "1..6",
+        "--max-examples",
+        "5",
+        "--properties",
+        "sorted_matches_perm",
+        "parity",
+        "--reference",
+        "user_sorters:odd_even",
+        cwd=user_folder,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr[-2000:]
+    assert "NOT APPLICABLE  the sorter returns perm only" in result.stdout
+    assert "parity               PASSED" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("user_sorters", "sorter must be MODULE:FUNCTION"),
+        ("no_such_module:f", "cannot import module 'no_such_module'"),
+        ("user_sorters:missing", "has no 'missing'"),
+        ("user_sorters:NOT_A_FUNCTION", "sorter must be a callable"),
+        ("user_sorters:wrong_shape", r"must return perm of shape (2, 3, 3)"),
+    ],
+)
+def test_bad_sorters_get_one_line_errors(user_folder, spec, message):
+    result = neco(spec, "--max-examples", "2", cwd=user_folder)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_options(user_folder):
+    result = neco("user_sorters:odd_even", "--n", "9..3", cwd=user_folder)
+    assert result.returncode == 2 and "expected 1 <= MIN <= MAX" in result.stderr
+    result = neco("user_sorters:odd_even", "--properties", "sortedness", cwd=user_folder)
+    assert result.returncode != 0 and "properties must be 'all' or names" in result.stderr
+
+
+def test_the_documented_neural_sort_command():
+    """docs/testing.md, verbatim: NeuralSort is not doubly stochastic."""
+    command = (
+        "neco check-sorter examples.sorters.neural_sort:neural_sort --n 1..16 --max-examples 20"
+    )
+    assert command in (ROOT / "docs" / "testing.md").read_text()
+    result = neco(*command.split()[2:], cwd=ROOT)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "element 0's probabilities over ranks sums to" in result.stdout
+    assert "ascending            PASSED" in result.stdout
+
+
+@pytest.mark.slow
+def test_the_quick_report_as_ci_runs_it(tmp_path):
+    """The reduced report (docs/sorting.md): 3 sorters, n <= 24, 5 examples each."""
+    pytest.importorskip("diffsort")
+    pytest.importorskip("torchsort")
+    table = tmp_path / "report.md"
+    result = neco("--report", "--quick", "--markdown", str(table), cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    text = table.read_text()
+    assert "| `diffsort/bitonic/cauchy` |" in text and "**FAIL**" in text
+    assert "`torchsort/soft_rank/l2`, doubly_stochastic: n = 3" in text
+    native = next(line for line in text.splitlines() if line.startswith("| `native/"))
+    assert native.count("**FAIL**") == 1  # gradgradcheck: first-order backward
+
+
+PLUGIN_TEST = """
+from neco_loss import soft_permutation
+
+
+def good(x, steepness):
+    return soft_permutation(x, "odd_even", steepness, backend="native-python")
+
+
+def descending(x, steepness):
+    sorted_x, perm = good(x, steepness)
+    return sorted_x.flip(-1), perm.flip(-1)
+
+
+def test_good(soft_sort_check):
+    soft_sort_check(good, ["entries", "ascending"], n=(1, 8))
+
+
+def test_descending(soft_sort_check):
+    soft_sort_check(descending, ["ascending"], n=(1, 8))
+"""
+
+
+def test_pytest_plugin_fixture(pytester):
+    pytester.makepyfile(test_user=PLUGIN_TEST)
+    result = pytester.runpytest(
+        "-p", "neco_loss.testing.pytest_plugin", "--soft-sort-examples", "5", "-q"
+    )
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*ascending*FAILED*n = 2, input*"])
