@@ -118,11 +118,12 @@ def test_bad_options(user_folder):
 
 
 def test_the_documented_neural_sort_command():
-    """docs/testing.md, verbatim: NeuralSort is not doubly stochastic."""
+    """docs/testing.md and the README, verbatim: NeuralSort is not doubly stochastic."""
     command = (
         "neco check-sorter examples.sorters.neural_sort:neural_sort --n 1..16 --max-examples 20"
     )
-    assert command in (ROOT / "docs" / "testing.md").read_text()
+    for page in ("docs/testing.md", "README.md"):
+        assert command in (ROOT / page).read_text()
     result = neco(*command.split()[2:], cwd=ROOT)
     assert result.returncode == 1, result.stderr[-2000:]
     assert "element 0's probabilities over ranks sums to" in result.stdout
