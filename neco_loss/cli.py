@@ -138,6 +138,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     train.add_argument("config", type=Path)
     train.add_argument("--resume", action="store_true", help="continue from output_dir")
+    train.add_argument(
+        "--overwrite", action="store_true", help="replace the run already in output_dir"
+    )
     train.add_argument("--quiet", action="store_true", help="no progress bar")
 
     evaluation = commands.add_parser("eval", help="evaluation protocols on one or more backbones")
@@ -249,15 +252,23 @@ def main(argv: list[str] | None = None) -> None:
         run_demo(args.output, args.seed, args.neco_steps, args.dino_steps or DINO_STEPS)
     elif args.command == "train":
         from neco_loss.training import load_config
-        from neco_loss.training import train as run_training
+        from neco_loss.training.distributed import launch
+        from neco_loss.training.trainer import TrainingStoppedError
 
-        result = run_training(
-            load_config(args.config, extra), resume=args.resume, progress=not args.quiet
-        )
-        print(
-            f"trained {result.steps} steps, last loss {result.last_loss:.4f}; "
-            f"checkpoint {result.checkpoint}, backbone weights {result.backbone}"
-        )
+        config = load_config(args.config, extra)
+        try:
+            result = launch(
+                config, resume=args.resume, progress=not args.quiet, overwrite=args.overwrite
+            )
+        except (FileExistsError, TrainingStoppedError) as error:
+            raise SystemExit(f"error: {error}") from None
+        if result.already_finished:
+            print(f"already finished at step {result.steps}; nothing to do ({result.output_dir})")
+        else:
+            print(
+                f"trained {result.steps} steps, last loss {result.last_loss:.4f}; "
+                f"checkpoint {result.checkpoint}, backbone weights {result.backbone}"
+            )
     elif args.command == "ablate":
         from neco_loss.ablation import run_ablation
 

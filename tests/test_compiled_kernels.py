@@ -20,7 +20,9 @@ from neco_loss.permutation_losses import permutation_loss
 from neco_loss.sorting import NETWORKS, RELAXATIONS
 from neco_loss.testing import score_matrices
 
-pytestmark = pytest.mark.skipif(cpu_kernels() is None, reason="no C++ compiler here")
+# Without the kernel (a warning said why) these tests skip; under NECO_REQUIRE_KERNEL=1 (CI)
+# cpu_kernels() raises here instead, so a broken build fails the suite.
+pytestmark = pytest.mark.skipif(cpu_kernels() is None, reason="the C++ kernel was not built")
 
 
 def sort_and_grad(x: torch.Tensor, backend: str, network: str, relaxation: str, steepness: float):
@@ -37,7 +39,7 @@ def sort_and_grad(x: torch.Tensor, backend: str, network: str, relaxation: str, 
 @given(
     x=score_matrices(max_n=70, max_rows=3, dtypes=(torch.float64,)),
     network=st.sampled_from(NETWORKS),
-    relaxation=st.sampled_from(RELAXATIONS),
+    relaxation=st.sampled_from(list(RELAXATIONS)),
     steepness=st.sampled_from([1.0, 30.0, 100.0, 1000.0]),
 )
 def test_compiled_equals_pytorch_backend(x, network, relaxation, steepness):
@@ -187,6 +189,7 @@ def test_without_a_compiler_the_pytorch_backend_is_used(tmp_path):
         **os.environ,
         "CXX": str(tmp_path / "no-such-compiler"),
         "TORCH_EXTENSIONS_DIR": str(tmp_path / "extensions"),
+        "NECO_REQUIRE_KERNEL": "0",
     }
     result = subprocess.run(
         [sys.executable, "-c", script], env=environment, capture_output=True, text=True

@@ -93,14 +93,6 @@ def test_resume_refuses_another_config_and_bad_files(tmp_path):
         Trainer(tiny_config(tmp_path / "empty", max_steps=2), progress=False).resume()
 
 
-def test_non_finite_features_stop_training_with_the_step(tmp_path):
-    trainer = Trainer(tiny_config(tmp_path, max_steps=2), progress=False)
-    with torch.no_grad():
-        trainer.student.head.mlp[0].weight.fill_(float("nan"))
-    with pytest.raises(FloatingPointError, match="at step 0"):
-        trainer.fit()
-
-
 def test_train_from_an_image_folder(tmp_path):
     from PIL import Image
 

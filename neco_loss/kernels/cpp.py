@@ -8,14 +8,19 @@ without materialising either permutation.
 
 The extension is compiled just in time on first use with ``torch.utils.cpp_extension.load``
 (cached under ``TORCH_EXTENSIONS_DIR``, ``~/.cache/torch_extensions`` by default; ``make setup``
-builds it once). Without a working compiler the pure-PyTorch backend is used instead, with a
-one-line warning. Which kernel runs for a tensor is decided by ``neco_loss.kernels.kernel_for``.
+builds it once), under a name that hashes every input of its build command. Without a
+compiler, or if the build fails, the pure-PyTorch backend is used with a one-line warning
+saying which; ``NECO_REQUIRE_KERNEL=1`` makes that an error (CI sets it). Which kernel runs for
+a tensor is decided by ``neco_loss.kernels.kernel_for``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import platform
+import shutil
+import sysconfig
 import warnings
 from functools import lru_cache
 from pathlib import Path
@@ -48,34 +53,100 @@ def _cpu_signature() -> str:
     return platform.processor() or platform.machine()
 
 
+REQUIRE_KERNEL = "NECO_REQUIRE_KERNEL"  # set to 1: a kernel that cannot be built is an error
+
+
+def compiler() -> str:
+    """The C++ compiler ``torch.utils.cpp_extension`` runs (``$CXX``, else ``c++``)."""
+    return os.environ.get("CXX", "c++")
+
+
+def build_inputs() -> list[str]:
+    """Everything that enters the build command ``cpp_extension.load`` writes to build.ninja.
+
+    The source's text and absolute path, the compiler, include and library paths (this
+    environment's torch and Python), the flags, the CPU (``-march=native``) and torch's version.
+    Two callers that differ in any of these build under different names, so that they never
+    rebuild each other's extension.
+    """
+    from torch.utils.cpp_extension import include_paths, library_paths
+
+    return [
+        SOURCE.read_text(),
+        str(SOURCE.resolve()),
+        compiler(),
+        *include_paths("cpu"),
+        sysconfig.get_path("include", scheme="posix_prefix") or "",
+        *library_paths(),
+        *CFLAGS,
+        *LDFLAGS,
+        _cpu_signature(),
+        torch.__version__,
+    ]
+
+
+def extension_name() -> str:
+    """The extension's name: a hash of ``build_inputs``."""
+    digest = hashlib.sha256("\n".join(build_inputs()).encode()).hexdigest()
+    return "neco_soft_sort_" + digest[:16]
+
+
+class KernelBuildError(RuntimeError):
+    """The C++ kernel could not be built (raised when ``NECO_REQUIRE_KERNEL=1``)."""
+
+
 @lru_cache(maxsize=1)
 def cpu_kernels() -> ModuleType | None:
     """The compiled CPU extension, built on first call; ``None`` (and a warning) if it cannot be.
 
-    The build is named by a hash of the source, the flags and the CPU, so an edited source or a
-    different CPU never loads a stale binary.
+    Built once per set of ``build_inputs`` (cached under ``TORCH_EXTENSIONS_DIR``). Without a
+    compiler, or when the build fails, one warning says which (with the compiler's first error)
+    and the PyTorch backend is used; with ``NECO_REQUIRE_KERNEL=1`` either raises instead.
+
+    Raises:
+        KernelBuildError: If the kernel cannot be built and ``NECO_REQUIRE_KERNEL=1``.
+
     """
-    key = "\n".join([SOURCE.read_text(), *CFLAGS, _cpu_signature(), torch.__version__])
-    name = "neco_soft_sort_" + hashlib.sha256(key.encode()).hexdigest()[:16]
-    try:
+    problem = _build_problem()
+    if problem is None:
         from torch.utils.cpp_extension import load
 
-        return load(
-            name,
-            [str(SOURCE)],
-            extra_cflags=CFLAGS,
-            extra_ldflags=LDFLAGS,
-            verbose=False,
-        )
-    except Exception as error:  # no compiler, no ninja, a failed build: fall back, say so once
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        warnings.warn(
-            f"neco-loss: the compiled sorting kernel could not be built ({reason[:200]}); using "
-            "the pure-PyTorch native backend (same values, slower).",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-        return None
+        try:
+            return load(
+                extension_name(),
+                [str(SOURCE)],
+                extra_cflags=CFLAGS,
+                extra_ldflags=LDFLAGS,
+                verbose=False,
+            )
+        except Exception as error:  # the build failed: say how, fall back or fail
+            problem = f"the build failed: {_first_error(str(error))}"
+    message = (
+        f"neco-loss: the compiled sorting kernel could not be built: {problem}. Using the "
+        "pure-PyTorch native backend (same values, slower)."
+    )
+    if os.environ.get(REQUIRE_KERNEL, "0") not in ("", "0"):
+        raise KernelBuildError(message.replace("Using the", f"{REQUIRE_KERNEL} is set; the"))
+    warnings.warn(message, RuntimeWarning, stacklevel=2)
+    return None
+
+
+def _build_problem() -> str | None:
+    """Why no build can start (no compiler, no ninja), or ``None``."""
+    if shutil.which(compiler()) is None:
+        return f"no C++ compiler ({compiler()!r} is not on PATH; set CXX or install g++)"
+    from torch.utils.cpp_extension import is_ninja_available
+
+    if not is_ninja_available():
+        return "ninja is not installed (pip install ninja)"
+    return None
+
+
+def _first_error(output: str) -> str:
+    """The compiler's first error line in a failed build's output, else its first line."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower() and "Error building" not in line]
+    return (errors or lines or ["unknown error"])[0][:300]
 
 
 def usable(x: Tensor, network: str, relaxation: str) -> bool:

@@ -135,9 +135,10 @@ def markdown_table(reports: Sequence[SorterReport], notes: dict[str, str]) -> st
         )
     lines += ["", "First counterexamples (minimal, as hypothesis shrank them):", ""]
     for report in reports:
-        note = notes.get(report.sorter)
         for result in report.failures:
             lines.append(f"- `{report.sorter}`, {result.name}: {result.detail}")
-        if note:
-            lines.append(f"- `{report.sorter}`: {note}")
+    by_note: dict[str, list[str]] = {}
+    for sorter, note in notes.items():
+        by_note.setdefault(note, []).append(f"`{sorter}`")
+    lines += ["", *[f"- {', '.join(names)}: {note}" for note, names in by_note.items()]]
     return "\n".join(lines) + "\n"

@@ -19,7 +19,15 @@ import torch.multiprocessing as mp
 
 from neco_loss.training.checkpoint import LAST, load_checkpoint
 from neco_loss.training.config import TrainConfig
-from neco_loss.training.trainer import BACKBONE_FILE, TrainResult, train
+from neco_loss.training.trainer import (
+    BACKBONE_FILE,
+    STOP_NOTE,
+    TrainingStoppedError,
+    TrainResult,
+    check_output_dir,
+    finished_run,
+    train,
+)
 
 
 def _backend(config: TrainConfig) -> str:
@@ -33,14 +41,20 @@ def _free_port() -> int:
 
 
 def _worker(
-    rank: int, world: int, port: int, config: dict[str, Any], resume: bool, progress: bool
+    rank: int,
+    world: int,
+    port: int,
+    config: dict[str, Any],
+    resume: bool,
+    progress: bool,
+    overwrite: bool,
 ) -> None:
     settings = TrainConfig(**config)
     dist.init_process_group(
         _backend(settings), init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
     )
     try:
-        train(settings, resume=resume, progress=progress)
+        train(settings, resume=resume, progress=progress, overwrite=overwrite)
     finally:
         dist.destroy_process_group()
 
@@ -54,32 +68,51 @@ def _result(config: TrainConfig) -> TrainResult:
     return TrainResult(output, output / LAST, output / BACKBONE_FILE, step, last_loss)
 
 
-def launch(config: TrainConfig, resume: bool = False, progress: bool = True) -> TrainResult:
+def launch(
+    config: TrainConfig, resume: bool = False, progress: bool = True, overwrite: bool = False
+) -> TrainResult:
     """Train on ``config.devices`` processes (or as one process of a ``torchrun`` job).
+
+    Arguments as ``neco_loss.training.train``.
 
     Returns:
         The run's outputs (from process 0's files when several processes ran here).
 
     Raises:
         ValueError: If more CUDA devices are asked for than this machine has.
+        FileExistsError: As ``train``, before any process starts.
 
     """
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group(_backend(config), init_method="env://")  # torchrun
         try:
-            return train(config, resume=resume, progress=progress)
+            return train(config, resume=resume, progress=progress, overwrite=overwrite)
         finally:
             dist.destroy_process_group()
     if config.devices == 1:
-        return train(config, resume=resume, progress=progress)
+        return train(config, resume=resume, progress=progress, overwrite=overwrite)
+    check_output_dir(config, resume, overwrite)
+    finished = finished_run(config) if resume else None
+    if finished is not None:
+        return finished
     if _backend(config) == "nccl" and config.devices > torch.cuda.device_count():
         raise ValueError(
             f"devices={config.devices} but this machine has {torch.cuda.device_count()} GPUs."
         )
-    mp.spawn(
-        _worker,
-        nprocs=config.devices,
-        join=True,
-        args=(config.devices, _free_port(), config.to_dict(), resume, progress),
-    )
+    (config.output_dir_path / STOP_NOTE).unlink(missing_ok=True)  # a new note is this run's
+    try:
+        mp.spawn(
+            _worker,
+            nprocs=config.devices,
+            join=True,
+            args=(config.devices, _free_port(), config.to_dict(), resume, progress, overwrite),
+        )
+    except mp.ProcessException:
+        note = config.output_dir_path / STOP_NOTE
+        if not note.exists():  # not a stop the processes agreed on: the raw error
+            raise
+        text = note.read_text().strip()  # what every process said
+        if text.startswith("SIGTERM"):
+            raise SystemExit(text) from None
+        raise TrainingStoppedError(text) from None
     return _result(config)

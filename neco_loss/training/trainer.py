@@ -39,6 +39,7 @@ from neco_loss.training.checkpoint import LAST, load_checkpoint, save_atomic
 from neco_loss.training.config import TrainConfig
 
 BACKBONE_FILE = "backbone.pt"  # the student backbone's weights, loadable by DenseViT(checkpoint=)
+STOP_NOTE = "stopped.txt"  # why a run stopped early (removed when it runs again)
 
 
 class MultiCropDataset(Dataset):
@@ -131,6 +132,7 @@ class TrainResult:
     backbone: Path
     steps: int
     last_loss: float
+    already_finished: bool = False
 
 
 def build_backbone(config: TrainConfig) -> DenseViT:
@@ -280,17 +282,15 @@ class Trainer:
             else:  # the reference's use_teacher: False: the student's own global views
                 teacher_maps = [m.detach() for m in student_maps[: self.config.num_global]]
         finite = torch.stack([torch.isfinite(m).all() for m in student_maps + teacher_maps])
-        if not bool(finite.all()):  # one host sync for all maps
-            raise FloatingPointError(
-                f"the model produced NaN/Inf features at step {self.step}: training stopped. "
-                "Lower the learning rates, or enable grad_clip."
-            )
-        loss = self.criterion(student_maps, teacher_maps, boxes, compute_stats=log_stats)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"the loss is {float(loss)} at step {self.step}: training stopped. Lower the "
-                "learning rates or steepness, or enable grad_clip."
-            )
+        features = None if bool(finite.all()) else "the model produced NaN/Inf features"
+        # Agreed before the loss, whose reference gather is a collective every process enters.
+        self._stop_if_any({"features": features})
+        try:
+            loss = self.criterion(student_maps, teacher_maps, boxes, compute_stats=log_stats)
+            failure = None if bool(torch.isfinite(loss)) else f"the loss is {float(loss)}"
+        except ValueError as error:  # e.g. no crop pair overlaps in this process's batch
+            failure = str(error)
+        self._stop_if_any({"loss": failure})  # before backward's all-reduce
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.config.grad_clip is not None:
@@ -303,11 +303,47 @@ class Trainer:
             value /= self.world
         return float(value)
 
+    def _agreed_reasons(self, reasons: dict[str, str | None]) -> dict[str, list[str]]:
+        """Every process's reasons to stop at this point, the same on every process.
+
+        One all-reduce of flags per call; the messages are gathered only when a process has
+        one. Every process must call this at the same point of the step.
+
+        Returns:
+            ``{kind: ["process R: message", ...]}`` for the kinds some process reported.
+
+        """
+        flags = torch.tensor([reason is not None for reason in reasons.values()], dtype=torch.int32)
+        if self.world > 1:
+            flags = flags.to(self.device)
+            dist.all_reduce(flags)
+        if not bool(flags.any()):
+            return {}
+        everyone: list[Any] = [reasons]
+        if self.world > 1:
+            everyone = [None] * self.world
+            dist.all_gather_object(everyone, reasons)
+        where = "" if self.world == 1 else "process {rank}: "
+        agreed: dict[str, list[str]] = {}
+        for rank, theirs in enumerate(everyone):
+            for kind, reason in theirs.items():
+                if reason is not None:
+                    agreed.setdefault(kind, []).append(where.format(rank=rank) + reason)
+        return agreed
+
+    def _stop_if_any(self, reasons: dict[str, str | None]) -> None:
+        """Raise ``TrainingStoppedError`` on every process if any process has a reason."""
+        agreed = self._agreed_reasons(reasons)
+        if agreed:
+            messages = [message for kind in agreed.values() for message in kind]
+            raise TrainingStoppedError(f"step {self.step + 1}: " + "; ".join(messages))
+
     def state(self) -> dict[str, Any]:
         """Everything needed to continue the run exactly."""
         generator = self.criterion.generator
         return {
             "step": self.step,
+            "total_steps": self.total_steps,
             "student": self.student.state_dict(),
             "teacher": self.teacher.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -333,9 +369,13 @@ class Trainer:
     def resume(self) -> None:
         """Load ``output_dir/checkpoint_last.pt`` and continue from its step.
 
+        The schedules (learning rates, weight decay, EMA momentum) span the run's total steps,
+        so a resumed run must keep them: changing ``max_steps`` or ``epochs`` is refused.
+
         Raises:
             FileNotFoundError: If there is no checkpoint.
-            ValueError: If it is corrupt or was written by a different config.
+            ValueError: If it is corrupt, was written by a different config, or the total number
+                of steps changed.
 
         """
         state = load_checkpoint(self.output_dir / LAST)
@@ -345,7 +385,16 @@ class Trainer:
         if changed:
             raise ValueError(
                 f"the checkpoint in {self.output_dir} was written with other values for "
-                f"{changed}; resume with the same config (epochs and max_steps may change)."
+                f"{changed}; resume with the same config."
+            )
+        total = int(state.get("total_steps", self.total_steps))
+        if total != self.total_steps:
+            raise ValueError(
+                f"the run in {self.output_dir} schedules its learning rates, weight decay and EMA "
+                f"over {total} steps (max_steps={state['config'].get('max_steps')}, epochs="
+                f"{state['config'].get('epochs')}); max_steps/epochs now give {self.total_steps}. "
+                "Resume with the run's max_steps and epochs, or start a new schedule from its "
+                f"weights: --weights {self.output_dir / BACKBONE_FILE} --output-dir NEW_FOLDER."
             )
         self.student.load_state_dict(state["student"])
         self.teacher.load_state_dict(state["teacher"])
@@ -374,19 +423,31 @@ class Trainer:
     def fit(self, stop_at: int | None = None) -> TrainResult:
         """Train until ``total_steps`` (or ``stop_at``), logging metrics, writing checkpoints.
 
-        With several processes, process 0 logs, shows the progress bar and writes files.
+        With several processes, process 0 logs, shows the progress bar and writes files. Every
+        reason to stop (SIGTERM, a data error, NaN/Inf features or loss, no overlapping crop
+        pair) is agreed by all processes at the same point of a step, so that they all stop at
+        the same step, write one checkpoint (the weights after the last completed step) and exit
+        with the same message; ``stopped.txt`` in ``output_dir`` says why.
 
         Args:
             stop_at: Pause after this step (schedules still span ``total_steps``); a later
                 ``fit`` or a resumed run continues from there.
+
+        Raises:
+            TrainingStoppedError: When a process hit a data error or NaN/Inf values.
+            SystemExit: After SIGTERM, once the checkpoint is written.
 
         """
         from tqdm.auto import tqdm
 
         end = self.total_steps if stop_at is None else min(stop_at, self.total_steps)
         main = self.rank == 0
+        if main:  # before the first step: a failed run still says what it was
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "config.yaml").write_text(yaml.safe_dump(self.config.to_dict()))
+            (self.output_dir / STOP_NOTE).unlink(missing_ok=True)
         self.student.train()
-        log = MetricsLog(self.output_dir / "metrics.csv", append=self.step > 0) if main else None
+        log = MetricsLog(self.output_dir / "metrics.csv", self.step) if main else None
         bar = tqdm(
             total=self.total_steps,
             initial=self.step,
@@ -397,33 +458,77 @@ class Trainer:
         last_loss = math.nan
         batches = self._batches()
         stop = StopOnSigterm()
-        while self.step < end and not stop.requested:
-            views, boxes = next(batches)
-            start = time.perf_counter()
-            logs_this_step = log is not None and (self.step + 1) % self.config.log_every == 0
-            last_loss = self._train_step(views, boxes, log_stats=logs_this_step)
-            speed = self.config.batch_size * self.world / (time.perf_counter() - start)
-            self.step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{speed:.1f}")
-            if logs_this_step:
-                stats = self.criterion.last_stats
-                assert stats is not None
-                group = self.optimizer.param_groups[0]
-                log.write(self.step, last_loss, group["lr"], group["weight_decay"], speed, stats)
-            every = self.config.checkpoint_every
-            if every and self.step % every == 0 and self.step < end:
-                self.save()
-        bar.close()
-        stop.restore()
-        if log is not None:
-            log.close()
+        signalled = False
+        try:
+            while self.step < end:
+                batch, data_error = _next_batch(batches)
+                signal_reason = "SIGTERM" if stop.requested else None
+                agreed = self._agreed_reasons({"signal": signal_reason, "data": data_error})
+                if "data" in agreed:
+                    raise TrainingStoppedError(
+                        f"step {self.step + 1}: " + "; ".join(agreed["data"])
+                    )
+                if agreed:  # SIGTERM on some process: every process stops here
+                    signalled = True
+                    break
+                assert batch is not None
+                views, boxes = batch
+                start = time.perf_counter()
+                logs_this_step = (self.step + 1) % self.config.log_every == 0
+                last_loss = self._train_step(views, boxes, log_stats=logs_this_step and main)
+                speed = self.config.batch_size * self.world / (time.perf_counter() - start)
+                self.step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{speed:.1f}")
+                if log is not None and logs_this_step:
+                    stats = self.criterion.last_stats
+                    assert stats is not None
+                    group = self.optimizer.param_groups[0]
+                    log.write(
+                        self.step, last_loss, group["lr"], group["weight_decay"], speed, stats
+                    )
+                every = self.config.checkpoint_every
+                if every and self.step % every == 0 and self.step < end:
+                    self.save()
+        except TrainingStoppedError as failure:
+            # The note first: save() ends in a barrier, after which processes may exit at once.
+            checkpoint = self.output_dir / LAST
+            self._note(f"{failure}. {checkpoint} holds the weights after step {self.step}.")
+            self.save()
+            raise
+        finally:
+            bar.close()
+            stop.restore()
+            if log is not None:
+                log.close()
+        message = f"SIGTERM: stopped after step {self.step}; checkpoint {self.output_dir / LAST}"
+        if signalled:  # the note before save()'s barrier, as above
+            self._note(message + "; continue with --resume.")
         checkpoint = self.save()
-        if stop.requested:
-            raise SystemExit(f"SIGTERM: stopped after step {self.step}; checkpoint {checkpoint}")
+        if signalled:
+            raise SystemExit(message)
         return TrainResult(
             self.output_dir, checkpoint, self.output_dir / BACKBONE_FILE, self.step, last_loss
         )
+
+    def _note(self, text: str) -> None:
+        """Write why the run stopped to ``output_dir/stopped.txt`` (process 0)."""
+        if self.rank == 0:
+            (self.output_dir / STOP_NOTE).write_text(text + "\n")
+
+
+def _next_batch(
+    batches: Iterator[tuple[list[Tensor], Tensor]],
+) -> tuple[tuple[list[Tensor], Tensor] | None, str | None]:
+    """The next batch, or the reason it could not be read (agreed before the step runs)."""
+    try:
+        return next(batches), None
+    except Exception as error:  # a corrupt image, a vanished file: every process must know
+        return None, f"data error: {type(error).__name__}: {error}"
+
+
+class TrainingStoppedError(RuntimeError):
+    """A process could not go on (data error, NaN/Inf); every process raises it at one step."""
 
 
 class StopOnSigterm:
@@ -462,13 +567,23 @@ class MetricsLog:
         "teacher_entropy",
     )
 
-    def __init__(self, path: Path, append: bool) -> None:
+    def __init__(self, path: Path, resumed_step: int) -> None:
+        """Open ``path``, keeping the rows of steps ``<= resumed_step`` (all of a fresh run's).
+
+        A run resumed from a checkpoint older than its last logged rows repeats those steps:
+        their rows are dropped, so that every step has one row.
+        """
         path.parent.mkdir(parents=True, exist_ok=True)
-        append = append and path.exists()
-        self.file = open(path, "a" if append else "w", newline="")  # noqa: SIM115 (closed by close)
+        kept: list[list[str]] = []
+        if resumed_step > 0 and path.exists():
+            with path.open(newline="") as existing:
+                kept = [
+                    row for row in list(csv.reader(existing))[1:] if int(row[0]) <= resumed_step
+                ]
+        self.file = open(path, "w", newline="")  # noqa: SIM115 (closed by close)
         self.writer = csv.writer(self.file)
-        if not append:
-            self.writer.writerow(self.HEADER)
+        self.writer.writerows([list(self.HEADER), *kept])
+        self.file.flush()
 
     def write(
         self, step: int, loss: float, lr: float, weight_decay: float, speed: float, stats: NeCoStats
@@ -493,14 +608,67 @@ class MetricsLog:
         self.file.close()
 
 
-def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> TrainResult:
+def train(
+    config: TrainConfig, resume: bool = False, progress: bool = True, overwrite: bool = False
+) -> TrainResult:
     """Run ``neco train``: build from ``config``, optionally resume, train, save.
 
+    Args:
+        config: The run.
+        resume: Continue the run in ``output_dir`` from its checkpoint.
+        progress: Show a progress bar.
+        overwrite: Start afresh even if ``output_dir`` holds a run (its files are replaced).
+
     Returns:
-        Paths of the outputs and the last loss.
+        Paths of the outputs and the last loss; ``already_finished`` when a resumed run had
+        nothing left to do (nothing is written then).
+
+    Raises:
+        FileExistsError: If ``output_dir`` holds a run and neither ``resume`` nor
+            ``overwrite`` is set (nothing in the folder is touched).
 
     """
+    check_output_dir(config, resume, overwrite)
+    finished = finished_run(config) if resume else None
+    if finished is not None:
+        return finished
     trainer = Trainer(config, progress=progress)
     if resume:
         trainer.resume()
+    elif overwrite and trainer.rank == 0:
+        for name in (LAST, BACKBONE_FILE, "metrics.csv", STOP_NOTE):
+            (config.output_dir_path / name).unlink(missing_ok=True)
     return trainer.fit()
+
+
+def check_output_dir(config: TrainConfig, resume: bool, overwrite: bool) -> None:
+    """Refuse to start a new run over an existing one.
+
+    Raises:
+        FileExistsError: If ``output_dir`` holds a checkpoint and neither ``resume`` nor
+            ``overwrite`` is set.
+
+    """
+    checkpoint = config.output_dir_path / LAST
+    if checkpoint.exists() and not (resume or overwrite):
+        try:
+            step = str(load_checkpoint(checkpoint)["step"])
+        except ValueError:
+            step = "unreadable"
+        raise FileExistsError(
+            f"{config.output_dir_path} holds a run (checkpoint at step {step}): pass --resume "
+            "to continue it, --overwrite to replace it, or choose another --output-dir."
+        )
+
+
+def finished_run(config: TrainConfig) -> TrainResult | None:
+    """The run in ``output_dir`` if it already completed its schedule under this config."""
+    output = config.output_dir_path
+    state = load_checkpoint(output / LAST)
+    saved = state["config"]
+    same_length = all(saved.get(k) == getattr(config, k) for k in ("max_steps", "epochs"))
+    if "total_steps" not in state or not same_length or state["step"] < state["total_steps"]:
+        return None
+    return TrainResult(
+        output, output / LAST, output / BACKBONE_FILE, int(state["step"]), math.nan, True
+    )

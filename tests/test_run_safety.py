@@ -1,0 +1,122 @@
+"""Runs that survive: a stop names its step and leaves its config, checkpoint and reason;
+resume keeps one metrics row per step and its schedule; a finished or existing run is never
+overwritten by accident."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from neco_loss.training import Trainer
+from neco_loss.training.checkpoint import LAST, load_checkpoint
+from neco_loss.training.trainer import STOP_NOTE, TrainingStoppedError
+from tests.test_training import TINY, tiny_config
+
+
+def test_a_nan_stop_names_its_step_and_leaves_the_run(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, max_steps=3), progress=False)
+    with torch.no_grad():
+        trainer.student.head.mlp[0].weight.fill_(float("nan"))
+    with pytest.raises(TrainingStoppedError, match="^step 1: the model produced NaN/Inf"):
+        trainer.fit()
+    for name in ("config.yaml", LAST, "metrics.csv", STOP_NOTE):
+        assert (tmp_path / name).is_file(), name
+    assert load_checkpoint(tmp_path / LAST)["step"] == 0
+    note = (tmp_path / STOP_NOTE).read_text()
+    assert note.startswith("step 1: the model produced NaN/Inf features") and "after step 0" in note
+
+
+def test_no_overlapping_pair_stops_like_a_nan(tmp_path, monkeypatch):
+    trainer = Trainer(tiny_config(tmp_path, max_steps=3), progress=False)
+    original = trainer.criterion.forward
+
+    def apart(student, teacher, boxes, **options):
+        if trainer.step == 1:  # the second step's crops share nothing
+            boxes = boxes.clone()
+            boxes[:, :, 0] = torch.arange(boxes.shape[1]) * 1000.0
+            boxes[:, :, 2] = boxes[:, :, 0] + 10
+        return original(student, teacher, boxes, **options)
+
+    monkeypatch.setattr(trainer.criterion, "forward", apart)
+    with pytest.raises(TrainingStoppedError, match="^step 2: no crop pair overlaps"):
+        trainer.fit()
+    assert load_checkpoint(tmp_path / LAST)["step"] == 1
+
+
+def test_resume_keeps_one_metrics_row_per_step(tmp_path, monkeypatch):
+    """A crash after step 3 (logged) with the checkpoint at step 2: step 3 runs again, once."""
+    config = tiny_config(tmp_path, max_steps=4, checkpoint_every=2)
+    first = Trainer(config, progress=False)
+    original = first._train_step
+
+    def crash_at_fourth_step(views, boxes, log_stats):
+        if first.step == 3:
+            raise KeyboardInterrupt
+        return original(views, boxes, log_stats)
+
+    monkeypatch.setattr(first, "_train_step", crash_at_fourth_step)
+    with pytest.raises(KeyboardInterrupt):
+        first.fit()
+    rows = (tmp_path / "metrics.csv").read_text().splitlines()[1:]
+    assert [row.split(",")[0] for row in rows] == ["1", "2", "3"]
+    resumed = Trainer(config, progress=False)
+    resumed.resume()
+    resumed.fit()
+    rows = (tmp_path / "metrics.csv").read_text().splitlines()[1:]
+    assert [row.split(",")[0] for row in rows] == ["1", "2", "3", "4"]
+
+
+def test_a_changed_length_is_refused_with_the_way_out(tmp_path):
+    Trainer(tiny_config(tmp_path, max_steps=2), progress=False).fit()
+    longer = Trainer(tiny_config(tmp_path, max_steps=5), progress=False)
+    with pytest.raises(ValueError, match=r"over 2 steps .* now give 5.*--weights .*backbone\.pt"):
+        longer.resume()
+
+
+def neco_train(*args, cwd):
+    return subprocess.run(
+        [sys.executable, "-m", "neco_loss.cli", "train", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def snapshot(folder):
+    return {path.name: path.stat().st_mtime_ns for path in folder.iterdir()}
+
+
+@pytest.fixture
+def finished_run(tmp_path):
+    config = tmp_path / "run.yaml"
+    output = tmp_path / "out"
+    config.write_text(yaml.safe_dump({**TINY, "max_steps": 2, "output_dir": str(output)}))
+    result = neco_train(str(config), "--quiet", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return config, output
+
+
+def test_a_finished_run_is_not_trained_again(finished_run, tmp_path):
+    config, output = finished_run
+    before = snapshot(output)
+    result = neco_train(str(config), "--resume", "--quiet", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "already finished at step 2" in result.stdout
+    assert snapshot(output) == before  # nothing written
+
+
+def test_an_existing_run_is_refused_without_resume_or_overwrite(finished_run, tmp_path):
+    config, output = finished_run
+    before = snapshot(output)
+    result = neco_train(str(config), "--quiet", "--max-steps", "3", cwd=tmp_path)
+    assert result.returncode != 0
+    assert "holds a run (checkpoint at step 2): pass --resume" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert snapshot(output) == before
+    result = neco_train(str(config), "--quiet", "--max-steps", "3", "--overwrite", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert load_checkpoint(output / LAST)["step"] == 3
+    assert len((output / "metrics.csv").read_text().splitlines()) == 1 + 3
