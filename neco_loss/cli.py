@@ -7,20 +7,61 @@ from pathlib import Path
 from typing import Any
 
 
-def _backbone(checkpoint: Path, config_path: Path | None) -> tuple[str, Any]:
-    """``(name, DenseViT in eval mode)`` of a run folder or of a weights file plus config."""
+def _backbone(checkpoint: Path, config_path: Path | None) -> Any:
+    """The ``DenseViT`` (eval mode) of a run folder or of a weights file plus config.
+
+    Raises:
+        SystemExit: With one line naming what is missing or unreadable.
+
+    """
     from neco_loss.models import DenseViT
     from neco_loss.training import load_config
 
+    if not checkpoint.exists():
+        raise SystemExit(f"error: --checkpoint {checkpoint}: no such run folder or weights file.")
     weights = checkpoint
     if checkpoint.is_dir():  # a run's output_dir
         weights, config_path = checkpoint / "backbone.pt", config_path or checkpoint / "config.yaml"
     if config_path is None:
-        raise SystemExit("--config is needed when --checkpoint is a weights file.")
+        raise SystemExit(
+            f"error: --checkpoint {checkpoint} is a weights file: also give --config (the run's "
+            "config.yaml), or pass the run folder instead."
+        )
+    for path in (weights, config_path):
+        if not path.is_file():
+            raise SystemExit(f"error: {path} does not exist (from --checkpoint {checkpoint}).")
     config = load_config(config_path)
-    backbone = DenseViT(config.model, checkpoint=weights, **config.model_kwargs).eval()
-    name = checkpoint.name if checkpoint.is_dir() else checkpoint.stem
-    return name, backbone
+    try:
+        return DenseViT(config.model, checkpoint=weights, **config.model_kwargs).eval()
+    except ValueError as error:  # a truncated or foreign weights file, named by the message
+        raise SystemExit(f"error: {error}") from None
+
+
+def _backbone_names(checkpoints: list[Path], names: list[str] | None) -> list[str]:
+    """One distinct name per checkpoint: ``--name`` values, else the shortest unique path tail.
+
+    Raises:
+        SystemExit: If ``--name`` is given a different number of times than ``--checkpoint``,
+            or two names are equal.
+
+    """
+    if names:
+        if len(names) != len(checkpoints):
+            raise SystemExit(
+                f"error: give --name once per --checkpoint ({len(checkpoints)}), not {len(names)}."
+            )
+    else:
+        parts = [
+            p.resolve().with_suffix("").parts if p.is_file() else p.resolve().parts
+            for p in checkpoints
+        ]
+        depth = 1
+        while len({part[-depth:] for part in parts}) < len(parts) and depth < len(parts[0]):
+            depth += 1
+        names = ["/".join(part[-depth:]) for part in parts]
+    if len(set(names)) < len(names):
+        raise SystemExit(f"error: two backbones have the same name {names}; use --name.")
+    return names
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -30,7 +71,11 @@ def _evaluate(args: argparse.Namespace) -> None:
     from neco_loss.evaluation.suite import PROTOCOLS, evaluate, evaluation_splits, write_results
 
     protocols = list(PROTOCOLS) if "all" in args.protocols else args.protocols
-    backbones = dict(_backbone(path, args.config) for path in args.checkpoint)
+    names = _backbone_names(args.checkpoint, args.name)
+    backbones = {
+        name: _backbone(path, args.config)
+        for name, path in zip(names, args.checkpoint, strict=True)
+    }
     size = args.image_size or (448 if args.dataset != "synthetic" else None)  # paper: 448 px
     if size is None:  # the synthetic default: the size the run trained on
         from neco_loss.training import load_config
@@ -159,6 +204,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     evaluation.add_argument("--config", type=Path, default=None, help="a run's config.yaml")
     evaluation.add_argument(
+        "--name",
+        action="append",
+        default=None,
+        help="a name per --checkpoint for tables and figures (default: the shortest distinct "
+        "tail of their paths)",
+    )
+    evaluation.add_argument(
         "--dataset",
         default="synthetic",
         choices=["synthetic", "voc", "ade20k", "coco-things", "coco-stuff"],
@@ -260,7 +312,7 @@ def main(argv: list[str] | None = None) -> None:
             result = launch(
                 config, resume=args.resume, progress=not args.quiet, overwrite=args.overwrite
             )
-        except (FileExistsError, TrainingStoppedError) as error:
+        except (FileExistsError, TrainingStoppedError, ValueError) as error:
             raise SystemExit(f"error: {error}") from None
         if result.already_finished:
             print(f"already finished at step {result.steps}; nothing to do ({result.output_dir})")

@@ -27,13 +27,18 @@ def load_state_dict(path: str | Path) -> dict[str, Tensor]:
 
     Raises:
         FileNotFoundError: If the file does not exist.
-        ValueError: If it holds no tensor dictionary.
+        ValueError: If it cannot be read (truncated, not a torch file) or holds no tensor
+            dictionary; the message names the file.
 
     """
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist.")
-    content = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for a damaged or foreign file
+        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error)
+        raise ValueError(f"checkpoint {path} cannot be read ({reason}).") from error
     for key in ("model", "state_dict"):
         if isinstance(content, dict) and isinstance(content.get(key), dict):
             content = content[key]

@@ -14,16 +14,20 @@ def test_train_then_eval_in_context(tmp_path, capsys):
     config.write_text(yaml.safe_dump({**TINY, "output_dir": str(tmp_path / "out")}))
     main(["train", str(config), "--max-steps", "2", "--quiet"])
     assert "trained 2 steps" in capsys.readouterr().out
-    main(["train", str(config), "--max-steps", "3", "--quiet", "--resume"])
-    assert "trained 3 steps" in capsys.readouterr().out
+    main(["train", str(config), "--max-steps", "2", "--quiet", "--resume"])
+    assert "already finished at step 2" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="schedules its learning rates, weight decay and EMA over 2 steps"):
+        main(["train", str(config), "--max-steps", "3", "--quiet", "--resume"])
     sizes = ["--train-images", "4", "--val-images", "3", "--output", str(tmp_path / "eval")]
     main(["eval", "in-context", "--checkpoint", str(tmp_path / "out"), *sizes])
     assert "| out | " in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no such run folder or weights file"):
+        main(["eval", "in-context", "--checkpoint", str(tmp_path / "nowhere"), *sizes])
     weights = str(tmp_path / "out" / "backbone.pt")
     config = str(tmp_path / "out" / "config.yaml")
     main(["eval", "in-context", "--checkpoint", weights, "--config", config, *sizes])
     assert "| backbone | " in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="--config is needed"):
+    with pytest.raises(SystemExit, match="is a weights file: also give --config"):
         main(["eval", "in-context", "--checkpoint", weights, *sizes])
 
 

@@ -177,6 +177,11 @@ def _device(config: TrainConfig, rank: int = 0) -> torch.device:
     name = config.device
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(
+            f"device {name!r} was asked for, but this machine has no usable CUDA GPU "
+            "(torch.cuda.is_available() is False): use --device cpu, or auto."
+        )
     if name == "cuda" and dist.is_initialized():
         return torch.device("cuda", rank % torch.cuda.device_count())
     return torch.device(name)

@@ -1,0 +1,87 @@
+"""``neco eval`` and ``neco train`` inputs: missing or corrupt files named, one name per
+backbone, a CUDA request without CUDA answered in one line."""
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from neco_loss.cli import _backbone_names, main
+from tests.test_training import TINY
+
+
+@pytest.fixture
+def run(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({**TINY, "output_dir": str(tmp_path / "out")}))
+    main(["train", str(config), "--max-steps", "1", "--quiet"])
+    capsys.readouterr()
+    return tmp_path / "out"
+
+
+SIZES = ["--train-images", "4", "--val-images", "3"]
+
+
+def test_a_truncated_backbone_is_named(run, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(run, broken)
+    weights = broken / "backbone.pt"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(SystemExit, match=f"checkpoint {weights} cannot be read"):
+        main(["eval", "in-context", "--checkpoint", str(broken), *SIZES])
+
+
+def test_weights_files_with_one_name_get_distinct_names(run, tmp_path, capsys):
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        shutil.copy(run / "backbone.pt", tmp_path / folder / "backbone.pt")
+    output = tmp_path / "eval"
+    main(
+        [
+            "eval",
+            "in-context",
+            "--checkpoint",
+            str(tmp_path / "a" / "backbone.pt"),
+            "--checkpoint",
+            str(tmp_path / "b" / "backbone.pt"),
+            "--config",
+            str(run / "config.yaml"),
+            "--output",
+            str(output),
+            *SIZES,
+        ]
+    )
+    table = (output / "results.md").read_text()
+    assert "| a/backbone | " in table and "| b/backbone | " in table
+
+
+def test_backbone_names(tmp_path):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "w.pt").touch()
+    runs = [tmp_path / "run1", tmp_path / "run2"]
+    assert _backbone_names(runs, None) == ["run1", "run2"]
+    assert _backbone_names(runs, ["before", "after"]) == ["before", "after"]
+    with pytest.raises(SystemExit, match="give --name once per --checkpoint"):
+        _backbone_names(runs, ["only"])
+    with pytest.raises(SystemExit, match="the same name"):
+        _backbone_names(runs, ["same", "same"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_cuda_is_one_line(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({**TINY, "output_dir": str(tmp_path / "out")}))
+    result = subprocess.run(
+        [sys.executable, "-m", "neco_loss.cli", "train", str(config), "--device", "cuda"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode != 0
+    assert "error: device 'cuda' was asked for, but this machine has no usable CUDA GPU" in (
+        result.stderr
+    )
+    assert "Traceback" not in result.stderr
