@@ -16,7 +16,9 @@ def test_train_then_eval_in_context(tmp_path, capsys):
     assert "trained 2 steps" in capsys.readouterr().out
     main(["train", str(config), "--max-steps", "2", "--quiet", "--resume"])
     assert "already finished at step 2" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="schedules its learning rates, weight decay and EMA over 2 steps"):
+    with pytest.raises(
+        SystemExit, match="schedules its learning rates, weight decay and EMA over 2 steps"
+    ):
         main(["train", str(config), "--max-steps", "3", "--quiet", "--resume"])
     sizes = ["--train-images", "4", "--val-images", "3", "--output", str(tmp_path / "eval")]
     main(["eval", "in-context", "--checkpoint", str(tmp_path / "out"), *sizes])

@@ -2,13 +2,13 @@
 resume keeps one metrics row per step and its schedule; a finished or existing run is never
 overwritten by accident."""
 
-import subprocess
 import sys
 
 import pytest
 import torch
 import yaml
 
+from neco_loss.cli import main
 from neco_loss.training import Trainer
 from neco_loss.training.checkpoint import LAST, load_checkpoint
 from neco_loss.training.trainer import STOP_NOTE, TrainingStoppedError
@@ -75,14 +75,21 @@ def test_a_changed_length_is_refused_with_the_way_out(tmp_path):
         longer.resume()
 
 
-def neco_train(*args, cwd):
-    return subprocess.run(
-        [sys.executable, "-m", "neco_loss.cli", "train", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+@pytest.fixture
+def neco_train(capsys):
+    """``neco train ARGS`` in this process: ``(exit code, stdout, stderr)``."""
+
+    def run(*args):
+        try:
+            main(["train", *args])
+            code = 0
+        except SystemExit as stop:
+            code = 1
+            print(stop.code, file=sys.stderr)
+        output = capsys.readouterr()
+        return code, output.out, output.err
+
+    return run
 
 
 def snapshot(folder):
@@ -90,33 +97,32 @@ def snapshot(folder):
 
 
 @pytest.fixture
-def finished_run(tmp_path):
+def finished_run(tmp_path, neco_train):
     config = tmp_path / "run.yaml"
     output = tmp_path / "out"
     config.write_text(yaml.safe_dump({**TINY, "max_steps": 2, "output_dir": str(output)}))
-    result = neco_train(str(config), "--quiet", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-2000:]
+    code, _, stderr = neco_train(str(config), "--quiet")
+    assert code == 0, stderr[-2000:]
     return config, output
 
 
-def test_a_finished_run_is_not_trained_again(finished_run, tmp_path):
+def test_a_finished_run_is_not_trained_again(finished_run, neco_train):
     config, output = finished_run
     before = snapshot(output)
-    result = neco_train(str(config), "--resume", "--quiet", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "already finished at step 2" in result.stdout
+    code, stdout, stderr = neco_train(str(config), "--resume", "--quiet")
+    assert code == 0, stderr[-2000:]
+    assert "already finished at step 2" in stdout
     assert snapshot(output) == before  # nothing written
 
 
-def test_an_existing_run_is_refused_without_resume_or_overwrite(finished_run, tmp_path):
+def test_an_existing_run_is_refused_without_resume_or_overwrite(finished_run, neco_train):
     config, output = finished_run
     before = snapshot(output)
-    result = neco_train(str(config), "--quiet", "--max-steps", "3", cwd=tmp_path)
-    assert result.returncode != 0
-    assert "holds a run (checkpoint at step 2): pass --resume" in result.stderr
-    assert "Traceback" not in result.stderr
+    code, _, stderr = neco_train(str(config), "--quiet", "--max-steps", "3")
+    assert code != 0
+    assert "error: " in stderr and "holds a run (checkpoint at step 2): pass --resume" in stderr
     assert snapshot(output) == before
-    result = neco_train(str(config), "--quiet", "--max-steps", "3", "--overwrite", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-2000:]
+    code, _, stderr = neco_train(str(config), "--quiet", "--max-steps", "3", "--overwrite")
+    assert code == 0, stderr[-2000:]
     assert load_checkpoint(output / LAST)["step"] == 3
     assert len((output / "metrics.csv").read_text().splitlines()) == 1 + 3
