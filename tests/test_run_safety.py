@@ -126,3 +126,19 @@ def test_an_existing_run_is_refused_without_resume_or_overwrite(finished_run, ne
     assert code == 0, stderr[-2000:]
     assert load_checkpoint(output / LAST)["step"] == 3
     assert len((output / "metrics.csv").read_text().splitlines()) == 1 + 3
+
+
+def test_a_data_error_stops_before_the_step(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, max_steps=3), progress=False)
+    transform = trainer.dataset.transform
+
+    def unreadable_at_second_step(image):
+        if trainer.step == 1:
+            raise OSError("image file is truncated")
+        return transform(image)
+
+    trainer.dataset.transform = unreadable_at_second_step
+    with pytest.raises(TrainingStoppedError, match="^step 2: data error: OSError: image file is"):
+        trainer.fit()
+    assert load_checkpoint(tmp_path / LAST)["step"] == 1
+    assert "data error" in (tmp_path / STOP_NOTE).read_text()
