@@ -70,3 +70,26 @@ def test_fault_nan_on_one_process(tmp_path):
     assert message == f"step {FAULT_STEP}: process 1: the model produced NaN/Inf features"
     assert load_checkpoint(tmp_path / "run" / LAST)["step"] == FAULT_STEP - 1
     assert (tmp_path / "run" / STOP_NOTE).read_text().startswith(message)
+
+
+@pytest.mark.slow
+def test_fault_data_error_through_neco_train_devices_2(tmp_path):
+    """The launcher maps an agreed stop of its processes to one error of ``neco train``."""
+    import yaml
+
+    from neco_loss.cli import main
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for index in range(4):
+        (images / f"{index}.png").write_bytes(b"not an image")
+    config = tmp_path / "run.yaml"
+    settings = {**TINY, "dataset": str(images), "train_images": None, "batch_size": 1}
+    config.write_text(yaml.safe_dump({**settings, "output_dir": str(tmp_path / "out")}))
+    with pytest.raises(SystemExit) as stop:
+        main(["train", str(config), "--devices", "2", "--device", "cpu", "--quiet"])
+    message = str(stop.value.code)
+    assert message.startswith("error: step 1: process 0: data error: ValueError: none of the 4")
+    assert "; process 1: data error" in message
+    assert load_checkpoint(tmp_path / "out" / LAST)["step"] == 0
+    assert (tmp_path / "out" / STOP_NOTE).read_text().startswith(message.removeprefix("error: "))

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.multiprocessing.spawn import ProcessException
 
 from neco_loss.training.checkpoint import LAST, load_checkpoint
 from neco_loss.training.config import TrainConfig
@@ -107,7 +108,7 @@ def launch(
             join=True,
             args=(config.devices, _free_port(), config.to_dict(), resume, progress, overwrite),
         )
-    except mp.ProcessException:
+    except ProcessException:
         note = config.output_dir_path / STOP_NOTE
         if not note.exists():  # not a stop the processes agreed on: the raw error
             raise
