@@ -12,7 +12,7 @@ from neco_loss.cli import main
 from neco_loss.training import Trainer
 from neco_loss.training.checkpoint import LAST, load_checkpoint
 from neco_loss.training.trainer import STOP_NOTE, TrainingStoppedError
-from tests.test_training import TINY, tiny_config
+from tests.test_training import TINY, crash_before_step, tiny_config
 
 
 def test_a_nan_stop_names_its_step_and_leaves_the_run(tmp_path):
@@ -49,14 +49,7 @@ def test_resume_keeps_one_metrics_row_per_step(tmp_path, monkeypatch):
     """A crash after step 3 (logged) with the checkpoint at step 2: step 3 runs again, once."""
     config = tiny_config(tmp_path, max_steps=4, checkpoint_every=2)
     first = Trainer(config, progress=False)
-    original = first._train_step
-
-    def crash_at_fourth_step(views, boxes, log_stats):
-        if first.step == 3:
-            raise KeyboardInterrupt
-        return original(views, boxes, log_stats)
-
-    monkeypatch.setattr(first, "_train_step", crash_at_fourth_step)
+    crash_before_step(monkeypatch, first, 4)
     with pytest.raises(KeyboardInterrupt):
         first.fit()
     rows = (tmp_path / "metrics.csv").read_text().splitlines()[1:]

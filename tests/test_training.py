@@ -54,14 +54,7 @@ def test_resume_reaches_the_identical_state(tmp_path, monkeypatch):
 
     config = tiny_config(tmp_path / "resumed", max_steps=3, checkpoint_every=2)
     interrupted = Trainer(config, progress=False)
-    original_step = interrupted._train_step
-
-    def crash_at_third_step(views, boxes, log_stats):
-        if interrupted.step == 2:
-            raise KeyboardInterrupt
-        return original_step(views, boxes, log_stats)
-
-    monkeypatch.setattr(interrupted, "_train_step", crash_at_third_step)
+    crash_before_step(monkeypatch, interrupted, 3)
     with pytest.raises(KeyboardInterrupt):
         interrupted.fit()
     assert load_checkpoint(tmp_path / "resumed" / LAST)["step"] == 2
@@ -76,6 +69,18 @@ def test_resume_reaches_the_identical_state(tmp_path, monkeypatch):
     assert resumed.state()["optimizer"]["state"].keys() == expected_keys(straight)
     metrics = (tmp_path / "resumed" / "metrics.csv").read_text().splitlines()
     assert [row.split(",")[0] for row in metrics[1:]] == ["1", "2", "3"]
+
+
+def crash_before_step(monkeypatch, trainer, step):
+    """Make ``trainer`` raise KeyboardInterrupt (a crash) when step ``step`` would start."""
+    original = trainer._train_step
+
+    def crash(views, boxes, log_stats):
+        if trainer.step + 1 == step:
+            raise KeyboardInterrupt
+        return original(views, boxes, log_stats)
+
+    monkeypatch.setattr(trainer, "_train_step", crash)
 
 
 def expected_keys(trainer):
