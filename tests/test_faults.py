@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from neco_loss.training.checkpoint import LAST, load_checkpoint
-from neco_loss.training.trainer import STOP_NOTE
+from neco_loss.training.trainer import ADVICE, STOP_NOTE
 from tests.fault_worker import FAULT_STEP
 from tests.test_training import TINY
 
@@ -67,7 +67,7 @@ def test_fault_nan_on_one_process(tmp_path):
     assert {r["step"] for r in stopped} == {FAULT_STEP - 1}
     message = stopped[0]["message"]
     assert message == stopped[1]["message"]
-    assert message == f"step {FAULT_STEP}: process 1: the model produced NaN/Inf features"
+    assert message == f"step {FAULT_STEP}: process 1: the model produced NaN/Inf features{ADVICE}"
     assert load_checkpoint(tmp_path / "run" / LAST)["step"] == FAULT_STEP - 1
     assert (tmp_path / "run" / STOP_NOTE).read_text().startswith(message)
 

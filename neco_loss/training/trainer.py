@@ -40,6 +40,7 @@ from neco_loss.training.config import TrainConfig
 
 BACKBONE_FILE = "backbone.pt"  # the student backbone's weights, loadable by DenseViT(checkpoint=)
 STOP_NOTE = "stopped.txt"  # why a run stopped early (removed when it runs again)
+ADVICE = " (lower the learning rates or the steepness, or set grad_clip)"
 
 
 class MultiCropDataset(Dataset):
@@ -287,12 +288,12 @@ class Trainer:
             else:  # the reference's use_teacher: False: the student's own global views
                 teacher_maps = [m.detach() for m in student_maps[: self.config.num_global]]
         finite = torch.stack([torch.isfinite(m).all() for m in student_maps + teacher_maps])
-        features = None if bool(finite.all()) else "the model produced NaN/Inf features"
+        features = None if bool(finite.all()) else f"the model produced NaN/Inf features{ADVICE}"
         # Agreed before the loss, whose reference gather is a collective every process enters.
         self._stop_if_any({"features": features})
         try:
             loss = self.criterion(student_maps, teacher_maps, boxes, compute_stats=log_stats)
-            failure = None if bool(torch.isfinite(loss)) else f"the loss is {float(loss)}"
+            failure = None if bool(torch.isfinite(loss)) else f"the loss is {float(loss)}{ADVICE}"
         except ValueError as error:  # e.g. no crop pair overlaps in this process's batch
             failure = str(error)
         self._stop_if_any({"loss": failure})  # before backward's all-reduce
