@@ -26,6 +26,7 @@ from neco_loss.evaluation.datasets import IGNORE_INDEX, NUM_CLASSES
 from neco_loss.evaluation.suite import evaluate, evaluation_splits, write_results
 from neco_loss.models import DenseViT
 from neco_loss.training import build_config
+from neco_loss.training.checkpoint import LAST
 from neco_loss.training.distributed import launch
 
 EVALUATION_DEFAULTS: dict[str, Any] = {
@@ -93,7 +94,10 @@ def run_ablation(
     backbones = {}
     for name, config in configs.items():
         print(f"== variant {name}")
-        result = launch(config, progress=progress)
+        # A variant trained before (an interrupted or repeated ablation) is continued, or
+        # reused when it finished; one whose settings changed is refused by resume.
+        resume = (config.output_dir_path / LAST).exists()
+        result = launch(config, resume=resume, progress=progress)
         backbone = DenseViT(config.model, checkpoint=result.backbone, **config.model_kwargs)
         backbones[name] = torch.no_grad()(backbone.eval())
     first = next(iter(configs.values()))

@@ -47,6 +47,11 @@ def test_ablation_trains_evaluates_and_plots(tmp_path, capsys):
     assert (output / "ablation.png").stat().st_size > 5_000
     assert "| CE |" in capsys.readouterr().out
     assert yaml.safe_load((output / "L2" / "config.yaml").read_text())["seed"] == 3
+    # Run again into the same folder: the finished variants are reused, not trained again.
+    trained = (output / "CE" / "checkpoint_last.pt").stat().st_mtime_ns
+    main(["ablate", str(path), "--output", str(output), "--quiet", "--seed", "3"])
+    assert (output / "CE" / "checkpoint_last.pt").stat().st_mtime_ns == trained
+    assert json.loads((output / "ablation.json").read_text()) == results
 
 
 def test_bad_ablation_files(tmp_path):
