@@ -17,6 +17,7 @@ a tensor is decided by ``neco_loss.kernels.kernel_for``.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import platform
 import shutil
@@ -61,6 +62,22 @@ def compiler() -> str:
     return os.environ.get("CXX", "c++")
 
 
+def _cpp_extension() -> ModuleType:
+    """``torch.utils.cpp_extension``, imported without its CPU-only noise.
+
+    On importing it, torch logs "No CUDA runtime is found, using CUDA_HOME=..." on every machine
+    with a CUDA toolkit but no GPU; the C++ kernel needs no CUDA, so that line only misleads.
+    """
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        import torch.utils.cpp_extension as extension
+    finally:
+        logger.setLevel(level)
+    return extension
+
+
 def build_inputs() -> list[str]:
     """Everything that enters the build command ``cpp_extension.load`` writes to build.ninja.
 
@@ -69,15 +86,14 @@ def build_inputs() -> list[str]:
     Two callers that differ in any of these build under different names, so that they never
     rebuild each other's extension.
     """
-    from torch.utils.cpp_extension import include_paths, library_paths
-
+    extension = _cpp_extension()
     return [
         SOURCE.read_text(),
         str(SOURCE.resolve()),
         compiler(),
-        *include_paths("cpu"),
+        *extension.include_paths("cpu"),
         sysconfig.get_path("include", scheme="posix_prefix") or "",
-        *library_paths(),
+        *extension.library_paths(),
         *CFLAGS,
         *LDFLAGS,
         _cpu_signature(),
@@ -109,10 +125,8 @@ def cpu_kernels() -> ModuleType | None:
     """
     problem = _build_problem()
     if problem is None:
-        from torch.utils.cpp_extension import load
-
         try:
-            return load(
+            return _cpp_extension().load(
                 extension_name(),
                 [str(SOURCE)],
                 extra_cflags=CFLAGS,
@@ -135,9 +149,7 @@ def _build_problem() -> str | None:
     """Why no build can start (no compiler, no ninja), or ``None``."""
     if shutil.which(compiler()) is None:
         return f"no C++ compiler ({compiler()!r} is not on PATH; set CXX or install g++)"
-    from torch.utils.cpp_extension import is_ninja_available
-
-    if not is_ninja_available():
+    if not _cpp_extension().is_ninja_available():
         return "ninja is not installed (pip install ninja)"
     return None
 
