@@ -135,13 +135,14 @@ def cpu_kernels() -> ModuleType | None:
             )
         except Exception as error:  # the build failed: say how, fall back or fail
             problem = f"the build failed: {_first_error(str(error))}"
-    message = (
-        f"neco-loss: the compiled sorting kernel could not be built: {problem}. Using the "
-        "pure-PyTorch native backend (same values, slower)."
-    )
+    failure = f"neco-loss: the compiled sorting kernel could not be built: {problem}."
     if os.environ.get(REQUIRE_KERNEL, "0") not in ("", "0"):
-        raise KernelBuildError(message.replace("Using the", f"{REQUIRE_KERNEL} is set; the"))
-    warnings.warn(message, RuntimeWarning, stacklevel=2)
+        raise KernelBuildError(
+            f"{failure} {REQUIRE_KERNEL} is set, so this is an error; unset it to fall back to "
+            "the pure-PyTorch native backend."
+        )
+    fallback = " Using the pure-PyTorch native backend (same values, slower)."
+    warnings.warn(failure + fallback, RuntimeWarning, stacklevel=2)
     return None
 
 
