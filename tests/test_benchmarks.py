@@ -7,18 +7,26 @@ from pathlib import Path
 ROOT = Path(__file__).parents[1]
 
 
-def test_loss_step_benchmark_reports_syncs_and_stats_cost():
-    arguments = ["--batch", "2", "--global-grid", "8", "--repeats", "1", "--threads", "1"]
+def table_rows(script: str, *arguments: str) -> list[list[str]]:
+    """Run ``benchmarks/SCRIPT`` and return its table's rows (after the header), split."""
     result = subprocess.run(
-        [sys.executable, "benchmarks/loss_step.py", *arguments, "--backends", "native", "diffsort"],
+        [sys.executable, f"benchmarks/{script}", *arguments],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    rows = [line.split(" | ") for line in result.stdout.splitlines() if line.startswith("| n")]
-    rows += [line.split(" | ") for line in result.stdout.splitlines() if line.startswith("| d")]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+    return [line.split(" | ") for line in lines[1:]]
+
+
+def test_loss_step_benchmark_reports_syncs_and_stats_cost():
+    rows = table_rows(
+        "loss_step.py",
+        *["--batch", "2", "--global-grid", "8", "--repeats", "1", "--threads", "1"],
+        *["--backends", "native", "diffsort"],
+    )
     assert [row[1] for row in rows] == ["off (default)", "every call", "off (default)"]
     assert [row[4] for row in rows] == ["3", "6", "3"]  # host syncs per call
     assert len({row[-1] for row in rows}) == 1  # the same loss for every row
@@ -26,17 +34,11 @@ def test_loss_step_benchmark_reports_syncs_and_stats_cost():
 
 def test_train_step_benchmark_runs_a_small_step():
     tiny = '{"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}'
-    arguments = ["--model-kwargs", tiny, "--head-hidden-dim", "32", "--head-out-dim", "16"]
-    arguments += ["--global-size", "64", "--local-size", "32", "--batch", "2", "--repeats", "1"]
-    result = subprocess.run(
-        [sys.executable, "benchmarks/train_step.py", *arguments, "--device", "cpu"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    rows = table_rows(
+        "train_step.py",
+        *["--model-kwargs", tiny, "--head-hidden-dim", "32", "--head-out-dim", "16"],
+        *["--global-size", "64", "--local-size", "32", "--batch", "2", "--repeats", "1"],
+        *["--device", "cpu"],
     )
-    assert result.returncode == 0, result.stderr[-2000:]
-    rows = [line.split(" | ") for line in result.stdout.splitlines() if line.startswith("| n")]
-    rows += [line.split(" | ") for line in result.stdout.splitlines() if line.startswith("| d")]
     assert [row[0] for row in rows] == ["| native", "| diffsort"]
     assert all(row[1] == "2" and row[-1] == "- |" for row in rows)
