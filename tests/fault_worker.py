@@ -22,6 +22,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from neco_loss.training import TrainConfig, Trainer
+from neco_loss.training.distributed import init_process_group
 from neco_loss.training.trainer import TrainingStoppedError
 
 FAULT_STEP = 3
@@ -51,7 +52,7 @@ def inject(trainer: Trainer, scenario: str) -> None:
 
 
 def worker(rank: int, port: int, scenario: str, config: dict, result_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     trainer = Trainer(TrainConfig(**config), progress=False)
     if scenario == "resume":
         trainer.resume()

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import csv
 import os
+import signal
 import socket
+import threading
 from typing import Any
 
 import torch
@@ -25,7 +27,6 @@ from neco_loss.training.trainer import (
     STOP_NOTE,
     TrainingStoppedError,
     TrainResult,
-    check_output_dir,
     finished_run,
     train,
 )
@@ -33,6 +34,24 @@ from neco_loss.training.trainer import (
 
 def _backend(config: TrainConfig) -> str:
     return "nccl" if torch.cuda.is_available() and config.device != "cpu" else "gloo"
+
+
+def init_process_group(backend: str, **options: Any) -> None:
+    """``torch.distributed.init_process_group`` with SIGTERM blocked in the threads it starts.
+
+    A SIGTERM (preemption, ``kill``) that the kernel delivers to one of the process group's
+    communication threads interrupts its socket calls and aborts the process ("terminate
+    called without an active exception"). Blocked there, it reaches the main thread, where
+    the trainer turns it into a stop every process agrees on.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        dist.init_process_group(backend, **options)
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # inherited by new threads
+    try:
+        dist.init_process_group(backend, **options)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
 
 
 def _free_port() -> int:
@@ -51,7 +70,7 @@ def _worker(
     overwrite: bool,
 ) -> None:
     settings = TrainConfig(**config)
-    dist.init_process_group(
+    init_process_group(
         _backend(settings), init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
     )
     try:
@@ -85,15 +104,14 @@ def launch(
 
     """
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group(_backend(config), init_method="env://")  # torchrun
+        init_process_group(_backend(config), init_method="env://")  # torchrun
         try:
             return train(config, resume=resume, progress=progress, overwrite=overwrite)
         finally:
             dist.destroy_process_group()
     if config.devices == 1:
         return train(config, resume=resume, progress=progress, overwrite=overwrite)
-    check_output_dir(config, resume, overwrite)
-    finished = finished_run(config) if resume else None
+    finished = finished_run(config, resume, overwrite)
     if finished is not None:
         return finished
     if _backend(config) == "nccl" and config.devices > torch.cuda.device_count():
