@@ -73,14 +73,17 @@ def check_finite(tensors: Mapping[str, Tensor]) -> None:
         ValueError: Naming the first tensor with NaN or Inf and how many it holds.
 
     """
-    if not tensors:
+    if all_finite(tensors.values()):
         return
-    flags = torch.stack([torch.isfinite(x).all() for x in tensors.values()])
-    if bool(flags.all()):
-        return
-    name, x = list(tensors.items())[int(flags.logical_not().nonzero()[0, 0])]
+    name, x = next((name, x) for name, x in tensors.items() if not all_finite([x]))
     bad = int((~torch.isfinite(x)).sum())
     raise ValueError(f"{name} must be finite but holds {bad} NaN or Inf values.")
+
+
+def all_finite(tensors: Iterable[Tensor]) -> bool:
+    """Whether every tensor holds only finite values; one host sync for all of them."""
+    flags = [torch.isfinite(x).all() for x in tensors]
+    return not flags or bool(torch.stack(flags).all())
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -36,7 +36,8 @@ def check_boxes(boxes: object, name: str = "boxes") -> Tensor:
             f"{tuple(boxes.shape)}."
         )
     empty = (boxes[..., 2] <= boxes[..., 0]) | (boxes[..., 3] <= boxes[..., 1])
-    bad_flip = (boxes[..., 4] != 0) & (boxes[..., 4] != 1) if boxes.shape[-1] == 5 else empty
+    flip = boxes[..., 4] if boxes.shape[-1] == 5 else torch.zeros_like(boxes[..., 0])
+    bad_flip = (flip != 0) & (flip != 1)
     # One host sync for the three checks; the errors are worked out only when one fails.
     infinite, any_empty, any_bad_flip = torch.stack(
         [~torch.isfinite(boxes).all(), empty.any(), bad_flip.any()]

@@ -237,7 +237,7 @@ class NeCoLoss(nn.Module):
                         kept = [image for image, overlap in enumerate(overlapping) if overlap]
                         index = torch.tensor(kept, device=teacher.device)
                         teacher, student = teacher[index], student[index]
-                    references = self._references(teacher_view, _pool(self, teacher, student))
+                    references = self._references(teacher_view, self._pool(teacher, student))
                 else:
                     references = self._gathered_references(teacher_view, teacher, student, valid)
                     teacher, student = teacher[valid], student[valid]
@@ -335,7 +335,7 @@ class NeCoLoss(nn.Module):
         ``(R, D)``.
         """
         assert self.gather is not None  # only called with gather
-        pool = _pool(self, teacher, student)
+        pool = self._pool(teacher, student)
         shapes = torch.cat(list(self.gather(torch.tensor(pool.shape, device=pool.device))))
         if not bool((shapes.view(-1, 3) == shapes[:3]).all()):
             raise ValueError(
@@ -349,6 +349,10 @@ class NeCoLoss(nn.Module):
         offset, mine = int(counts[:rank].sum()), int(counts[rank])
         references = self._references(teacher_view, pools[valids])
         return references if references.dim() == 2 else references[offset : offset + mine]
+
+    def _pool(self, teacher: Tensor, student: Tensor) -> Tensor:
+        """The aligned patches references are drawn from (``reference_source``), detached."""
+        return (teacher if self.reference_source == "teacher" else student).detach()
 
     def _reference_count(self, batch: int, patches: int) -> int:
         """``R`` per query for ``batch`` images of ``patches`` aligned patches each."""
@@ -389,11 +393,6 @@ class NeCoLoss(nn.Module):
             teacher_entropy=entropy / rows,
             queue_full=None if self.queue is None else self.queue.is_full(0),
         )
-
-
-def _pool(criterion: NeCoLoss, teacher: Tensor, student: Tensor) -> Tensor:
-    """The aligned patches references are drawn from (``reference_source``), detached."""
-    return (teacher if criterion.reference_source == "teacher" else student).detach()
 
 
 def _overlapping_pairs(boxes: Tensor, teacher_views: int) -> list[list[list[bool]]]:

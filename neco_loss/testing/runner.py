@@ -21,8 +21,6 @@ from hypothesis import strategies as st
 from neco_loss.testing.properties import PROPERTIES, Check, CheckConfig, PropertyViolationError
 from neco_loss.testing.sorter import Sorter, SorterCallError, SorterUnderTest
 
-STATUSES = ("passed", "failed", "not applicable")
-
 
 @dataclass(frozen=True)
 class PropertyResult:

@@ -29,6 +29,7 @@ import yaml
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from neco_loss.checks import all_finite
 from neco_loss.data import ImageFolder, NeCoMultiCrop, SyntheticScenes
 from neco_loss.diagnostics import NeCoStats
 from neco_loss.loss import NeCoLoss
@@ -287,8 +288,8 @@ class Trainer:
                 teacher_maps = self.teacher_views(views[: self.config.num_global])
             else:  # the reference's use_teacher: False: the student's own global views
                 teacher_maps = [m.detach() for m in student_maps[: self.config.num_global]]
-        finite = torch.stack([torch.isfinite(m).all() for m in student_maps + teacher_maps])
-        features = None if bool(finite.all()) else f"the model produced NaN/Inf features{ADVICE}"
+        finite = all_finite(student_maps + teacher_maps)
+        features = None if finite else f"the model produced NaN/Inf features{ADVICE}"
         # Agreed before the loss, whose reference gather is a collective every process enters.
         self._stop_if_any({"features": features})
         try:
@@ -634,8 +635,7 @@ def train(
             ``overwrite`` is set (nothing in the folder is touched).
 
     """
-    check_output_dir(config, resume, overwrite)
-    finished = finished_run(config) if resume else None
+    finished = finished_run(config, resume, overwrite)
     if finished is not None:
         return finished
     trainer = Trainer(config, progress=progress)
@@ -647,30 +647,32 @@ def train(
     return trainer.fit()
 
 
-def check_output_dir(config: TrainConfig, resume: bool, overwrite: bool) -> None:
-    """Refuse to start a new run over an existing one.
+def finished_run(config: TrainConfig, resume: bool, overwrite: bool) -> TrainResult | None:
+    """Check ``output_dir`` before a run starts: the run there if resuming it has nothing to do.
+
+    Returns:
+        With ``resume``, the run in ``output_dir`` if it already completed its schedule under
+        this config (nothing is to be written then); else ``None``.
 
     Raises:
         FileExistsError: If ``output_dir`` holds a checkpoint and neither ``resume`` nor
-            ``overwrite`` is set.
+            ``overwrite`` is set: a new run would overwrite it.
 
     """
-    checkpoint = config.output_dir_path / LAST
+    output = config.output_dir_path
+    checkpoint = output / LAST
     if checkpoint.exists() and not (resume or overwrite):
         try:
             step = str(load_checkpoint(checkpoint)["step"])
         except ValueError:
             step = "unreadable"
         raise FileExistsError(
-            f"{config.output_dir_path} holds a run (checkpoint at step {step}): pass --resume "
-            "to continue it, --overwrite to replace it, or choose another --output-dir."
+            f"{output} holds a run (checkpoint at step {step}): pass --resume to continue it, "
+            "--overwrite to replace it, or choose another --output-dir."
         )
-
-
-def finished_run(config: TrainConfig) -> TrainResult | None:
-    """The run in ``output_dir`` if it already completed its schedule under this config."""
-    output = config.output_dir_path
-    state = load_checkpoint(output / LAST)
+    if not resume:
+        return None
+    state = load_checkpoint(checkpoint)
     saved = state["config"]
     same_length = all(saved.get(k) == getattr(config, k) for k in ("max_steps", "epochs"))
     if "total_steps" not in state or not same_length or state["step"] < state["total_steps"]:
