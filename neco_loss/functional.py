@@ -48,7 +48,8 @@ class SortOptions:
         loss: ``"ce"``, ``"l1"`` or ``"l2"`` (see ``permutation_loss``).
         direction: CE direction (see ``permutation_loss``).
         top_k: Compare only the ``k`` nearest-neighbour ranks, or ``None`` for all.
-        epsilon: Clamp of probabilities before their log.
+        epsilon: Clamp of probabilities before their log (``None``: the dtype's smallest
+            normal, exact above it; see ``neco_loss.permutation_losses.EPSILON``).
 
     """
 
@@ -59,7 +60,7 @@ class SortOptions:
     loss: str = "ce"
     direction: str = "teacher_to_student"
     top_k: int | None = None
-    epsilon: float = EPSILON
+    epsilon: float | None = EPSILON
 
     def __post_init__(self) -> None:
         for steepness in self.steepnesses:
@@ -131,7 +132,7 @@ class NeCoTerms:
             relaxation=self.options.relaxation,
             steepness_student=steepness,
             steepness_teacher=steepness,
-            epsilon=torch.finfo(scores.dtype).tiny,
+            epsilon=None,
         )
         with torch.no_grad():
             return kernel.sort_cross_entropy(scores, scores, settings)
@@ -288,7 +289,7 @@ def neco_loss(
     loss: str = "ce",
     direction: str = "teacher_to_student",
     top_k: int | None = None,
-    epsilon: float = EPSILON,
+    epsilon: float | None = EPSILON,
 ) -> Tensor:
     """NeCo loss of aligned student and teacher patches against reference patches.
 
@@ -311,7 +312,8 @@ def neco_loss(
             ``"both"`` (the paper's formula); CE only.
         top_k: Compare only the ``k`` nearest-neighbour ranks (the highest ranks, since
             similarities are sorted ascending); the paper's Table 9a.
-        epsilon: Clamp of probabilities before their log.
+        epsilon: Clamp of probabilities before their log (``None``: the dtype's smallest
+            normal, exact above it; see ``neco_loss.permutation_losses.EPSILON``).
 
     Returns:
         Scalar loss. Half-precision inputs are computed in float32; autocast is disabled inside.

@@ -86,7 +86,7 @@ def is_nonempty(box: Tensor) -> Tensor:
     return (box[..., 2] > box[..., 0]) & (box[..., 3] > box[..., 1])
 
 
-def box_to_grid(box: Tensor, crop_box: Tensor, grid_hw: tuple[int, int]) -> Tensor:
+def box_to_grid(box: Tensor, crop_box: Tensor, grid_hw: tuple[float, float]) -> Tensor:
     """Map original-image boxes into a view's token-grid coordinates.
 
     ``x_grid = (x - crop_x0) / crop_w * w`` and likewise for y, so the crop spans ``[0, w]``: the
@@ -97,7 +97,9 @@ def box_to_grid(box: Tensor, crop_box: Tensor, grid_hw: tuple[int, int]) -> Tens
     Args:
         box: ``(..., 4)`` boxes in original-image pixels.
         crop_box: ``(..., 4 or 5)`` the view's crop box (broadcast with ``box``).
-        grid_hw: ``(h, w)`` the view's token grid.
+        grid_hw: ``(h, w)`` the extent of the crop in tokens: the view's token grid, or
+            ``crop pixels / patch size`` when the crop side is not a multiple of the patch
+            (``crop_extent``).
 
     Returns:
         ``(..., 4)`` boxes in grid coordinates.
@@ -114,6 +116,18 @@ def box_to_grid(box: Tensor, crop_box: Tensor, grid_hw: tuple[int, int]) -> Tens
         flipped = crop_box[..., 4] == 1
         x0, x1 = torch.where(flipped, width - x1, x0), torch.where(flipped, width - x0, x1)
     return torch.stack([x0, y0, x1, y1], dim=-1)
+
+
+def crop_extent(crop_pixels: tuple[int, int], patch_size: int) -> tuple[float, float]:
+    """``(h, w)`` extent of a crop in token units: ``pixels / patch_size``.
+
+    A ViT's strided patch embedding covers the first ``floor(pixels / patch)`` patches and never
+    sees the last ``pixels % patch`` pixels, so token ``j`` covers crop pixels
+    ``[j * patch, (j + 1) * patch)`` and the crop spans ``pixels / patch`` tokens, not the grid's
+    ``floor``: the reference code's frame (``calculate_bboxes`` scales boxes to crop pixels and
+    ``knn_loss`` divides them by ``patch_size``), e.g. 6.125 tokens for a 98 px crop at patch 16.
+    """
+    return crop_pixels[0] / patch_size, crop_pixels[1] / patch_size
 
 
 def _roi_tokens(feature_map: Tensor, grid_boxes: Tensor, flipped: Tensor, roi_size: int) -> Tensor:
@@ -174,7 +188,12 @@ def align_pair(
 
 
 def align_checked_pair(
-    map_a: Tensor, map_b: Tensor, boxes_a: Tensor, boxes_b: Tensor, roi_size: int
+    map_a: Tensor,
+    map_b: Tensor,
+    boxes_a: Tensor,
+    boxes_b: Tensor,
+    roi_size: int,
+    extents: tuple[tuple[float, float], tuple[float, float]] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``align_pair`` for arguments already checked: no validation, so no host sync.
 
@@ -184,6 +203,7 @@ def align_checked_pair(
         boxes_a: ``(B, 4 or 5)`` proper boxes.
         boxes_b: ``(B, 4 or 5)``.
         roi_size: Side of the aligned grid, >= 1.
+        extents: Each view's crop extent in tokens (``crop_extent``); ``None``: the maps' grids.
 
     Returns:
         As ``align_pair``.
@@ -194,11 +214,13 @@ def align_checked_pair(
     boxes_a, boxes_b = boxes_a.to(device=map_a.device, dtype=dtype), boxes_b.to(map_a.device, dtype)
     shared = intersect(boxes_a, boxes_b)
     valid = is_nonempty(shared)
+    if extents is None:
+        extents = ((map_a.shape[2], map_a.shape[3]), (map_b.shape[2], map_b.shape[3]))
     aligned = []
-    for feature_map, boxes in ((map_a, boxes_a), (map_b, boxes_b)):
+    for feature_map, boxes, extent in ((map_a, boxes_a, extents[0]), (map_b, boxes_b, extents[1])):
         # Invalid pairs sample their whole view (finite, left out by the caller), not an empty box.
         source = torch.where(valid[:, None], shared, boxes[:, :4])
-        grid = box_to_grid(source, boxes, (feature_map.shape[2], feature_map.shape[3]))
+        grid = box_to_grid(source, boxes, extent)
         flipped = boxes[:, 4] == 1 if boxes.shape[1] == 5 else torch.zeros_like(valid)
         aligned.append(_roi_tokens(feature_map, grid, flipped, roi_size))
     return aligned[0], aligned[1], valid

@@ -9,6 +9,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -28,6 +29,7 @@ from neco_loss.geometry import (
     REFERENCE_ROI_SIZE,
     align_checked_pair,
     check_boxes,
+    crop_extent,
     intersect,
     is_nonempty,
 )
@@ -45,6 +47,18 @@ from neco_loss.references import (
 from neco_loss.sorting.networks import sorts_every_input
 
 PERMUTATION_WARNING_BYTES = 8 * 2**30  # warn before a step whose Q_s alone exceeds 8 GiB
+LOSS_MASKS = ("all", "foreground", "background")  # reference loss_mask: all, fg, bg
+# A token is selected when its ROI-aligned 0/1 mask is >= 1 (reference: aligned_mask >= 1.0),
+# i.e. all its bilinear samples fall on the mask; 1 - 1e-6 absorbs the weights' rounding.
+MASK_FULL = 1.0 - 1e-6
+
+
+class _PairScores(NamedTuple):
+    """One pair's ``(rows, R)`` scores and, with ``loss_mask``, each row's ``(rows,)`` weight."""
+
+    student: Tensor
+    teacher: Tensor
+    weight: Tensor | None
 
 
 class NeCoLoss(nn.Module):
@@ -78,8 +92,20 @@ class NeCoLoss(nn.Module):
         direction: CE direction: ``"teacher_to_student"`` (reference code),
             ``"student_to_teacher"`` or ``"both"`` (the paper's formula).
         top_k: Compare only the ``k`` nearest-neighbour ranks (paper Table 9a).
-        epsilon: Clamp of probabilities before their log.
+        epsilon: Clamp of probabilities before their log (``None``: the dtype's smallest
+            normal, exact above it; see ``neco_loss.permutation_losses.EPSILON``).
         seed: Seeds a private CPU generator for the reference draws; ``None`` uses the global RNG.
+        loss_mask: Which query patches the loss compares (reference ``loss_mask``): ``"all"``,
+            ``"foreground"`` or ``"background"`` patches of the teacher's global view, given
+            to ``forward`` as ``foreground`` masks (``neco_loss.foreground.foreground_masks``
+            of the teacher's CLS attention). Masked: batch references are drawn from the
+            selected patches only, the queue holds only selected tokens, and the loss is the
+            mean over pairs of each pair's mean over its selected patches (0 for a pair with
+            none), as the reference code's ``compute_knn_subloss``.
+        patch_size: The backbone's patch side in pixels. With ``forward(..., crop_sizes=)`` boxes
+            are mapped to token units as ``pixels / patch_size``, the reference code's frame,
+            which differs from the token grid when a crop side is not a multiple of the patch
+            (98 px crops at patch 16: 6.125 tokens of which the ViT sees 6).
         compute_stats: Fill ``last_stats`` on every call. Off by default: the diagnostics cost
             two extra teacher sorts and several host syncs per call (about 25-30% of a CPU loss
             step); ask for them on logging steps with ``forward(..., compute_stats=True)``.
@@ -125,8 +151,10 @@ class NeCoLoss(nn.Module):
         loss: str = "ce",
         direction: str = "teacher_to_student",
         top_k: int | None = None,
-        epsilon: float = EPSILON,
+        epsilon: float | None = EPSILON,
         seed: int | None = None,
+        loss_mask: str = "all",
+        patch_size: int | None = None,
         compute_stats: bool = False,
         gather: Callable[[Tensor], Sequence[Tensor]] | None = None,
     ) -> None:
@@ -148,6 +176,17 @@ class NeCoLoss(nn.Module):
         self.reference_source = reference_source
         self.similarity = similarity
         self.compute_stats = compute_stats
+        check_choice(loss_mask, "loss_mask", LOSS_MASKS)
+        if loss_mask != "all" and (
+            references not in ("per_image", "queue") or reference_images != "any" or gather
+        ):
+            raise ValueError(
+                f"loss_mask={loss_mask!r} draws references as the reference code does: it needs "
+                "references='per_image' or 'queue', reference_images='any' and no gather, but "
+                f"got references={references!r}, reference_images={reference_images!r}"
+                + (" and a gather." if gather else ".")
+            )
+        self.loss_mask = loss_mask
         if references == "queue" and reference_images != "any":
             raise ValueError(
                 f"reference_images={reference_images!r} needs references from the batch; the "
@@ -158,6 +197,11 @@ class NeCoLoss(nn.Module):
             self.options.check_size(self.num_references)
         self.queue = ReferenceQueue(queue_length) if references == "queue" else None
         self.generator = None if seed is None else torch.Generator().manual_seed(seed)
+        if patch_size is not None and (
+            isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1
+        ):
+            raise ValueError(f"patch_size must be an int >= 1 or None but is {patch_size!r}.")
+        self.patch_size = patch_size
         self.gather = gather
         self.last_stats: NeCoStats | None = None
 
@@ -167,6 +211,8 @@ class NeCoLoss(nn.Module):
         teacher_maps: Sequence[Tensor],
         boxes: Tensor,
         *,
+        crop_sizes: Sequence[int | Sequence[int]] | None = None,
+        foreground: Sequence[Tensor] | None = None,
         compute_stats: bool | None = None,
     ) -> Tensor:
         """Compute the loss.
@@ -180,6 +226,14 @@ class NeCoLoss(nn.Module):
                 views (the global views), ``1 <= C <= V``.
             boxes: ``(B, V, 4 or 5)`` every view's crop box in original-image pixels
                 ``(x0, y0, x1, y1[, flip])``.
+            crop_sizes: Every view's crop size in pixels, ``side`` or ``(height, width)`` (e.g.
+                ``[224, 224, 98, 98, 98, 98]``); needs ``patch_size``. Boxes are then mapped as
+                the reference code maps them, exactly for any crop and patch size, and a map
+                whose grid is not ``floor(pixels / patch_size)`` is refused. ``None``: each
+                crop spans its map's grid (the same when crop sides are multiples of the
+                patch).
+            foreground: With ``loss_mask`` other than ``"all"`` (and only then): for each
+                teacher view, ``(B, h_c, w_c)`` bool foreground patches of its map.
             compute_stats: Fill ``last_stats`` for this call (``None``: the module's
                 ``compute_stats``).
 
@@ -193,9 +247,81 @@ class NeCoLoss(nn.Module):
 
         """
         batch, views = _check_views(student_maps, teacher_maps, boxes)
+        extents = self._extents(student_maps, teacher_maps, crop_sizes)
+        selected = self._selected(teacher_maps, foreground)
         stats = self.compute_stats if compute_stats is None else compute_stats
         with torch.autocast(device_type=boxes.device.type, enabled=False):
-            return self._loss(student_maps, teacher_maps, boxes, batch, views, stats)
+            return self._loss(
+                student_maps, teacher_maps, boxes, batch, views, extents, selected, stats
+            )
+
+    def _selected(
+        self, teacher_maps: Sequence[Tensor], foreground: Sequence[Tensor] | None
+    ) -> list[Tensor] | None:
+        """The ``loss_mask`` selection of every teacher view, ``(B, h_c, w_c)`` bool, or None."""
+        if self.loss_mask == "all":
+            if foreground is not None:
+                raise ValueError("foreground masks need NeCoLoss(loss_mask='foreground' or ...).")
+            return None
+        if foreground is None or isinstance(foreground, Tensor):
+            raise ValueError(
+                f"loss_mask={self.loss_mask!r} needs foreground=[(B, h, w) bool mask per "
+                "teacher view] (neco_loss.foreground.foreground_masks)."
+            )
+        if len(foreground) != len(teacher_maps):
+            raise ValueError(
+                f"foreground must hold one mask per teacher view ({len(teacher_maps)}) but "
+                f"holds {len(foreground)}."
+            )
+        selected = []
+        for view, (mask, teacher_map) in enumerate(zip(foreground, teacher_maps, strict=True)):
+            expected = (teacher_map.shape[0], *teacher_map.shape[2:])
+            if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+                kind = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
+                raise TypeError(f"foreground[{view}] must be a bool tensor but is {kind}.")
+            if tuple(mask.shape) != expected:
+                raise ValueError(
+                    f"foreground[{view}] must be (B, h, w) = {expected} like teacher_maps[{view}] "
+                    f"but has shape {tuple(mask.shape)}."
+                )
+            selected.append(mask if self.loss_mask == "foreground" else ~mask)
+        return selected
+
+    def _extents(
+        self,
+        student_maps: Sequence[Tensor],
+        teacher_maps: Sequence[Tensor],
+        crop_sizes: Sequence[int | Sequence[int]] | None,
+    ) -> list[tuple[float, float]]:
+        """Every view's crop extent in tokens, checked against its maps' grids."""
+        if crop_sizes is None:
+            return [(m.shape[2], m.shape[3]) for m in student_maps]
+        if self.patch_size is None:
+            raise ValueError(
+                "crop_sizes needs the backbone's patch size: NeCoLoss(patch_size=...)."
+            )
+        if isinstance(crop_sizes, (Tensor, str)) or len(crop_sizes) != len(student_maps):
+            raise ValueError(
+                f"crop_sizes must hold one size per view ({len(student_maps)}) but is "
+                f"{crop_sizes!r}."
+            )
+        extents = []
+        for view, size in enumerate(crop_sizes):
+            pixels = _crop_pixels(size, view)
+            grid = (pixels[0] // self.patch_size, pixels[1] // self.patch_size)
+            maps = [("student_maps", student_maps[view])]
+            if view < len(teacher_maps):
+                maps.append(("teacher_maps", teacher_maps[view]))
+            for name, feature_map in maps:
+                if tuple(feature_map.shape[2:]) != grid:
+                    raise ValueError(
+                        f"{name}[{view}] has a {feature_map.shape[2]}x{feature_map.shape[3]} "
+                        f"grid, but a {pixels[0]}x{pixels[1]} px crop at patch_size "
+                        f"{self.patch_size} gives {grid[0]}x{grid[1]} tokens: check crop_sizes "
+                        "and patch_size."
+                    )
+            extents.append(crop_extent(pixels, self.patch_size))
+        return extents
 
     def _loss(
         self,
@@ -204,19 +330,16 @@ class NeCoLoss(nn.Module):
         boxes: Tensor,
         batch: int,
         views: int,
+        extents: list[tuple[float, float]],
+        selected: list[Tensor] | None,
         compute_stats: bool,
     ) -> Tensor:
         if self.queue is not None:
-            source_maps = teacher_maps if self.reference_source == "teacher" else student_maps
-            for view in range(len(teacher_maps)):
-                # Reference code: the queue is updated before the loss of the step.
-                tokens = source_maps[view].flatten(2).transpose(1, 2).detach()  # (B, h * w, D)
-                if self.gather is not None:  # every process queues every process's tokens
-                    tokens = torch.cat(list(self.gather(tokens.contiguous())))
-                self.queue.push(view, tokens, len(teacher_maps), self.generator)
+            self._push(student_maps, teacher_maps, selected)
         overlaps = _overlapping_pairs(boxes, len(teacher_maps))  # [c][v][b] on the host
-        groups: dict[int, list[tuple[Tensor, Tensor]]] = {}
+        groups: dict[int, list[_PairScores]] = {}
         valid_pairs = 0
+        compared_pairs = 0  # (c, v) pairs with an overlapping image: the masked mean's divisor
         for teacher_view, teacher_map in enumerate(teacher_maps):
             for student_view in range(views):
                 if student_view == teacher_view:
@@ -225,45 +348,115 @@ class NeCoLoss(nn.Module):
                 if not any(overlapping) and self.gather is None:
                     continue
                 valid_pairs += sum(overlapping)
-                teacher, student, valid = align_checked_pair(
-                    teacher_map,
-                    student_maps[student_view],
-                    boxes[:, teacher_view],
-                    boxes[:, student_view],
-                    self.roi_size,
+                compared_pairs += 1
+                scores = self._pair_scores(
+                    teacher_view,
+                    (teacher_map, student_maps[student_view]),
+                    (boxes[:, teacher_view], boxes[:, student_view]),
+                    (extents[teacher_view], extents[student_view]),
+                    overlapping,
+                    None if selected is None else selected[teacher_view],
                 )
-                if self.gather is None:
-                    if not all(overlapping):  # keep the overlapping images (host indices)
-                        kept = [image for image, overlap in enumerate(overlapping) if overlap]
-                        index = torch.tensor(kept, device=teacher.device)
-                        teacher, student = teacher[index], student[index]
-                    references = self._references(teacher_view, self._pool(teacher, student))
-                else:
-                    references = self._gathered_references(teacher_view, teacher, student, valid)
-                    teacher, student = teacher[valid], student[valid]
-                scores = (
-                    similarity_scores(student, references, self.similarity).flatten(0, 1),
-                    similarity_scores(teacher.detach(), references, self.similarity).flatten(0, 1),
-                )
-                if len(student):  # with gather, a process may hold no valid image here
-                    groups.setdefault(references.shape[-2], []).append(scores)
+                if scores is not None:
+                    groups.setdefault(scores.student.shape[-1], []).append(scores)
         total_pairs = batch * len(teacher_maps) * (views - 1)
         if valid_pairs == 0:
             raise ValueError(
                 f"no crop pair overlaps in any of the {batch} images ({total_pairs} pairs): "
                 "check the boxes (original-image pixels, (x0, y0, x1, y1))."
             )
+        if not groups:  # loss_mask selected no patch in this batch (the reference: loss 0)
+            return torch.stack([m.sum() for m in student_maps]).sum().float() * 0.0
         terms = [self._terms(pairs) for pairs in groups.values()]
         per_row = torch.cat([term.per_row for term in terms])
-        loss = per_row.mean()
+        if selected is None:
+            loss = per_row.mean()
+        else:  # reference compute_knn_subloss: masked mean per pair, then mean over pairs
+            weights = torch.cat(
+                [
+                    pair.weight
+                    for pairs in groups.values()
+                    for pair in pairs
+                    if pair.weight is not None
+                ]
+            )
+            loss = (per_row * weights).sum() / compared_pairs
         if compute_stats:
             self.last_stats = self._stats(loss, terms, valid_pairs, total_pairs)
         return loss
 
-    def _terms(self, pairs: list[tuple[Tensor, Tensor]]) -> NeCoTerms:
+    def _push(
+        self,
+        student_maps: Sequence[Tensor],
+        teacher_maps: Sequence[Tensor],
+        selected: list[Tensor] | None,
+    ) -> None:
+        """Queue every teacher view's tokens (reference: before the loss of the step)."""
+        assert self.queue is not None  # only called with a queue
+        source_maps = teacher_maps if self.reference_source == "teacher" else student_maps
+        for view in range(len(teacher_maps)):
+            tokens = source_maps[view].flatten(2).transpose(1, 2).detach()  # (B, h * w, D)
+            keep = None if selected is None else selected[view].flatten(1)  # (B, h * w)
+            if self.gather is not None:  # every process queues every process's tokens
+                tokens = torch.cat(list(self.gather(tokens.contiguous())))
+            self.queue.push(view, tokens, len(teacher_maps), self.generator, keep)
+
+    def _pair_scores(
+        self,
+        teacher_view: int,
+        maps: tuple[Tensor, Tensor],
+        boxes: tuple[Tensor, Tensor],
+        extents: tuple[tuple[float, float], tuple[float, float]],
+        overlapping: list[bool],
+        selected: Tensor | None,
+    ) -> _PairScores | None:
+        """Student and teacher scores of one (teacher view, student view) pair.
+
+        ``None`` when ``loss_mask`` leaves no patch of the pair (the pair counts as 0).
+        """
+        teacher_map, student_map = maps
+        if selected is not None:  # align the mask with the teacher's tokens, as one channel
+            teacher_map = torch.cat([teacher_map, selected[:, None].to(teacher_map.dtype)], 1)
+        teacher, student, valid = align_checked_pair(
+            teacher_map, student_map, boxes[0], boxes[1], self.roi_size, extents
+        )
+        keep = None
+        if selected is not None:
+            # reference: roi_align of the 0/1 mask, kept where >= 1 (all samples on the mask)
+            teacher, keep = teacher[..., :-1], teacher[..., -1] >= MASK_FULL
+        if self.gather is None:
+            if not all(overlapping):  # keep the overlapping images (host indices)
+                kept = [image for image, overlap in enumerate(overlapping) if overlap]
+                index = torch.tensor(kept, device=teacher.device)
+                teacher, student = teacher[index], student[index]
+                keep = None if keep is None else keep[index]
+            empty = keep is not None and not bool(keep.any())
+            queued = self.queue is not None and self.queue.is_full(teacher_view)
+            if empty and not queued:  # reference: skipped before its batch draw
+                return None
+            references = self._references(teacher_view, self._pool(teacher, student), keep)
+            if empty:  # reference: the queue draw happens, the pair's loss is 0
+                return None
+        else:
+            references = self._gathered_references(teacher_view, teacher, student, valid)
+            teacher, student = teacher[valid], student[valid]
+        student_scores = similarity_scores(student, references, self.similarity).flatten(0, 1)
+        teacher_scores = similarity_scores(teacher.detach(), references.detach(), self.similarity)
+        teacher_scores = teacher_scores.flatten(0, 1)
+        if len(student_scores) == 0:  # with gather, a process may hold no valid image here
+            return None
+        if keep is None:
+            return _PairScores(student_scores, teacher_scores, None)
+        rows = keep.flatten()
+        weight = 1.0 / rows.sum().to(student_scores.dtype)
+        return _PairScores(
+            student_scores[rows], teacher_scores[rows], weight.expand(int(rows.sum()))
+        )
+
+    def _terms(self, pairs: list[_PairScores]) -> NeCoTerms:
         """Sort the scores of all pairs with the same ``R`` in one call."""
-        student_scores = torch.cat([student for student, _ in pairs])
-        teacher_scores = torch.cat([teacher for _, teacher in pairs])
+        student_scores = torch.cat([pair.student for pair in pairs])
+        teacher_scores = torch.cat([pair.teacher for pair in pairs])
         rows, count = student_scores.shape
         if rows * count * count * 4 > PERMUTATION_WARNING_BYTES:
             warnings.warn(
@@ -351,8 +544,13 @@ class NeCoLoss(nn.Module):
         return references if references.dim() == 2 else references[offset : offset + mine]
 
     def _pool(self, teacher: Tensor, student: Tensor) -> Tensor:
-        """The aligned patches references are drawn from (``reference_source``), detached."""
-        return (teacher if self.reference_source == "teacher" else student).detach()
+        """The aligned patches references are drawn from (``reference_source``).
+
+        Teacher patches keep their gradient, if any: the reference code's ``use_teacher:
+        False`` ablation passes a second student forward as the teacher, and its references
+        carry gradient; an EMA teacher has none. Student patches are detached.
+        """
+        return teacher if self.reference_source == "teacher" else student.detach()
 
     def _reference_count(self, batch: int, patches: int) -> int:
         """``R`` per query for ``batch`` images of ``patches`` aligned patches each."""
@@ -361,14 +559,17 @@ class NeCoLoss(nn.Module):
             return fraction_count(self.reference_fraction, batch, patches, self.reference_images)
         return self.num_references or patches
 
-    def _references(self, teacher_view: int, pool: Tensor) -> Tensor:
-        """References for a pool ``(B, N, D)`` of valid images: ``(B, R, D)`` or ``(R, D)``."""
+    def _references(self, teacher_view: int, pool: Tensor, keep: Tensor | None = None) -> Tensor:
+        """References for a pool ``(B, N, D)`` of valid images: ``(B, R, D)`` or ``(R, D)``.
+
+        ``keep`` ``(B, N)`` restricts batch draws to the patches ``loss_mask`` selects.
+        """
         batch, patches, _ = pool.shape
         count = self._reference_count(batch, patches)
         if self.queue is not None and self.queue.is_full(teacher_view):
             return self.queue.sample(teacher_view, batch, count, self.generator).to(pool.dtype)
         if self.references in ("per_image", "queue"):  # the queue falls back to per_image
-            return per_image_references(pool, patches, self.reference_images, self.generator)
+            return per_image_references(pool, patches, self.reference_images, self.generator, keep)
         if self.reference_images == "any":
             return shared_references(pool, count, self.generator)
         return per_image_references(pool, count, self.reference_images, self.generator)
@@ -402,6 +603,18 @@ def _overlapping_pairs(boxes: Tensor, teacher_views: int) -> list[list[list[bool
     """
     shared = intersect(boxes[:, :teacher_views, None], boxes[:, None, :])  # (B, C, V, 4)
     return is_nonempty(shared).permute(1, 2, 0).tolist()
+
+
+def _crop_pixels(size: int | Sequence[int], view: int) -> tuple[int, int]:
+    """``(height, width)`` of ``crop_sizes[view]``: a side or a pair of positive ints."""
+    pair = (size, size) if isinstance(size, int) else tuple(size)
+    if len(pair) != 2 or not all(
+        isinstance(side, int) and not isinstance(side, bool) and side > 0 for side in pair
+    ):
+        raise ValueError(
+            f"crop_sizes[{view}] must be a positive int or (height, width) but is {size!r}."
+        )
+    return pair[0], pair[1]
 
 
 def _check_fraction(references: str, fraction: float | None) -> float | None:

@@ -6,6 +6,8 @@ Needs timm (``pip install 'neco-loss[train]'``).
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -105,7 +107,7 @@ class DenseViT(nn.Module):
             load_weights(self.vit, checkpoint)
 
     def forward(self, images: Tensor) -> Tensor:
-        """``(B, 3, H, W)`` images, H and W divisible by the patch size -> ``(B, D, h, w)``."""
+        """``(B, 3, H, W)`` images -> ``(B, D, H // patch, W // patch)`` patch tokens."""
         return vit_tokens_and_patch_map(self.vit, images)[1]
 
 
@@ -122,29 +124,78 @@ def vit_tokens_and_patch_map(vit: Any, images: Tensor) -> tuple[Tensor, Tensor]:
         vit: A timm ``VisionTransformer`` (``forward_features``, ``patch_embed``,
             ``num_prefix_tokens``) built with ``dynamic_img_size=True`` for sizes other than its
             ``img_size``.
-        images: ``(B, 3, H, W)``, ``H`` and ``W`` divisible by the patch size.
+        images: ``(B, 3, H, W)``, at least one patch on each side. Sides that are not
+            multiples of the patch size lose their last ``H % patch`` rows and ``W % patch``
+            columns, as the strided patch embedding of the reference code's ViTs ignores them
+            (98 px at patch 16: 6x6 tokens over 96 px); give the loss the crop sizes
+            (``NeCoLoss(patch_size=)``, ``forward(crop_sizes=)``) to keep boxes exact.
 
     Returns:
         ``tokens`` ``(B, T, D)`` from ``forward_features`` (prefix tokens first; pool them with
         ``vit.forward_head(tokens, pre_logits=True)``) and the patch map ``(B, D, h, w)``
-        without the CLS and register tokens.
+        without the CLS and register tokens, ``h = H // patch``, ``w = W // patch``.
 
     Raises:
-        ValueError: If ``images`` is not ``(B, 3, H, W)`` or not divisible by the patch size.
+        ValueError: If ``images`` is not ``(B, 3, H, W)`` or smaller than one patch.
 
     """
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be (B, 3, H, W) but have shape {tuple(images.shape)}.")
     patch_size = vit_patch_size(vit)
     height, width = images.shape[2:]
-    if height % patch_size or width % patch_size:
-        raise ValueError(
-            f"image size {height}x{width} is not divisible by the patch size {patch_size}."
-        )
+    grid = (height // patch_size, width // patch_size)
+    if min(grid) < 1:
+        raise ValueError(f"image size {height}x{width} is smaller than one patch ({patch_size}).")
+    images = images[..., : grid[0] * patch_size, : grid[1] * patch_size]
     tokens = vit.forward_features(images)
     patches = tokens[:, int(getattr(vit, "num_prefix_tokens", 1)) :]
-    grid = (height // patch_size, width // patch_size)
     return tokens, patches.transpose(1, 2).unflatten(2, grid)
+
+
+@contextmanager
+def recording_cls_attention(vit: Any) -> Iterator[list[Tensor]]:
+    """Record the CLS token's last-block attention to the patches in every forward of ``vit``.
+
+    The reference code's ``loss_mask: fg/bg`` thresholds this attention
+    (``forward_backbone(..., last_self_attention=True)``: ``attn[:, :, 0, 1:]``). Here it is
+    recomputed from the last block's attention input (timm's fused attention never forms the
+    matrix) and taken over the patch tokens only, registers left out.
+
+    Args:
+        vit: A timm ``VisionTransformer`` (``blocks[-1].attn`` with ``qkv``, ``num_heads``).
+
+    Yields:
+        A list that receives one ``(B, heads, h * w)`` float32 tensor per forward (patches in
+        row-major order), computed without gradient.
+
+    Raises:
+        TypeError: If ``vit`` has no timm attention in its last block.
+
+    """
+    attention = getattr(getattr(vit, "blocks", [None])[-1], "attn", None)
+    if attention is None or not hasattr(attention, "qkv") or not hasattr(attention, "num_heads"):
+        raise TypeError(
+            f"recording_cls_attention needs a timm ViT (blocks[-1].attn.qkv) but got "
+            f"{type(vit).__name__}."
+        )
+    records: list[Tensor] = []
+    prefix = int(getattr(vit, "num_prefix_tokens", 1))
+
+    def record(module: Any, inputs: tuple[Tensor, ...]) -> None:
+        with torch.no_grad():
+            tokens = inputs[0]  # (B, T, C) after the block's norm1
+            batch, count, _ = tokens.shape
+            qkv = module.qkv(tokens).reshape(batch, count, 3, module.num_heads, -1)
+            query, key = qkv[:, :1, 0].transpose(1, 2), qkv[:, :, 1].transpose(1, 2)
+            query, key = module.q_norm(query), module.k_norm(key)
+            weights = (query * module.scale @ key.transpose(-2, -1)).softmax(dim=-1)
+            records.append(weights[:, :, 0, prefix:].float())  # (B, heads, h * w)
+
+    handle = attention.register_forward_pre_hook(record)
+    try:
+        yield records
+    finally:
+        handle.remove()
 
 
 class ProjectionHead(nn.Module):

@@ -36,18 +36,19 @@ def check_top_k(top_k: int | None, n: int | None = None) -> int | None:
     return top_k
 
 
-def check_loss_options(loss: str, direction: str, top_k: int | None, epsilon: float) -> None:
+def check_loss_options(loss: str, direction: str, top_k: int | None, epsilon: float | None) -> None:
     """Raise unless the comparison options are valid (``top_k`` checked against R later).
 
     Raises:
         ValueError: For unknown names, L1/L2 with a CE direction other than the default, or an
-            epsilon that is not finite and positive.
+            epsilon that is neither ``None`` nor finite and positive.
         TypeError: If ``top_k`` is not an integer or ``None``.
 
     """
     check_choice(loss, "loss", LOSSES)
     check_choice(direction, "direction", DIRECTIONS)
-    check_positive_finite(epsilon, "epsilon")
+    if epsilon is not None:
+        check_positive_finite(epsilon, "epsilon")
     check_top_k(top_k)
     if loss != "ce" and direction != "teacher_to_student":
         raise ValueError(
@@ -62,7 +63,7 @@ def permutation_loss(
     loss: str = "ce",
     direction: str = "teacher_to_student",
     top_k: int | None = None,
-    epsilon: float = EPSILON,
+    epsilon: float | None = EPSILON,
 ) -> Tensor:
     """Per-row loss between soft permutations (reference code: ``-sum_rank Q_t log Q_s``).
 
@@ -78,7 +79,8 @@ def permutation_loss(
             (similarities are sorted ascending, so these are ranks ``n - k .. n - 1``): the
             paper's Table 9a. ``None`` compares all ``n`` ranks.
         epsilon: Probabilities are clamped to ``>= epsilon`` before their log, so the loss is
-            finite for every legal input (see ``EPSILON``).
+            finite for every legal input; ``None`` (default) clamps at the dtype's smallest
+            normal number, which leaves every nonzero probability exact (see ``EPSILON``).
 
     Returns:
         ``(rows,)``: the mean over elements of the sum over ranks (CE) or the mean over elements

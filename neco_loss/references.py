@@ -14,7 +14,9 @@ Strategies (``NeCoLoss(references=...)``):
 
 ``images`` restricts where an image's references come from (paper Table 5c): ``"any"`` image of
 the batch, the same image only (``"intra"``) or other images only (``"inter"``); with
-``"intra"``/``"inter"`` references are drawn per image. References never carry a gradient.
+``"intra"``/``"inter"`` references are drawn per image. References carry the gradient of the
+patches they are drawn from (none from an EMA teacher; the student's in the reference code's
+``use_teacher: False`` ablation); queued tokens never do.
 """
 
 from __future__ import annotations
@@ -49,7 +51,11 @@ def _randperm(n: int, generator: torch.Generator | None, device: torch.device) -
 
 
 def per_image_references(
-    pool: Tensor, count: int, images: str = "any", generator: torch.Generator | None = None
+    pool: Tensor,
+    count: int,
+    images: str = "any",
+    generator: torch.Generator | None = None,
+    keep: Tensor | None = None,
 ) -> Tensor:
     """Draw ``count`` references for every image from a batch of patches, without replacement.
 
@@ -60,16 +66,24 @@ def per_image_references(
             exactly once (the reference code's shuffle-and-split); ``"intra"``: from the image's
             own patches; ``"inter"``: from the other images' patches.
         generator: CPU generator for reproducible draws, or ``None`` for the global RNG.
+        keep: ``(B, N)`` bool, for ``images="any"`` only: draw from these patches alone,
+            repeated in order to fill ``B * N`` places before the shuffle (the reference code's
+            ``loss_mask: fg/bg`` selection, ``knn_loss``); at least one must be True.
 
     Returns:
-        ``(B, R, D)`` references, detached.
+        ``(B, R, D)`` references, with the pool's gradient (detach the pool for constants).
 
     Raises:
         ValueError: If there are fewer candidate patches than ``count``.
 
     """
     batch, patches, _ = pool.shape
-    flat = pool.detach().flatten(0, 1)  # (B * N, D)
+    flat = pool.flatten(0, 1)  # (B * N, D)
+    if keep is not None:
+        if images != "any":
+            raise ValueError(f"keep applies to images='any', not {images!r}.")
+        chosen = flat[keep.flatten()]  # reference: filtered.repeat(round(BN / F) + 1)[:BN]
+        flat = chosen.repeat(batch * patches // len(chosen) + 1, 1)[: batch * patches]
     available = {"any": batch * patches, "intra": patches, "inter": (batch - 1) * patches}[images]
     if count > available or (images == "any" and count * batch > batch * patches):
         raise ValueError(
@@ -99,13 +113,13 @@ def shared_references(pool: Tensor, count: int, generator: torch.Generator | Non
         generator: CPU generator, or ``None`` for the global RNG.
 
     Returns:
-        ``(R, D)`` references, detached.
+        ``(R, D)`` references, with the pool's gradient.
 
     Raises:
         ValueError: If ``count > B * N``.
 
     """
-    flat = pool.detach().flatten(0, 1)
+    flat = pool.flatten(0, 1)
     if count > flat.shape[0]:
         raise ValueError(
             f"cannot draw {count} references from {flat.shape[0]} patches "
@@ -154,7 +168,12 @@ class ReferenceQueue(nn.Module):
         return view < len(self._filled_on_host) and self._filled_on_host[view] == self.length
 
     def push(
-        self, view: int, tokens: Tensor, views: int, generator: torch.Generator | None = None
+        self,
+        view: int,
+        tokens: Tensor,
+        views: int,
+        generator: torch.Generator | None = None,
+        keep: Tensor | None = None,
     ) -> None:
         """Add a random subset of a view's tokens to its queue.
 
@@ -163,6 +182,8 @@ class ReferenceQueue(nn.Module):
             tokens: ``(B, M, D)`` tokens (detached here).
             views: Number of teacher views (queues), fixed at the first push.
             generator: CPU generator, or ``None`` for the global RNG.
+            keep: ``(B, M)`` bool: queue only these tokens (reference ``update_queue`` with
+                ``loss_mask: fg/bg``).
 
         Raises:
             ValueError: If ``views`` or ``D`` differ from those of earlier pushes.
@@ -170,6 +191,8 @@ class ReferenceQueue(nn.Module):
         """
         batch = tokens.shape[0]
         tokens = tokens.detach().flatten(0, 1)  # (B * M, D)
+        if keep is not None:
+            tokens = tokens[keep.flatten()]
         if self.tokens.shape[0] == 0:
             self.tokens = tokens.new_zeros(views, self.length, tokens.shape[1])
             self.filled = torch.zeros(views, dtype=torch.long, device=tokens.device)

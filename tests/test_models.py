@@ -33,12 +33,14 @@ class TestDenseViT:
         vit = DenseViT("vit_small_patch14_reg4_dinov2", **SMALL)
         assert vit(torch.randn(1, 3, 98, 224)).shape == (1, 48, 7, 16)
 
-    def test_sizes_not_divisible_by_the_patch(self):
-        vit = DenseViT("vit_small_patch14_reg4_dinov2", **SMALL)
-        with pytest.raises(
-            ValueError, match="image size 100x98 is not divisible by the patch size"
-        ):
-            vit(torch.randn(1, 3, 100, 98))
+    def test_sizes_not_divisible_by_the_patch_drop_the_last_pixels(self):
+        """As a strided patch embedding: 100 px at patch 14 gives 7 tokens over 98 px."""
+        vit = DenseViT("vit_small_patch14_reg4_dinov2", **SMALL).eval()
+        images = torch.randn(1, 3, 100, 110)
+        torch.testing.assert_close(vit(images), vit(images[..., :98, :98]))
+        assert vit(images).shape[2:] == (7, 7)
+        with pytest.raises(ValueError, match="image size 13x98 is smaller than one patch"):
+            vit(torch.randn(1, 3, 13, 98))
         with pytest.raises(ValueError, match=r"images must be \(B, 3, H, W\)"):
             vit(torch.randn(3, 98, 98))
 

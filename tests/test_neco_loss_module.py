@@ -134,12 +134,18 @@ class TestPairing:
         criterion(student, teacher, unflipped)
         assert criterion.last_stats.rank_agreement < 0.6
 
-    def test_gradients_reach_student_maps_only(self):
+    def test_gradients_reach_teacher_maps_through_references_only(self):
+        """Teacher maps with a gradient (the reference code's use_teacher: False) get it from
+        the references; with student references they get none."""
         student, teacher = random_maps()
         _, _, boxes = scene()
         for feature_map in student + teacher:
             feature_map.requires_grad_()
         NeCoLoss()(student, teacher, boxes).backward()
+        assert all(m.grad is not None and m.grad.abs().sum() > 0 for m in student + teacher)
+        for feature_map in student + teacher:
+            feature_map.grad = None
+        NeCoLoss(reference_source="student")(student, teacher, boxes).backward()
         assert all(m.grad is not None and m.grad.abs().sum() > 0 for m in student)
         assert all(m.grad is None for m in teacher)
 

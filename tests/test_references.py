@@ -59,9 +59,30 @@ class TestPerImage:
             other = per_image_references(pool, 49, images, generator(6))
             assert torch.equal(first, again) and not torch.equal(first, other)
 
-    def test_detached(self):
+    def test_references_carry_the_pools_gradient(self):
         pool = torch.randn(2, 9, 4, requires_grad=True)
-        assert not per_image_references(pool, 9).requires_grad
+        per_image_references(pool, 9).sum().backward()
+        torch.testing.assert_close(pool.grad, torch.ones_like(pool))  # each patch drawn once
+        assert not per_image_references(pool.detach(), 9).requires_grad
+
+    def test_keep_draws_from_the_kept_patches_only(self):
+        pool = torch.arange(18.0).view(2, 9, 1)
+        keep = torch.zeros(2, 9, dtype=torch.bool)
+        keep[0, 2], keep[1, 7] = True, True
+        drawn = per_image_references(pool, 9, keep=keep, generator=torch.Generator())
+        assert drawn.shape == (2, 9, 1)
+        assert set(drawn.flatten().tolist()) == {2.0, 16.0}
+        with pytest.raises(ValueError, match="keep applies to images='any'"):
+            per_image_references(pool, 9, "intra", keep=keep)
+
+    def test_keep_everything_draws_as_without(self):
+        pool = torch.randn(3, 9, 4)
+        keep = torch.ones(3, 9, dtype=torch.bool)
+        with_keep = per_image_references(
+            pool, 9, keep=keep, generator=torch.Generator().manual_seed(1)
+        )
+        without = per_image_references(pool, 9, generator=torch.Generator().manual_seed(1))
+        torch.testing.assert_close(with_keep, without)
 
     @pytest.mark.parametrize(
         "count, images", [(10, "any"), (10, "intra"), (19, "inter"), (1, "inter")]

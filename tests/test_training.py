@@ -135,8 +135,8 @@ class TestConfig:
             load_config(tmp_path / "none.yaml")
         with pytest.raises(ValueError, match="batch_size 64"):
             Trainer(tiny_config(tmp_path, batch_size=64), progress=False)
-        with pytest.raises(ValueError, match="not divisible by the patch size"):
-            Trainer(tiny_config(tmp_path, local_size=12), progress=False)
+        with pytest.raises(ValueError, match="teacher must be one of"):
+            build_config({"teacher": "none"})
 
 
 @pytest.mark.parametrize(
@@ -177,10 +177,65 @@ def test_malicious_checkpoints_are_refused(tmp_path):
 
 
 def test_without_teacher_the_student_is_its_own_target(tmp_path):
-    trainer = Trainer(tiny_config(tmp_path, max_steps=2, use_teacher=False), progress=False)
+    trainer = Trainer(
+        tiny_config(tmp_path, max_steps=2, teacher="student_detached"), progress=False
+    )
     teacher_before = {k: v.clone() for k, v in trainer.teacher.state_dict().items()}
     result = trainer.fit()
     assert result.steps == 2 and torch.isfinite(torch.tensor(result.last_loss))
     name = "module.backbone.vit.blocks.0.attn.qkv.weight"
     student = trainer.student.state_dict()["backbone.vit.blocks.0.attn.qkv.weight"]
     assert not torch.equal(student, teacher_before[name])  # the student learned
+
+
+class TestTeachers:
+    """``teacher``: the EMA teacher, the reference's use_teacher: False, and our cheap variant."""
+
+    def forward(self, tmp_path, teacher):
+        model = {
+            **TINY["model_kwargs"],
+            "depth": 2,
+        }  # timm: block i drops with i / (depth - 1) x rate
+        config = tiny_config(tmp_path, teacher=teacher, model_kwargs=model, drop_path_rate=0.5)
+        trainer = Trainer(config, progress=False)
+        views, _ = next(trainer._batches())
+        trainer.student.train()
+        torch.manual_seed(0)
+        return trainer._forward(views)
+
+    def test_student_is_a_second_forward_with_gradient(self, tmp_path):
+        student_maps, teacher_maps, attention = self.forward(tmp_path, "student")
+        assert len(teacher_maps) == 2 and attention is None
+        assert all(m.requires_grad for m in teacher_maps)
+        # drop-path draws anew in the second forward of the same views
+        assert not torch.equal(teacher_maps[0], student_maps[0])
+
+    def test_student_detached_reuses_the_student_maps(self, tmp_path):
+        student_maps, teacher_maps, _ = self.forward(tmp_path, "student_detached")
+        assert not any(m.requires_grad for m in teacher_maps)
+        torch.testing.assert_close(teacher_maps[0], student_maps[0].detach())
+
+    @pytest.mark.parametrize("teacher", ["ema", "student", "student_detached"])
+    def test_trains_with_a_foreground_mask(self, tmp_path, teacher):
+        config = tiny_config(
+            tmp_path,
+            teacher=teacher,
+            max_steps=2,
+            global_size=48,
+            loss={"roi_size": 2, "loss_mask": "foreground"},
+        )
+        trainer = Trainer(config, progress=False)
+        views, _ = next(trainer._batches())
+        trainer.student.train()
+        _, teacher_maps, attention = trainer._forward(views)
+        assert [tuple(a.shape) for a in attention] == [(4, 2, 6, 6)] * 2
+        torch.testing.assert_close(attention[0].sum(dim=(2, 3)), torch.ones(4, 2), atol=0.5, rtol=0)
+        result = trainer.fit()
+        assert result.steps == 2 and torch.isfinite(torch.tensor(result.last_loss))
+
+
+def test_crops_not_divisible_by_the_patch_train(tmp_path):
+    """98 px crops at patch 16 (the reference's DINO configs): here 20 px at patch 8."""
+    trainer = Trainer(tiny_config(tmp_path, local_size=20, max_steps=1), progress=False)
+    assert trainer.crop_sizes == [32, 32, 20, 20]
+    assert trainer.fit().steps == 1

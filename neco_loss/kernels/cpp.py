@@ -176,7 +176,9 @@ def _sort_arguments(settings: SortSettings, n: int) -> tuple[Any, ...]:
     )
 
 
-def _cross_entropy_arguments(settings: CrossEntropySettings, n: int) -> tuple[Any, ...]:
+def _cross_entropy_arguments(
+    settings: CrossEntropySettings, n: int, dtype: torch.dtype
+) -> tuple[Any, ...]:
     return (
         *flat_plan(settings.network, n).arguments(),
         settings.sort("student").code,
@@ -186,7 +188,7 @@ def _cross_entropy_arguments(settings: CrossEntropySettings, n: int) -> tuple[An
         settings.first_rank(n),
         float(settings.teacher_to_student),
         float(settings.student_to_teacher),
-        float(settings.epsilon),
+        settings.log_floor(dtype),
     )
 
 
@@ -217,7 +219,7 @@ def _cross_entropy_gradient(
     student: Tensor, teacher: Tensor, settings: CrossEntropySettings, grad_loss: Tensor
 ) -> Tensor:
     kernels: Any = cpu_kernels()
-    arguments = _cross_entropy_arguments(settings, student.shape[1])
+    arguments = _cross_entropy_arguments(settings, student.shape[1], student.dtype)
     return kernels.sort_ce_backward(student, teacher, grad_loss, *arguments)
 
 
@@ -232,7 +234,7 @@ class _CompiledSortCrossEntropy(RecomputingCrossEntropy):
             ctx, student, teacher, settings, _cross_entropy_gradient, NAME + ", fused CE"
         )
         kernels: Any = cpu_kernels()
-        arguments = _cross_entropy_arguments(settings, student.shape[1])
+        arguments = _cross_entropy_arguments(settings, student.shape[1], student.dtype)
         return kernels.sort_ce_forward(student, teacher, *arguments)
 
 

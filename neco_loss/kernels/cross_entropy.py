@@ -9,18 +9,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from neco_loss.kernels.plan import SortSettings
 
-EPSILON = 1e-8
-"""Default clamp of a probability before its log.
+EPSILON: float | None = None
+"""Default clamp of a probability before its log: ``None``, the dtype's smallest normal number.
 
-The reference code takes ``log(Q_s)`` unclamped, which is ``-inf`` (and the loss NaN) when a
-probability underflows to 0 (logistic relaxations at high steepness). With Cauchy at the
-reference steepness 100 no entry of ``Q_s`` comes near 1e-8, so the default reproduces the
-reference code exactly; ``docs/loss.md`` shows why logistic relaxations want a larger epsilon.
+The reference code takes ``log(Q_s)`` unclamped (``src/neco.py``, ``compute_knn_subloss``). A
+probability that underflows to exactly 0 (logistic relaxations, odd-even networks, steepness
+1000) makes that ``-inf`` and the loss NaN. Clamping at ``torch.finfo(dtype).tiny`` (1.2e-38 in
+float32, 2.2e-308 in float64) changes nothing above it, so the default equals the reference
+loss wherever that is finite, and turns ``log(0)`` into a large finite number. A larger epsilon
+(e.g. 1e-3 for logistic relaxations in float32, ``docs/loss.md``) is a deliberate bias.
 """
+
+
+def log_floor(epsilon: float | None, dtype: torch.dtype) -> float:
+    """The clamp applied before a log: ``epsilon``, or ``dtype``'s smallest normal for ``None``."""
+    return torch.finfo(dtype).tiny if epsilon is None else epsilon
 
 
 def cross_entropy_over_ranks(
@@ -30,7 +38,7 @@ def cross_entropy_over_ranks(
     top_k: int | None = None,
     teacher_to_student: bool = True,
     student_to_teacher: bool = False,
-    epsilon: float = EPSILON,
+    epsilon: float | None = EPSILON,
 ) -> Tensor:
     """Per-row CE of two soft permutations: mean over elements of the sum over ranks.
 
@@ -40,20 +48,21 @@ def cross_entropy_over_ranks(
         top_k: Compare only ranks ``n - k .. n - 1`` (``None``: all).
         teacher_to_student: Include ``-sum_rank Q_t log max(Q_s, epsilon)`` (reference code).
         student_to_teacher: Include ``-sum_rank Q_s log max(Q_t, epsilon)``.
-        epsilon: Clamp of probabilities before their log.
+        epsilon: Clamp of probabilities before their log (``None``: see ``EPSILON``).
 
     Returns:
         ``(rows,)``.
 
     """
     n = q_student.shape[-1]
+    floor = log_floor(epsilon, q_student.dtype)
     if top_k is not None:
         q_student, q_teacher = q_student[..., n - top_k :], q_teacher[..., n - top_k :]
     per_element = q_student.new_zeros(q_student.shape[:2])
     if teacher_to_student:
-        per_element = per_element - (q_teacher * q_student.clamp_min(epsilon).log()).sum(-1)
+        per_element = per_element - (q_teacher * q_student.clamp_min(floor).log()).sum(-1)
     if student_to_teacher:
-        per_element = per_element - (q_student * q_teacher.clamp_min(epsilon).log()).sum(-1)
+        per_element = per_element - (q_student * q_teacher.clamp_min(floor).log()).sum(-1)
     return per_element.mean(dim=1)
 
 
@@ -70,7 +79,7 @@ class CrossEntropySettings:
         top_k: Compare only the ``k`` highest ranks (``None``: all).
         teacher_to_student: Include ``CE(Q_t, Q_s)``.
         student_to_teacher: Include ``CE(Q_s, Q_t)``.
-        epsilon: Clamp of probabilities before their log.
+        epsilon: Clamp of probabilities before their log (``None``: see ``EPSILON``).
 
     """
 
@@ -82,12 +91,16 @@ class CrossEntropySettings:
     top_k: int | None = None
     teacher_to_student: bool = True
     student_to_teacher: bool = False
-    epsilon: float = EPSILON
+    epsilon: float | None = EPSILON
 
     def sort(self, of: str) -> SortSettings:
         """The settings of the ``"student"`` or the ``"teacher"`` sort."""
         steepness = self.steepness_student if of == "student" else self.steepness_teacher
         return SortSettings(self.network, self.relaxation, steepness, self.art_lambda)
+
+    def log_floor(self, dtype: torch.dtype) -> float:
+        """The clamp before the log for scores of ``dtype``."""
+        return log_floor(self.epsilon, dtype)
 
     def first_rank(self, n: int) -> int:
         """First compared rank for ``n`` references (``n - top_k``, or 0)."""

@@ -832,7 +832,7 @@ def _constants(settings: CrossEntropySettings, like: Tensor) -> Tensor:
         settings.steepness_teacher,
         float(settings.teacher_to_student),
         float(settings.student_to_teacher),
-        settings.epsilon,
+        settings.log_floor(like.dtype),
     ]
     return torch.tensor(values, device=like.device, dtype=like.dtype)
 

@@ -18,6 +18,8 @@ import yaml
 
 from neco_loss.models import REFERENCE_MOMENTUM
 
+TEACHERS = ("ema", "student", "student_detached")
+
 
 @dataclass
 class TrainConfig:
@@ -53,9 +55,12 @@ class TrainConfig:
         final_lr: Learning rate at the end of the cosine schedule (reference: 0).
         weight_decay: Weight decay at the start (reference: 0.04).
         weight_decay_end: Weight decay at the end, cosine (reference: 0.5).
-        use_teacher: Compare with the EMA teacher (reference: True); False compares with the
-            student's own global views (detached), the reference's ``use_teacher: False``
-            ablation.
+        teacher: What the student is compared with: ``"ema"``, the EMA teacher (reference
+            ``use_teacher: True``); ``"student"``, a second student forward of the global views
+            with gradient and drop-path, as the reference code runs ``use_teacher: False``
+            (``ablation_steepness_no_teacher.yml``); ``"student_detached"``, the student's own
+            global maps of the same forward, detached (ours: no second forward, no gradient
+            through the references).
         momentum: EMA momentum at the start (reference: 0.9995).
         momentum_end: EMA momentum at the end, cosine (reference: 1.0).
         grad_clip: Gradient norm clipping (``None``: off, reference).
@@ -100,7 +105,7 @@ class TrainConfig:
     final_lr: float = 0.0
     weight_decay: float = 0.04
     weight_decay_end: float = 0.5
-    use_teacher: bool = True
+    teacher: str = "ema"
     momentum: float = REFERENCE_MOMENTUM
     momentum_end: float = 1.0
     grad_clip: float | None = None
@@ -129,6 +134,8 @@ class TrainConfig:
             raise ValueError(f"max_steps must be >= 1 or null but is {self.max_steps}.")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]' but is {self.device!r}.")
+        if self.teacher not in TEACHERS:
+            raise ValueError(f"teacher must be one of {list(TEACHERS)} but is {self.teacher!r}.")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(
                 f"precision must be 'auto', 'bf16' or 'fp32' but is {self.precision!r}."

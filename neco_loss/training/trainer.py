@@ -13,6 +13,7 @@ machine.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import signal
@@ -32,8 +33,16 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from neco_loss.checks import all_finite
 from neco_loss.data import ImageFolder, NeCoMultiCrop, SyntheticScenes
 from neco_loss.diagnostics import NeCoStats
+from neco_loss.foreground import foreground_masks
 from neco_loss.loss import NeCoLoss
-from neco_loss.models import DenseEncoder, DenseViT, EMATeacher, ProjectionHead, momentum_at
+from neco_loss.models import (
+    DenseEncoder,
+    DenseViT,
+    EMATeacher,
+    ProjectionHead,
+    momentum_at,
+    recording_cls_attention,
+)
 from neco_loss.references import all_gather
 from neco_loss.schedules import cosine
 from neco_loss.training.checkpoint import LAST, load_checkpoint, save_atomic
@@ -106,23 +115,44 @@ class MultiViewEncoder(nn.Module):
     """Encodes a list of views in one ``forward`` (what DistributedDataParallel needs).
 
     Views of one size go through the encoder together.
+
+    Args:
+        encoder: ``images (B, 3, s, s) -> maps (B, D, h, w)``.
+        vit: The timm ViT inside ``encoder``, to record its CLS attention (``forward(...,
+            attention=True)``).
+
     """
 
-    def __init__(self, encoder: nn.Module) -> None:
+    def __init__(self, encoder: nn.Module, vit: nn.Module | None = None) -> None:
         super().__init__()
         self.encoder = encoder
+        self.vit = [vit]  # a list: not a submodule twice in state_dict and DDP
 
-    def forward(self, views: list[Tensor]) -> list[Tensor]:
-        """``V`` views ``(B, 3, s_v, s_v)`` -> ``V`` patch maps ``(B, D, h_v, w_v)``."""
-        maps: list[Tensor | None] = [None] * len(views)
+    def forward(
+        self, views: list[Tensor], attention: bool = False
+    ) -> list[Tensor] | tuple[list[Tensor], list[Tensor]]:
+        """``V`` views ``(B, 3, s_v, s_v)`` -> ``V`` patch maps ``(B, D, h_v, w_v)``.
+
+        With ``attention``, also each view's last-block CLS attention ``(B, heads, h_v, w_v)``
+        (``neco_loss.models.recording_cls_attention``).
+        """
+        maps: list[Tensor] = [views[0]] * len(views)
+        attentions: list[Tensor] = [views[0]] * len(views)
         sizes: dict[tuple[int, ...], list[int]] = {}
         for index, view in enumerate(views):
             sizes.setdefault(tuple(view.shape), []).append(index)
         for indices in sizes.values():
-            encoded = self.encoder(torch.cat([views[i] for i in indices])).chunk(len(indices))
-            for index, feature_map in zip(indices, encoded, strict=True):
-                maps[index] = feature_map
-        return [feature_map for feature_map in maps if feature_map is not None]
+            with contextlib.ExitStack() as stack:
+                records = (
+                    stack.enter_context(recording_cls_attention(self.vit[0])) if attention else []
+                )
+                encoded = self.encoder(torch.cat([views[i] for i in indices]))
+            for position, index in enumerate(indices):
+                maps[index] = encoded.chunk(len(indices))[position]
+                if attention:
+                    grid = encoded.shape[2:]
+                    attentions[index] = records[0].unflatten(-1, grid).chunk(len(indices))[position]
+        return (maps, attentions) if attention else maps
 
 
 @dataclass
@@ -229,22 +259,24 @@ class Trainer:
         head = ProjectionHead(backbone.embed_dim, config.head_hidden_dim, config.head_out_dim)
         self.student = DenseEncoder(backbone, head).to(self.device)
         self.teacher = EMATeacher(self.student).to(self.device)
-        self.student_views: nn.Module = MultiViewEncoder(self.student)
+        self.student_views: nn.Module = MultiViewEncoder(self.student, backbone.vit)
         if self.world > 1:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.student_views = nn.parallel.DistributedDataParallel(
                 self.student_views, device_ids=device_ids
             )
-        self.teacher_views = MultiViewEncoder(self.teacher)
+        self.teacher_views = MultiViewEncoder(
+            self.teacher, self.teacher.module.get_submodule("backbone.vit")
+        )
         gather = all_gather if self.world > 1 else None
-        self.criterion = NeCoLoss(seed=config.seed, gather=gather, **config.loss).to(self.device)
+        # patch_size + crop_sizes: boxes in the reference code's frame for any crop size
+        loss_options = {"patch_size": backbone.patch_size, **config.loss}
+        self.criterion = NeCoLoss(seed=config.seed, gather=gather, **loss_options)
+        self.criterion.to(self.device)
+        self.crop_sizes = [config.global_size] * config.num_global
+        self.crop_sizes += [config.local_size] * config.num_local
         self.optimizer = torch.optim.AdamW(_parameter_groups(self.student, config), lr=0.0)
         transform = multicrop_transform(config)
-        for size in (config.global_size, config.local_size):
-            if size % backbone.patch_size:
-                raise ValueError(
-                    f"crop size {size} is not divisible by the patch size {backbone.patch_size}."
-                )
         self.dataset = MultiCropDataset(training_images(config), transform, config.seed)
         if len(self.dataset) < config.batch_size * self.world:
             raise ValueError(
@@ -283,17 +315,23 @@ class Trainer:
         views = [view.to(self.device, non_blocking=True) for view in views]
         boxes = boxes.to(self.device)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            student_maps = self.student_views(views)
-            if self.config.use_teacher:
-                teacher_maps = self.teacher_views(views[: self.config.num_global])
-            else:  # the reference's use_teacher: False: the student's own global views
-                teacher_maps = [m.detach() for m in student_maps[: self.config.num_global]]
+            student_maps, teacher_maps, attention = self._forward(views)
+        foreground = None
+        if attention is not None:
+            foreground = [foreground_masks(view_attention) for view_attention in attention]
         finite = all_finite(student_maps + teacher_maps)
         features = None if finite else f"the model produced NaN/Inf features{ADVICE}"
         # Agreed before the loss, whose reference gather is a collective every process enters.
         self._stop_if_any({"features": features})
         try:
-            loss = self.criterion(student_maps, teacher_maps, boxes, compute_stats=log_stats)
+            loss = self.criterion(
+                student_maps,
+                teacher_maps,
+                boxes,
+                crop_sizes=self.crop_sizes,
+                foreground=foreground,
+                compute_stats=log_stats,
+            )
             failure = None if bool(torch.isfinite(loss)) else f"the loss is {float(loss)}{ADVICE}"
         except ValueError as error:  # e.g. no crop pair overlaps in this process's batch
             failure = str(error)
@@ -309,6 +347,34 @@ class Trainer:
             dist.all_reduce(value)
             value /= self.world
         return float(value)
+
+    def _forward(
+        self, views: list[Tensor]
+    ) -> tuple[list[Tensor], list[Tensor], list[Tensor] | None]:
+        """Student maps, teacher maps and, for a ``loss_mask``, the teacher views' attention.
+
+        ``teacher`` (the reference's ``use_teacher``): ``"ema"`` runs the EMA teacher;
+        ``"student"`` (``use_teacher: False`` as the reference code runs it) encodes the global
+        views a second time with the student, in the same forward (one per step for DDP), with
+        gradient and fresh drop-path; ``"student_detached"`` reuses the student's own global
+        maps, detached (no second forward).
+        """
+        globals_ = self.config.num_global
+        attention = self.criterion.loss_mask != "all"
+        teacher = self.config.teacher
+        inputs = views + views[:globals_] if teacher == "student" else views
+        encoded = self.student_views(inputs, attention and teacher != "ema")
+        maps, attentions = encoded if isinstance(encoded, tuple) else (encoded, None)
+        student_maps = maps[: len(views)]
+        if teacher == "ema":
+            encoded = self.teacher_views(views[:globals_], attention)
+            teacher_maps, attentions = encoded if attention else (encoded, None)
+        elif teacher == "student":
+            teacher_maps = maps[len(views) :]
+            attentions = None if attentions is None else attentions[len(views) :]
+        else:
+            teacher_maps = [m.detach() for m in maps[:globals_]]
+        return student_maps, teacher_maps, None if attentions is None else attentions[:globals_]
 
     def _agreed_reasons(self, reasons: dict[str, str | None]) -> dict[str, list[str]]:
         """Every process's reasons to stop at this point, the same on every process.
