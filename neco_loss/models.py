@@ -20,6 +20,11 @@ DINOV2_REGISTERS = "vit_small_patch14_reg4_dinov2"  # reference configs: dinov2-
 HEAD_HIDDEN_DIM = 2048  # reference configs: projection_hidden_dim
 HEAD_OUT_DIM = 256  # reference configs: projection_feat_dim
 REFERENCE_MOMENTUM = 0.9995  # reference configs: momentum_teacher, EMA cosine from it to 1
+# What the student is compared with (reference use_teacher): "ema", the EMA teacher (True);
+# "student", a second student forward of the global views with gradient and drop-path, as the
+# reference code runs use_teacher: False; "student_detached", the student's own global maps of
+# the same forward, detached (ours: no second forward, no gradient through the references).
+TEACHERS = ("ema", "student", "student_detached")
 
 
 def load_state_dict(path: str | Path) -> dict[str, Tensor]:

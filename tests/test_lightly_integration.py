@@ -127,6 +127,49 @@ def test_lightning_fit_updates_student_and_moves_frozen_teacher(tmp_path, monkey
     )
 
 
+class TestTeachersAndLossMask:
+    """``teacher`` and ``loss_mask`` in the lightly module, as in ``neco train``."""
+
+    def batch(self, tmp_path):
+        torch.manual_seed(0)
+        data = LightlyDataset(
+            str(image_folder(tmp_path)),
+            transform=plain_transform(global_crop_size=48, local_crop_size=20),
+        )
+        return next(iter(DataLoader(data, batch_size=4, collate_fn=MultiViewCollate())))
+
+    def model(self, teacher, **loss):
+        vit = DenseViT(
+            "vit_small_patch14_reg4_dinov2", **{**TINY_VIT, "depth": 2}, drop_path_rate=0.5
+        )
+        return NeCo(
+            vit, head_hidden_dim=32, head_out_dim=16, teacher=teacher, roi_size=2, **loss
+        ).train()
+
+    @pytest.mark.parametrize("teacher", ["ema", "student", "student_detached"])
+    def test_teacher_maps_and_foreground(self, tmp_path, teacher):
+        model = self.model(teacher, loss_mask="foreground")
+        views, boxes = split_views_and_boxes(self.batch(tmp_path)[0])
+        torch.manual_seed(1)
+        student_maps, teacher_maps, foreground = model.encode(views)
+        assert [tuple(m.shape) for m in foreground] == [(4, 6, 6)] * 2
+        assert all(m.any() and not m.all() for m in foreground)
+        assert all(m.requires_grad for m in teacher_maps) == (teacher == "student")
+        if teacher == "student_detached":
+            torch.testing.assert_close(teacher_maps[0], student_maps[0].detach())
+        else:  # another forward: the EMA teacher (eval, no drop-path) or fresh drop-path
+            assert not torch.equal(teacher_maps[0], student_maps[0].detach())
+        loss = model.criterion(
+            student_maps, teacher_maps, boxes, crop_sizes=[48] * 2 + [20] * 4, foreground=foreground
+        )
+        loss.backward()
+        assert torch.isfinite(loss) and float(loss.detach()) > 0
+
+    def test_unknown_teacher(self):
+        with pytest.raises(ValueError, match="teacher must be one of"):
+            self.model("none")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("script", ["neco.py", "neco_lightning.py"])
 def test_examples_run(script):

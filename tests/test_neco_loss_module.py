@@ -402,6 +402,61 @@ class TestValidation:
             NeCoLoss(roi_size=0)
         with pytest.raises(ValueError, match="relaxation must be one of"):
             NeCoLoss(relaxation="sigmoid")
+        with pytest.raises(ValueError, match="loss_mask must be one of"):
+            NeCoLoss(loss_mask="fg")
+        with pytest.raises(ValueError, match="loss_mask='foreground' draws references as"):
+            NeCoLoss(loss_mask="foreground", references="count", num_references=9)
+        with pytest.raises(ValueError, match="and a gather"):
+            NeCoLoss(loss_mask="background", gather=lambda t: (t,))
+        with pytest.raises(ValueError, match="patch_size must be an int >= 1"):
+            NeCoLoss(patch_size=0)
+
+    def test_crop_sizes(self):
+        with pytest.raises(ValueError, match=r"crop_sizes needs .* NeCoLoss\(patch_size=...\)"):
+            NeCoLoss()(self.student, self.teacher, self.boxes, crop_sizes=[224, 224, 98])
+        criterion = NeCoLoss(patch_size=14)
+        criterion(self.student, self.teacher, self.boxes, crop_sizes=[224, (224, 224), 98])
+        with pytest.raises(ValueError, match=r"one size per view \(3\)"):
+            criterion(self.student, self.teacher, self.boxes, crop_sizes=[224, 98])
+        with pytest.raises(ValueError, match=r"crop_sizes\[2\] must be a positive int"):
+            criterion(self.student, self.teacher, self.boxes, crop_sizes=[224, 224, 0])
+        message = (
+            r"student_maps\[2\] has a 7x7 grid, but a 112x112 px crop at patch_size 14 gives 8x8"
+        )
+        with pytest.raises(ValueError, match=message):
+            criterion(self.student, self.teacher, self.boxes, crop_sizes=[224, 224, 112])
+
+    def test_foreground_masks(self):
+        masks = [torch.ones(2, 16, 16, dtype=torch.bool)] * 2
+        with pytest.raises(ValueError, match="foreground masks need NeCoLoss"):
+            NeCoLoss()(self.student, self.teacher, self.boxes, foreground=masks)
+        criterion = NeCoLoss(loss_mask="foreground")
+        with pytest.raises(ValueError, match=r"needs foreground=\[\(B, h, w\) bool mask"):
+            criterion(self.student, self.teacher, self.boxes)
+        with pytest.raises(ValueError, match=r"one mask per teacher view \(2\)"):
+            criterion(self.student, self.teacher, self.boxes, foreground=masks[:1])
+        with pytest.raises(TypeError, match=r"foreground\[0\] must be a bool tensor"):
+            criterion(self.student, self.teacher, self.boxes, foreground=[m.float() for m in masks])
+        with pytest.raises(
+            ValueError, match=r"foreground\[1\] must be \(B, h, w\) = \(2, 16, 16\)"
+        ):
+            criterion(
+                self.student, self.teacher, self.boxes, foreground=[masks[0], masks[1][:, :8]]
+            )
+
+    def test_everything_selected_equals_no_mask(self):
+        """With every patch foreground, the masked mean of equal-size pairs is the plain mean."""
+        masks = [torch.ones(2, 16, 16, dtype=torch.bool)] * 2
+        masked = NeCoLoss(loss_mask="foreground", seed=3)(
+            self.student, self.teacher, self.boxes, foreground=masks
+        )
+        plain = NeCoLoss(seed=3)(self.student, self.teacher, self.boxes)
+        torch.testing.assert_close(masked, plain)
+        nothing = NeCoLoss(loss_mask="background", seed=3)
+        student = [m.clone().requires_grad_() for m in self.student]
+        zero = nothing(student, self.teacher, self.boxes, foreground=masks)  # no background
+        zero.backward()
+        assert float(zero.detach()) == 0.0 and all(float(m.grad.abs().sum()) == 0 for m in student)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

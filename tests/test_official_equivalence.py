@@ -106,7 +106,8 @@ def both_sides(config: dict, teacher_grad: bool = False, foreground: str | None 
 
 def assert_equal(ours, theirs, tolerance: float = 1e-10) -> None:
     (our_loss, our_grads), (their_loss, their_grads) = ours, theirs
-    assert abs(float(our_loss - their_loss)) <= tolerance * abs(float(their_loss))
+    difference = float((our_loss - their_loss).detach())
+    assert abs(difference) <= tolerance * abs(float(their_loss.detach()))
     for our_grad, their_grad in zip(our_grads, their_grads, strict=True):
         scale = float(their_grad.abs().max())
         assert scale > 0

@@ -48,6 +48,30 @@ class TestCrossEntropy:
         assert torch.isfinite(loss).all() and torch.isfinite(q_student.grad).all()
         assert loss[0].item() == pytest.approx(-math.log(1e-8), rel=1e-6)
 
+    def test_default_log_is_unclamped_above_the_smallest_normal(self):
+        """The reference code's unclamped log wherever it is finite, e.g. odd-even at
+        steepness 100 where entries far below 1e-8 occur (the old 1e-8 clamp changed them)."""
+        scores = torch.randn(64, 16, generator=torch.Generator().manual_seed(0)).double()
+        q_student = soft_permutation(scores, "odd_even", 100.0)[1]
+        q_teacher = soft_permutation(scores + 0.1, "odd_even", 100.0)[1]
+        assert float(q_student.min()) < 1e-8  # the case the default must get right
+        assert float(q_student.min()) > torch.finfo(torch.float64).tiny
+        unclamped = -(q_teacher * q_student.log()).sum(dim=2).mean(dim=1)
+        torch.testing.assert_close(
+            permutation_loss(q_student, q_teacher), unclamped, rtol=1e-15, atol=0
+        )
+        assert not torch.allclose(
+            permutation_loss(q_student, q_teacher, epsilon=1e-8), unclamped, rtol=1e-12, atol=0
+        )
+
+    def test_default_turns_log_zero_into_a_large_finite_number(self):
+        q_teacher = torch.eye(3).expand(2, 3, 3)
+        q_student = torch.eye(3)[[1, 2, 0]].expand(2, 3, 3).clone().requires_grad_()
+        loss = permutation_loss(q_student, q_teacher)
+        loss.sum().backward()
+        assert torch.isfinite(q_student.grad).all()
+        assert loss[0].item() == pytest.approx(-math.log(torch.finfo(torch.float32).tiny))
+
     def test_teacher_gets_no_gradient(self):
         q_student = perms(seed=7).requires_grad_()
         q_teacher = perms(seed=8).requires_grad_()

@@ -125,6 +125,7 @@ class TestMethodKwargs:
         assert parsed["roi_size"] == 7 and parsed["network"] == "bitonic"
         assert parsed["relaxation"] == "cauchy" and parsed["references"] == "per_image"
         assert parsed["proj_hidden_dim"] == 2048 and parsed["proj_output_dim"] == 256
+        assert parsed["teacher"] == "ema" and parsed["loss_mask"] == "all"
         assert loss_kwargs(parsed)["steepness"] == (100.0, 100.0)
 
     def test_omegaconf_node_and_overrides(self):
@@ -150,6 +151,8 @@ class TestMethodKwargs:
             ({"head_lr_scale": 0}, "method_kwargs.head_lr_scale must be a number > 0"),
             ({"min_overlap": 1.5}, r"method_kwargs.min_overlap must be in \[0, 1\)"),
             ({"gather_references": "yes"}, "method_kwargs.gather_references must be"),
+            ({"teacher": "none"}, "method_kwargs.teacher must be one of"),
+            ({"loss_mask": "fg"}, "loss_mask must be one of"),
         ],
     )
     def test_errors_name_the_key(self, kwargs, message):

@@ -128,6 +128,27 @@ def test_teacher_moved_and_student_trained(tmp_path, monkeypatch):
     assert any(not torch.equal(a, b) for a, b in zip(moved_student, moved_teacher, strict=True))
 
 
+@pytest.mark.parametrize(
+    "teacher, loss_mask",
+    [("student", "foreground"), ("student_detached", "background"), ("ema", "foreground")],
+)
+def test_teachers_and_loss_masks_fit(tmp_path, monkeypatch, teacher, loss_mask):
+    """method_kwargs.teacher (reference use_teacher) and loss_mask (reference fg / bg)."""
+    monkeypatch.chdir(tmp_path)
+    cfg = tiny_config(
+        tmp_path, f"+method_kwargs.teacher={teacher}", f"+method_kwargs.loss_mask={loss_mask}"
+    )
+    trainer = pretrain(cfg)
+    model = trainer.lightning_module
+    assert model.teacher == teacher and model.neco_loss.loss_mask == loss_mask
+    loss = trainer.callback_metrics["train_neco_loss"]
+    assert trainer.global_step == 3 and torch.isfinite(loss) and loss >= 0
+    if teacher == "student":  # the second forward's maps carry gradient into the references
+        views = [torch.randn(2, 3, 56, 56)] * 2
+        maps = model._teacher_maps({"neco_maps": []}, views)
+        assert all(m.requires_grad for m in maps)
+
+
 class TestMethod:
     def model(self, tmp_path, *overrides):
         register()

@@ -7,6 +7,7 @@ AdamW over lightly's ``get_weight_decay_parameters`` (no decay on norms and bias
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Any
 
@@ -23,8 +24,17 @@ from neco_loss.integrations.lightly.transform import split_views_and_boxes
 from neco_loss.integrations.lightning_steps import logs_this_step
 from torch import Tensor
 
+from neco_loss.checks import check_choice
+from neco_loss.foreground import teacher_foreground
 from neco_loss.loss import NeCoLoss
-from neco_loss.models import DINOV2_REGISTERS, REFERENCE_MOMENTUM, DenseViT, ProjectionHead
+from neco_loss.models import (
+    DINOV2_REGISTERS,
+    REFERENCE_MOMENTUM,
+    TEACHERS,
+    DenseViT,
+    ProjectionHead,
+    recording_cls_attention,
+)
 
 
 class NeCo(pl.LightningModule):
@@ -43,10 +53,16 @@ class NeCo(pl.LightningModule):
         weight_decay: AdamW weight decay (reference: 0.04 at the start).
         momentum_start: EMA momentum at step 0 (reference: 0.9995; cosine to 1).
         n_global_views: Number of global views (the teacher's inputs).
+        teacher: ``"ema"`` (reference), ``"student"`` (the reference's ``use_teacher: False``:
+            a second student forward of the global views, with gradient) or
+            ``"student_detached"`` (the student's own global maps, detached); see
+            ``neco_loss.models.TEACHERS``.
         gather_distributed: Draw references from the batches of all processes with
             ``lightly.utils.dist.gather`` (default False, as lightly's losses).
         backbone_kwargs: For a backbone given by name (e.g. ``pretrained=True``).
-        **loss_kwargs: ``NeCoLoss`` options (``roi_size``, ``references``, ``steepness``, ...).
+        **loss_kwargs: ``NeCoLoss`` options (``roi_size``, ``references``, ``steepness``,
+            ``loss_mask``, ...). ``patch_size`` defaults to the backbone's, and every step
+            passes the views' pixel sizes, so boxes are exact for any crop size.
 
     """
 
@@ -60,6 +76,7 @@ class NeCo(pl.LightningModule):
         weight_decay: float = 0.04,
         momentum_start: float = REFERENCE_MOMENTUM,
         n_global_views: int = 2,
+        teacher: str = "ema",
         gather_distributed: bool = False,
         backbone_kwargs: dict[str, Any] | None = None,
         **loss_kwargs: Any,
@@ -73,7 +90,12 @@ class NeCo(pl.LightningModule):
         self.teacher_head = copy.deepcopy(self.student_head)
         deactivate_requires_grad(self.teacher_backbone)
         deactivate_requires_grad(self.teacher_head)
-        self.criterion = NeCoLoss(gather=gather if gather_distributed else None, **loss_kwargs)
+        check_choice(teacher, "teacher", TEACHERS)
+        self.teacher = teacher
+        self.criterion = NeCoLoss(
+            gather=gather if gather_distributed else None,
+            **{"patch_size": backbone.patch_size, **loss_kwargs},
+        )
         self.lr_backbone = lr_backbone
         self.lr_head = lr_head
         self.weight_decay = weight_decay
@@ -98,14 +120,42 @@ class NeCo(pl.LightningModule):
         update_momentum(self.student_backbone, self.teacher_backbone, m=momentum)
         update_momentum(self.student_head, self.teacher_head, m=momentum)
         views, boxes = split_views_and_boxes(batch[0])
-        student_maps = [self.forward(view) for view in views]
-        teacher_maps = [self.forward_teacher(view) for view in views[: self.n_global_views]]
+        student_maps, teacher_maps, foreground = self.encode(views)
         log_stats = logs_this_step(self)
-        loss = self.criterion(student_maps, teacher_maps, boxes, compute_stats=log_stats)
+        loss = self.criterion(
+            student_maps,
+            teacher_maps,
+            boxes,
+            crop_sizes=[tuple(view.shape[-2:]) for view in views],
+            foreground=foreground,
+            compute_stats=log_stats,
+        )
         self.log("train_loss", loss, prog_bar=True)
         if log_stats and self.criterion.last_stats is not None:
             self.log_dict(self.criterion.last_stats.as_dict())
         return loss
+
+    def encode(self, views: list[Tensor]) -> tuple[list[Tensor], list[Tensor], list[Tensor] | None]:
+        """Student maps, teacher maps (per ``teacher``) and the ``loss_mask`` foreground.
+
+        The foreground comes from the CLS attention of the forward that made the teacher maps
+        (the reference code thresholds the teacher's, or the second student forward's).
+        """
+        globals_ = views[: self.n_global_views]
+        attention = self.criterion.loss_mask != "all"
+        vit = self.teacher_backbone.vit if self.teacher == "ema" else self.student_backbone.vit
+        with contextlib.ExitStack() as stack:
+            records = stack.enter_context(recording_cls_attention(vit)) if attention else []
+            student_maps = [self.forward(view) for view in views]
+            if self.teacher == "ema":
+                teacher_maps = [self.forward_teacher(view) for view in globals_]
+            elif self.teacher == "student":
+                teacher_maps = [self.forward(view) for view in globals_]
+            else:
+                teacher_maps = [m.detach() for m in student_maps[: self.n_global_views]]
+        if not attention:
+            return student_maps, teacher_maps, None
+        return student_maps, teacher_maps, teacher_foreground(records, teacher_maps, self.teacher)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """AdamW; backbone and head learning rates; no decay on norms and biases."""

@@ -9,10 +9,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from neco_loss.checks import check_choice
 from neco_loss.functional import REFERENCE_STEEPNESS
 from neco_loss.geometry import REFERENCE_ROI_SIZE
 from neco_loss.loss import NeCoLoss
-from neco_loss.models import HEAD_HIDDEN_DIM, HEAD_OUT_DIM
+from neco_loss.models import HEAD_HIDDEN_DIM, HEAD_OUT_DIM, TEACHERS
 from neco_loss.references import DEFAULT_QUEUE_LENGTH
 
 # NeCoLoss options a solo-learn config may set, with the reference configs' values.
@@ -32,6 +33,7 @@ LOSS_DEFAULTS: dict[str, Any] = {
     "loss": "ce",
     "direction": "teacher_to_student",
     "top_k": None,
+    "loss_mask": "all",
 }
 METHOD_DEFAULTS: dict[str, Any] = {
     "proj_hidden_dim": HEAD_HIDDEN_DIM,
@@ -41,6 +43,7 @@ METHOD_DEFAULTS: dict[str, Any] = {
     "head_lr_scale": 10.0,
     "min_overlap": 0.01,  # reference crops: overlap > 1% of the image with earlier global crops
     "gather_references": False,  # reference code: references from this process's batch only
+    "teacher": "ema",  # reference use_teacher: True; see neco_loss.models.TEACHERS
 }
 DEFAULTS: dict[str, Any] = {**METHOD_DEFAULTS, **LOSS_DEFAULTS}
 _POSITIVE_INTS = ("proj_hidden_dim", "proj_output_dim")
@@ -88,6 +91,7 @@ def neco_method_kwargs(method_kwargs: Mapping[str, Any] | None) -> dict[str, Any
             f"method_kwargs.gather_references must be true or false but is "
             f"{kwargs['gather_references']!r}."
         )
+    check_choice(kwargs["teacher"], "method_kwargs.teacher", TEACHERS)
     NeCoLoss(**loss_kwargs(kwargs))  # NeCoLoss names the argument of any value it refuses
     return kwargs
 

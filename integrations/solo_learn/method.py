@@ -8,6 +8,7 @@ transform is ``BoxedMultiCrop``: ``(indexes, (views, boxes), targets)``.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from functools import partial
 from typing import Any
@@ -22,8 +23,15 @@ from solo.utils.momentum import initialize_momentum_params
 from torch import Tensor
 from torch.optim.lr_scheduler import LambdaLR
 
+from neco_loss.foreground import teacher_foreground
 from neco_loss.loss import NeCoLoss
-from neco_loss.models import REFERENCE_MOMENTUM, ProjectionHead, vit_tokens_and_patch_map
+from neco_loss.models import (
+    REFERENCE_MOMENTUM,
+    ProjectionHead,
+    recording_cls_attention,
+    vit_patch_size,
+    vit_tokens_and_patch_map,
+)
 from neco_loss.references import all_gather
 from neco_loss.schedules import warmup_cosine
 
@@ -33,9 +41,12 @@ class NeCo(BaseMomentumMethod):
 
     Config (``cfg.method_kwargs``, defaults in ``neco_loss.integrations.solo_learn.config``):
     ``proj_hidden_dim``, ``proj_output_dim``, ``head_lr_scale`` (head lr = ``optimizer.lr`` x
-    this), ``min_overlap`` (crops), ``gather_references`` and every ``NeCoLoss`` option
-    (``roi_size``, ``references``, ``steepness``, ``network``, ``relaxation``, ``loss``,
-    ``top_k``, ...). The backbone must be a timm ViT (``dinov2_vits14_reg`` after
+    this), ``min_overlap`` (crops), ``gather_references``, ``teacher`` (``"ema"``;
+    ``"student"``, the reference's ``use_teacher: False`` as a second student forward of the
+    large crops; ``"student_detached"``) and every ``NeCoLoss`` option (``roi_size``,
+    ``references``, ``steepness``, ``network``, ``relaxation``, ``loss``, ``top_k``,
+    ``loss_mask``, ...). Boxes are mapped with the crops' pixel sizes and the backbone's patch
+    size, exact for any crop size. The backbone must be a timm ViT (``dinov2_vits14_reg`` after
     ``register()``, or solo-learn's ``vit_*``).
 
     Raises:
@@ -66,9 +77,11 @@ class NeCo(BaseMomentumMethod):
         )
         initialize_momentum_params(self.projector, self.momentum_projector)
         self.head_lr_scale = float(kwargs.head_lr_scale)
+        self.teacher = str(kwargs.teacher)
         gather = kwargs.gather_references
         self.neco_loss = NeCoLoss(
             **loss_kwargs(kwargs),
+            patch_size=vit_patch_size(backbone),
             gather=all_gather if gather else None,
             # gathered references are drawn alike on every process from a shared seed
             seed=int(omegaconf_select(cfg, "seed", 5)) if gather else None,
@@ -167,15 +180,37 @@ class NeCo(BaseMomentumMethod):
     def training_step(self, batch: Sequence[Any], batch_idx: int) -> Tensor:
         """NeCo loss over all (teacher large crop, student crop) pairs + the classifier loss."""
         indexes, views, boxes, targets = _unpack(batch)
-        outs = super().training_step([indexes, views, targets], batch_idx)
+        attention = self.neco_loss.loss_mask != "all"
+        vit = self.momentum_backbone if self.teacher == "ema" else self.backbone
+        with contextlib.ExitStack() as stack:
+            records = stack.enter_context(recording_cls_attention(vit)) if attention else []
+            outs = super().training_step([indexes, views, targets], batch_idx)
+            teacher_maps = self._teacher_maps(outs, views)
         log_stats = logs_this_step(self)
         neco = self.neco_loss(
-            outs["neco_maps"], outs["momentum_neco_maps"], boxes, compute_stats=log_stats
+            outs["neco_maps"],
+            teacher_maps,
+            boxes,
+            crop_sizes=[tuple(view.shape[-2:]) for view in views],
+            foreground=teacher_foreground(records, teacher_maps, self.teacher)
+            if attention
+            else None,
+            compute_stats=log_stats,
         )
         self.log("train_neco_loss", neco, on_epoch=True, sync_dist=True, prog_bar=True)
         if log_stats and self.neco_loss.last_stats is not None:
             self.log_dict(self.neco_loss.last_stats.as_dict())
         return neco + outs["loss"]
+
+    def _teacher_maps(self, outs: dict[str, Any], views: list[Tensor]) -> list[Tensor]:
+        """The maps the student is compared with, per ``method_kwargs.teacher``."""
+        if self.teacher == "ema":
+            return list(outs["momentum_neco_maps"])
+        if self.teacher == "student":  # the reference's use_teacher: False, a second forward
+            return [
+                self.multicrop_forward(view)["neco_maps"] for view in views[: self.num_large_crops]
+            ]
+        return [m.detach() for m in outs["neco_maps"][: self.num_large_crops]]
 
 
 def _unpack(batch: Sequence[Any]) -> tuple[Tensor, list[Tensor], Tensor, Tensor]:

@@ -16,9 +16,7 @@ from typing import Any
 
 import yaml
 
-from neco_loss.models import REFERENCE_MOMENTUM
-
-TEACHERS = ("ema", "student", "student_detached")
+from neco_loss.models import REFERENCE_MOMENTUM, TEACHERS
 
 
 @dataclass
