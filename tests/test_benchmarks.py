@@ -42,3 +42,9 @@ def test_train_step_benchmark_runs_a_small_step():
     )
     assert [row[0] for row in rows] == ["| native", "| diffsort"]
     assert all(row[1] == "2" and row[-1] == "- |" for row in rows)
+
+
+def test_official_equivalence_benchmark_reports_both_log_floors():
+    rows = table_rows("official_equivalence.py", "--configs", "odd_even")
+    assert [row[1] for row in rows] == ["default", "1e-8"]
+    assert float(rows[0][2]) < 1e-12 < float(rows[1][2])  # the default equals the official loss
