@@ -69,8 +69,10 @@ def random_maps(batch: int = 2, views: int = 6, seed: int = 0):
     return student, teacher
 
 
-def reference_code_average(student_maps, teacher_maps, boxes, seed, **options):
-    """The reference code's loop: mean over c of (sum over v != c) / (V - 1), same draws."""
+def nested_average(student_maps, teacher_maps, boxes, seed, **options):
+    """The reference code's averaging, mean over c of (sum over v != c) / (V - 1), built from
+    this package's pair functions: it checks the module's pairing and averaging only; equality
+    with the reference code itself is tests/test_official_equivalence.py."""
     generator = torch.Generator().manual_seed(seed)
     views = len(student_maps)
     total = 0.0
@@ -88,18 +90,18 @@ def reference_code_average(student_maps, teacher_maps, boxes, seed, **options):
 
 class TestPairing:
     @pytest.mark.parametrize("views", [2, 3, 6])
-    def test_equals_the_reference_code_loop(self, views):
+    def test_mean_over_pairs_equals_the_nested_average(self, views):
         student, teacher = random_maps(views=views)
         _, _, boxes = scene(views=views)
         loss = NeCoLoss(seed=7)(student, teacher, boxes)
-        torch.testing.assert_close(loss, reference_code_average(student, teacher, boxes, seed=7))
+        torch.testing.assert_close(loss, nested_average(student, teacher, boxes, seed=7))
 
     def test_options_reach_the_loss(self):
         student, teacher = random_maps(views=3)
         _, _, boxes = scene(views=3)
         options = {"steepness": (10.0, 50.0), "direction": "both", "top_k": 7}
         loss = NeCoLoss(seed=1, **options)(student, teacher, boxes)
-        expected = reference_code_average(student, teacher, boxes, seed=1, **options)
+        expected = nested_average(student, teacher, boxes, seed=1, **options)
         torch.testing.assert_close(loss, expected)
 
     def test_non_overlapping_pairs_are_left_out(self):
