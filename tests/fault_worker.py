@@ -11,10 +11,10 @@ Each process writes ``RESULT_DIR/<rank>.json``: the step it stopped at and its m
 """
 
 import json
+import os
 import signal
 import socket
 import sys
-import threading
 from pathlib import Path
 
 import torch
@@ -35,17 +35,15 @@ def inject(trainer: Trainer, scenario: str) -> None:
         def step_then_signal(views, boxes, log_stats):
             loss = original(views, boxes, log_stats)
             if trainer.step + 1 == FAULT_STEP:  # this process's step 3 is done
-                # To the main thread: a process-directed SIGTERM can still land on a gloo thread
-                # started after init and abort the process (open; see docs/scaling.md).
-                signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
+                os.kill(os.getpid(), signal.SIGTERM)  # process-directed, as kill and schedulers
             return loss
 
         trainer._train_step = step_then_signal
     elif scenario == "nan":
         original_teacher = trainer.teacher_views.forward
 
-        def nan_at_fault_step(views):
-            maps = original_teacher(views)
+        def nan_at_fault_step(views, attention=False):
+            maps = original_teacher(views, attention)
             if trainer.step + 1 == FAULT_STEP:
                 maps = [torch.full_like(m, float("nan")) for m in maps]
             return maps

@@ -102,12 +102,14 @@ def test_fused_cross_entropy_equals_the_materialised_one(direction, top_k, netwo
 
 
 def test_fused_cross_entropy_float32_and_clamped_probabilities():
-    """float32 at high steepness (probabilities below epsilon are clamped): as the unfused."""
+    """float32 at high steepness with an explicit clamp (probabilities below 1e-8 are clamped):
+    as the unfused. (Below that, float32 tails of logistic sorts at steepness 1000 are rounding
+    noise in any implementation, docs/loss.md.)"""
     generator = torch.Generator().manual_seed(3)
     student = torch.randn(64, 49, generator=generator, requires_grad=True)
     teacher = torch.randn(64, 49, generator=generator)
     for relaxation in ("cauchy", "logistic"):
-        options = SortOptions(steepness=(1000.0, 1000.0), relaxation=relaxation)
+        options = SortOptions(steepness=(1000.0, 1000.0), relaxation=relaxation, epsilon=1e-8)
         fused = soft_permutation_loss(student, teacher, options)
         assert fused.q_student is None  # nothing n x n was materialised
         portable = soft_permutation_loss(

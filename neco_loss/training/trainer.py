@@ -488,6 +488,7 @@ class Trainer:
                 batch_size=self.config.batch_size,
                 sampler=self.sampler,
                 num_workers=self.config.num_workers,
+                worker_init_fn=unblock_sigterm,
                 drop_last=True,
                 pin_memory=self.device.type == "cuda",
             )
@@ -609,21 +610,60 @@ class StopOnSigterm:
 
     The loop then saves a checkpoint and exits; ``--resume`` continues exactly. Only installed
     in the main thread (signal handlers cannot be set elsewhere).
+
+    The kernel delivers a process-directed signal to any thread that does not block it, and a
+    SIGTERM delivered to one of gloo's communication threads interrupts its socket calls and
+    aborts the process ("terminate called without an active exception"). So, while installed,
+    SIGTERM is blocked in the main thread, and in every thread started from then on (threads
+    inherit the mask), and one thread takes it with ``sigtimedwait``: no communication thread
+    started during training can receive it (those of ``init_process_group`` block it too, see
+    ``neco_loss.training.distributed``). Threads started earlier that leave it unblocked get
+    the Python handler, which makes the same request.
     """
+
+    WAIT_S = 0.2  # how often the waiting thread checks whether it should end
 
     def __init__(self) -> None:
         self.requested = False
         self.previous: Any = None
+        self._mask: set[int | signal.Signals] | None = None
+        self._done = threading.Event()
+        self._waiter: threading.Thread | None = None
         if threading.current_thread() is threading.main_thread():
             self.previous = signal.signal(signal.SIGTERM, self._request)
+            self._mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+            self._waiter = threading.Thread(target=self._wait, name="neco-sigterm", daemon=True)
+            self._waiter.start()  # after the block: it inherits it, as sigtimedwait needs
 
     def _request(self, signum: int, frame: Any) -> None:
         self.requested = True
 
+    def _wait(self) -> None:
+        while not self._done.is_set():
+            if signal.sigtimedwait({signal.SIGTERM}, self.WAIT_S) is not None:
+                self.requested = True
+
     def restore(self) -> None:
-        """Reinstall the previous handler."""
+        """Stop waiting, unblock SIGTERM and reinstall the previous handler.
+
+        A SIGTERM still pending is delivered on unblocking, to this object's handler.
+        """
+        if self._waiter is not None:
+            self._done.set()
+            self._waiter.join()
+        if self._mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, self._mask)
         if self.previous is not None:
             signal.signal(signal.SIGTERM, self.previous)
+
+
+def unblock_sigterm(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: SIGTERM unblocked in a worker.
+
+    Workers forked during training inherit ``StopOnSigterm``'s blocked SIGTERM; unblocked,
+    ``kill`` still ends them.
+    """
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
 
 
 class MetricsLog:
