@@ -5,7 +5,14 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from neco_loss.geometry import align_pair, box_to_grid, check_boxes, intersect, is_nonempty
+from neco_loss.geometry import (
+    align_pair,
+    box_to_grid,
+    check_boxes,
+    crop_extent,
+    intersect,
+    is_nonempty,
+)
 
 PATCH = 14
 
@@ -64,6 +71,32 @@ class TestBoxToGrid:
         torch.testing.assert_close(
             box_to_grid(box.double(), crop_box, (grid, grid)), expected, rtol=1e-9, atol=1e-9
         )
+
+
+class TestCropExtent:
+    """Boxes in token units for crops that are not a multiple of the patch (hand-computed)."""
+
+    @pytest.mark.parametrize(
+        "pixels, patch, box, expected",
+        [
+            # 98 px crop at patch 14: 7 tokens, the crop spans them exactly
+            (98, 14, [14.0, 28.0, 70.0, 98.0], [1.0, 2.0, 5.0, 7.0]),
+            # 98 px crop at patch 16: 6 tokens cover 96 px; the crop spans 98 / 16 = 6.125
+            (98, 16, [16.0, 32.0, 64.0, 98.0], [1.0, 2.0, 4.0, 6.125]),
+            (224, 16, [0.0, 8.0, 112.0, 224.0], [0.0, 0.5, 7.0, 14.0]),
+        ],
+    )
+    def test_reference_frame(self, pixels, patch, box, expected):
+        # the crop is the whole 2x-downscaled image: original pixel x maps to crop pixel x / 2
+        crop = torch.tensor([0.0, 0.0, 2.0 * pixels, 2.0 * pixels])
+        original = torch.tensor(box) * 2
+        grid = box_to_grid(original, crop, crop_extent((pixels, pixels), patch))
+        torch.testing.assert_close(grid, torch.tensor(expected))
+
+    def test_flip_mirrors_within_the_crop_extent(self):
+        crop = torch.tensor([0.0, 0.0, 98.0, 98.0, 1.0])
+        grid = box_to_grid(torch.tensor([0.0, 0.0, 16.0, 16.0]), crop, crop_extent((98, 98), 16))
+        torch.testing.assert_close(grid, torch.tensor([5.125, 0.0, 6.125, 1.0]))
 
 
 def coordinate_map(crop: torch.Tensor, grid: int) -> torch.Tensor:
