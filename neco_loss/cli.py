@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
+
+# What a user can fix from the message alone: printed as one line, no traceback.
+USER_ERRORS = (ValueError, TypeError, OSError, KeyError)
 
 
 def _backbone(checkpoint: Path, config_path: Path | None) -> Any:
@@ -168,31 +172,81 @@ def _check_sorters(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the ``neco`` command."""
-    parser = argparse.ArgumentParser(prog="neco", description="NeCo post-pretraining tools.")
+    """Entry point of the ``neco`` command: errors as one ``error:`` line, exit status 1.
+
+    ``--debug`` (anywhere on the line) shows the traceback instead.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    if debug:
+        argv.remove("--debug")
+    try:
+        _run(argv)
+    except SystemExit:  # SystemExit("error: ..."): Python prints it to stderr, exit status 1
+        raise
+    except KeyboardInterrupt:
+        raise SystemExit("interrupted") from None
+    except Exception as error:
+        if debug:
+            raise
+        from neco_loss.training.trainer import TrainingStoppedError
+
+        known = isinstance(error, (*USER_ERRORS, TrainingStoppedError))
+        message = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        if not known:
+            message = f"{type(error).__name__}: {message} (neco --debug ... shows the traceback)"
+        raise SystemExit(f"error: {message}") from None
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown for every option; epilogs kept as written."""
+
+
+def _run(argv: list[str]) -> None:
+    from neco_loss.training.config import config_keys_help
+
+    parser = argparse.ArgumentParser(
+        prog="neco",
+        description="NeCo post-pretraining tools. Add --debug to any command for tracebacks.",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    demo = commands.add_parser("demo", help="the main job on the built-in synthetic scenes")
-    demo.add_argument("--output", type=Path, default=Path("outputs/demo"))
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--neco-steps", type=int, default=None)
-    demo.add_argument("--dino-steps", type=int, default=None)
+    def command(name: str, help: str, **options: Any) -> argparse.ArgumentParser:
+        return commands.add_parser(
+            name, help=help, description=help, formatter_class=_HelpFormatter, **options
+        )
 
-    train = commands.add_parser(
-        "train", help="NeCo post-pretraining from a YAML config; extra '--key value' override it"
+    demo = command("demo", "the main job on the built-in synthetic scenes")
+    demo.add_argument("--output", type=Path, default=Path("outputs/demo"), help="output folder")
+    demo.add_argument("--seed", type=int, default=0, help="seed of data, weights and draws")
+    demo.add_argument(
+        "--neco-steps", type=int, default=None, help="NeCo steps (None: the recipe's max_steps)"
     )
-    train.add_argument("config", type=Path)
+    demo.add_argument(
+        "--dino-steps", type=int, default=None, help="DINO warm-up steps (None: the demo's)"
+    )
+
+    train = command(
+        "train",
+        "NeCo post-pretraining from a YAML config; '--key value' overrides any config key",
+        epilog="config keys (YAML keys; '--key value' on the command line, nested as "
+        "--loss.top-k 5):\n" + config_keys_help(),
+    )
+    train.add_argument(
+        "config", type=Path, help="a YAML config, e.g. examples/recipes/tiny_cpu.yaml"
+    )
     train.add_argument("--resume", action="store_true", help="continue from output_dir")
     train.add_argument(
         "--overwrite", action="store_true", help="replace the run already in output_dir"
     )
     train.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    evaluation = commands.add_parser("eval", help="evaluation protocols on one or more backbones")
+    evaluation = command("eval", "evaluation protocols on one or more backbones")
     evaluation.add_argument(
         "protocols",
         nargs="+",
         choices=["in-context", "linear", "overclustering", "fractions", "all"],
+        help="protocols to run",
     )
     evaluation.add_argument(
         "--checkpoint",
@@ -202,68 +256,88 @@ def main(argv: list[str] | None = None) -> None:
         help="a run folder or a weights file (then also --config); repeat "
         "to compare backbones, e.g. before and after NeCo",
     )
-    evaluation.add_argument("--config", type=Path, default=None, help="a run's config.yaml")
+    evaluation.add_argument(
+        "--config", type=Path, default=None, help="a run's config.yaml (with a weights file)"
+    )
     evaluation.add_argument(
         "--name",
         action="append",
         default=None,
-        help="a name per --checkpoint for tables and figures (default: the shortest distinct "
-        "tail of their paths)",
+        help="a name per --checkpoint for tables and figures (None: the shortest distinct tail "
+        "of their paths)",
     )
     evaluation.add_argument(
         "--dataset",
         default="synthetic",
         choices=["synthetic", "voc", "ade20k", "coco-things", "coco-stuff"],
+        help="dataset to score on",
     )
-    evaluation.add_argument("--data-root", type=Path, default=None)
+    evaluation.add_argument(
+        "--data-root", type=Path, default=None, help="the dataset's folder (all but synthetic)"
+    )
     evaluation.add_argument(
         "--image-size",
         type=int,
         default=None,
-        help="default: the run's image_size (synthetic); paper: 448",
+        help="None: the run's image_size (synthetic), 448 px otherwise (paper)",
     )
-    evaluation.add_argument("--train-split", default="train")
-    evaluation.add_argument("--val-split", default="val")
-    evaluation.add_argument("--train-images", type=int, default=200, help="0: all")
-    evaluation.add_argument("--val-images", type=int, default=64, help="0: all")
-    evaluation.add_argument("--clusters", type=int, nargs="+", default=[100, 300, 500])
-    evaluation.add_argument("--linear-epochs", type=int, default=20)
+    evaluation.add_argument("--train-split", default="train", help="split to fit on")
+    evaluation.add_argument("--val-split", default="val", help="split to score")
+    evaluation.add_argument(
+        "--train-images", type=int, default=200, help="images of the train split to use (0: all)"
+    )
+    evaluation.add_argument(
+        "--val-images", type=int, default=64, help="images of the val split to score (0: all)"
+    )
+    evaluation.add_argument(
+        "--clusters", type=int, nargs="+", default=[100, 300, 500], help="overclustering K"
+    )
+    evaluation.add_argument(
+        "--linear-epochs", type=int, default=20, help="epochs of the linear probe"
+    )
     evaluation.add_argument(
         "--search",
         default="torch",
         choices=["torch", "scann"],
         help="in-context neighbour search (scann: pip install scann)",
     )
-    evaluation.add_argument("--output", type=Path, default=Path("outputs/eval"))
-
-    ablate = commands.add_parser(
-        "ablate",
-        help="train and evaluate the variants of an ablation file; '--key value' "
-        "overrides apply to every variant",
+    evaluation.add_argument(
+        "--output", type=Path, default=Path("outputs/eval"), help="tables and figures go here"
     )
-    ablate.add_argument("ablation", type=Path)
+
+    ablate = command(
+        "ablate",
+        "train and evaluate the variants of an ablation file; '--key value' overrides apply "
+        "to every variant",
+    )
+    ablate.add_argument(
+        "ablation", type=Path, help="an ablation file, e.g. examples/ablations/loss.yaml"
+    )
     ablate.add_argument(
         "--output", type=Path, default=None, help="default: outputs/ablations/<file name>"
     )
     ablate.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    images = commands.add_parser(
-        "make-images", help="write synthetic scenes as PNG files, for tools that read folders"
+    images = command(
+        "make-images", "write synthetic scenes as PNG files, for tools that read folders"
     )
-    images.add_argument("folder", type=Path)
-    images.add_argument("--count", type=int, default=64)
-    images.add_argument("--size", type=int, default=96)
-    images.add_argument("--seed", type=int, default=0)
+    images.add_argument("folder", type=Path, help="where the PNG files go")
+    images.add_argument("--count", type=int, default=64, help="number of images")
+    images.add_argument("--size", type=int, default=96, help="image side in pixels")
+    images.add_argument("--seed", type=int, default=0, help="seed of the scenes")
 
-    sort_demo = commands.add_parser("sort-demo", help="soft sorting demo, native vs diffsort")
-    sort_demo.add_argument("--output", type=Path, default=Path("outputs/sort_demo"))
-    sort_demo.add_argument("--rows", type=int, default=3136)
-    sort_demo.add_argument("--n", type=int, default=49)
+    sort_demo = command("sort-demo", "soft sorting demo, native vs diffsort")
+    sort_demo.add_argument(
+        "--output", type=Path, default=Path("outputs/sort_demo"), help="figure folder"
+    )
+    sort_demo.add_argument(
+        "--rows", type=int, default=3136, help="rows sorted (64 images x 49 patches)"
+    )
+    sort_demo.add_argument("--n", type=int, default=49, help="elements per row")
 
-    check = commands.add_parser(
+    check = command(
         "check-sorter",
-        help="property-based checks of any soft sorter (neco_loss.testing), with counterexamples",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "property-based checks of any soft sorter (neco_loss.testing), with counterexamples",
     )
     check.add_argument(
         "sorters",
@@ -305,15 +379,11 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "train":
         from neco_loss.training import load_config
         from neco_loss.training.distributed import launch
-        from neco_loss.training.trainer import TrainingStoppedError
 
         config = load_config(args.config, extra)
-        try:
-            result = launch(
-                config, resume=args.resume, progress=not args.quiet, overwrite=args.overwrite
-            )
-        except (FileExistsError, TrainingStoppedError, ValueError) as error:
-            raise SystemExit(f"error: {error}") from None
+        result = launch(
+            config, resume=args.resume, progress=not args.quiet, overwrite=args.overwrite
+        )
         if result.already_finished:
             print(f"already finished at step {result.steps}; nothing to do ({result.output_dir})")
         else:

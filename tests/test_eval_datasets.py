@@ -86,7 +86,7 @@ def test_synthetic_and_errors(tmp_path):
     assert image.shape == (3, 32, 32) and mask.shape == (32, 32)
     with pytest.raises(ValueError, match="dataset must be one of"):
         segmentation_dataset("cityscapes", tmp_path, "val", 32)
-    with pytest.raises(ValueError, match="needs a root folder"):
+    with pytest.raises(ValueError, match="needs its folder: give --data-root"):
         segmentation_dataset("voc", None, "val", 32)
     with pytest.raises(FileNotFoundError, match=r"Expected layout: ROOT/JPEGImages"):
         segmentation_dataset("voc", tmp_path, "val", 32)

@@ -173,7 +173,10 @@ def segmentation_dataset(
     if name not in LAYOUTS:
         raise ValueError(f"dataset must be one of {list(NUM_CLASSES)} but is {name!r}.")
     if root is None:
-        raise ValueError(f"dataset {name!r} needs a root folder. Expected layout: {LAYOUTS[name]}")
+        raise ValueError(
+            f"dataset {name!r} needs its folder: give --data-root (data_root=). Expected "
+            f"layout: {LAYOUTS[name]}"
+        )
     path = Path(root).expanduser()
     if name == "voc":
         return pascal_voc(path, split, image_size)

@@ -8,6 +8,9 @@ Defaults are the reference configuration for DINOv2-registers ViT-S/14
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import inspect
+import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,7 +19,11 @@ from typing import Any
 
 import yaml
 
+from neco_loss.loss import NeCoLoss
 from neco_loss.models import REFERENCE_MOMENTUM, TEACHERS
+
+# NeCoLoss arguments the trainer sets itself: not config keys under ``loss:``.
+TRAINER_LOSS_ARGUMENTS = ("seed", "gather", "compute_stats")
 
 
 @dataclass
@@ -118,6 +125,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check_types(self)
+        _check_loss(self.loss)
         for name in (
             "batch_size",
             "epochs",
@@ -156,6 +164,71 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+def config_keys_help() -> str:
+    """Every ``TrainConfig`` key as ``--key TYPE (default: X)`` and its docstring line.
+
+    Generated from the dataclass and its docstring's ``Attributes`` (nothing written twice).
+    """
+    described: dict[str, str] = {}
+    name = ""
+    lines = (TrainConfig.__doc__ or "").split("Attributes:")[1].splitlines()
+    for line in lines:
+        text = line.strip()
+        head, colon, rest = text.partition(": ")
+        if (
+            colon
+            and head.isidentifier()
+            and line.startswith(" " * 8)
+            and not line.startswith(" " * 9)
+        ):
+            name, described[head] = head, rest
+        elif text and name:
+            described[name] += " " + text
+    hints = typing.get_type_hints(TrainConfig)
+    rows = []
+    for item in dataclasses.fields(TrainConfig):
+        if item.default_factory is not dataclasses.MISSING:
+            default = item.default_factory()
+        else:
+            default = item.default
+        shown = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...")
+        flag = f"--{item.name.replace('_', '-')} {type_name(hints[item.name])}"
+        rows.append(f"  {flag}  (default: {shown.strip()})")
+        text = described.get(item.name, "").replace("``", "")
+        rows.append(
+            textwrap.fill(text, width=88, initial_indent=" " * 6, subsequent_indent=" " * 6)
+        )
+    return "\n".join(rows)
+
+
+def type_name(annotation: Any) -> str:
+    """A type hint as users write it: ``int``, ``float | None``, ``list[float]``."""
+    if isinstance(annotation, type) and not typing.get_args(annotation):
+        return "null" if annotation is type(None) else annotation.__name__
+    return str(annotation).replace("typing.", "").replace("NoneType", "None")
+
+
+def did_you_mean(word: str, choices: list[str]) -> str:
+    """`` (did you mean 'x'?)`` for the nearest choice, or ``""``."""
+    close = difflib.get_close_matches(word, choices, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _check_loss(loss: dict[str, Any]) -> None:
+    """Raise for ``loss:`` keys or values that ``NeCoLoss`` refuses, before anything is built."""
+    parameters = inspect.signature(NeCoLoss).parameters
+    valid = [name for name in parameters if name not in TRAINER_LOSS_ARGUMENTS]
+    for key in loss:
+        if key not in valid:
+            raise ValueError(
+                f"unknown loss key {key!r}{did_you_mean(key, valid)}; valid loss keys: {valid}."
+            )
+    try:
+        NeCoLoss(**loss)
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"loss: {error}") from None
+
+
 def _matches(value: Any, annotation: Any) -> bool:
     origin = typing.get_origin(annotation)
     if annotation is Any:
@@ -192,8 +265,8 @@ def _check_types(config: TrainConfig) -> None:
             setattr(config, item.name, value)
         if not _matches(value, hints[item.name]):
             raise TypeError(
-                f"config key {item.name!r} must be {hints[item.name]} but is "
-                f"{type(value).__name__}: {value!r}."
+                f"config key {item.name!r} (--{item.name.replace('_', '-')}) must be "
+                f"{type_name(hints[item.name])} but is {type(value).__name__}: {value!r}."
             )
         if hints[item.name] is float or hints[item.name] == float | None:
             if isinstance(value, int):
@@ -233,9 +306,12 @@ def build_config(
             raise ValueError(f"override {flag!r} must start with '--'.")
         _apply(data, flag[2:].replace("-", "_"), yaml.safe_load(text))
     valid = [item.name for item in dataclasses.fields(TrainConfig)]
-    unknown = sorted(set(data) - set(valid))
-    if unknown:
-        raise ValueError(f"unknown config keys {unknown}; valid keys: {valid}.")
+    for key in data:
+        if key not in valid:
+            raise ValueError(
+                f"unknown config key {key!r}{did_you_mean(key, valid)}; every key with its "
+                "type and default: neco train --help."
+            )
     return TrainConfig(**data)
 
 

@@ -281,7 +281,8 @@ class Trainer:
         if len(self.dataset) < config.batch_size * self.world:
             raise ValueError(
                 f"the dataset holds {len(self.dataset)} images, fewer than batch_size "
-                f"{config.batch_size} x {self.world} processes."
+                f"{config.batch_size} x {self.world} processes: lower --batch-size (or "
+                "--devices), or add images (--train-images for the synthetic scenes)."
             )
         self.criterion.check_batch(config.batch_size * (self.world if gather else 1))
         self.sampler = EpochSampler(
