@@ -379,6 +379,7 @@ def _run(argv: list[str]) -> None:
     elif args.command == "train":
         from neco_loss.training import load_config
         from neco_loss.training.distributed import launch
+        from neco_loss.training.trainer import SKIP_LOG
 
         config = load_config(args.config, extra)
         result = launch(
@@ -391,6 +392,11 @@ def _run(argv: list[str]) -> None:
                 f"trained {result.steps} steps, last loss {result.last_loss:.4f}; "
                 f"checkpoint {result.checkpoint}, backbone weights {result.backbone}"
             )
+            if result.skipped:
+                print(
+                    f"skipped {len(result.skipped)} unreadable images, listed in "
+                    f"{result.output_dir / SKIP_LOG}"
+                )
     elif args.command == "ablate":
         from neco_loss.ablation import run_ablation
 

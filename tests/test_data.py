@@ -164,3 +164,34 @@ class TestSaveScenes:
 
         with pytest.raises(ValueError, match="count must be an int >= 1 but is 0"):
             save_scenes(tmp_path, 0)
+
+
+def test_a_run_reports_skipped_images_once_at_its_end(tmp_path, capsys):
+    """No warning per file mid-run (it breaks the progress bar), from worker processes too:
+    one summary line and a list in the run folder."""
+    import yaml
+
+    from neco_loss.cli import main
+    from tests.test_training import TINY
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for index in range(6):
+        Image.new("RGB", (48, 48), color=(40 * index, 20, 90)).save(images / f"{index}.png")
+    for name in ("bad1.jpg", "bad2.png"):
+        (images / name).write_bytes(b"not an image")
+    settings = {**TINY, "dataset": str(images), "train_images": None, "batch_size": 2}
+    settings.update(max_steps=4, num_workers=2, output_dir=str(tmp_path / "run"))
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(settings))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a per-file warning would fail the run here
+        main(["train", str(config), "--quiet"])
+    captured = capsys.readouterr()
+    listed = tmp_path / "run" / "skipped_images.txt"
+    assert f"skipped 2 unreadable images, listed in {listed}" in captured.out
+    assert "skipping unreadable" not in captured.err
+    assert {line.split("\t")[0].rsplit("/", 1)[1] for line in listed.read_text().splitlines()} == {
+        "bad1.jpg",
+        "bad2.png",
+    }

@@ -16,6 +16,7 @@ from neco_loss.models import DenseViT
 from .crops import assert_view_shows_box, ramp_image
 
 ROOT = Path(__file__).parents[1]
+TINY_EXAMPLE_VIT = {"img_size": 64, "patch_size": 8, "embed_dim": 96, "depth": 4, "num_heads": 3}
 TINY_VIT = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}
 
 
@@ -172,18 +173,20 @@ class TestTeachersAndLossMask:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("script", ["neco.py", "neco_lightning.py"])
-def test_examples_run(script):
+def test_examples_run(script, tmp_path):
     result = subprocess.run(
         [
             sys.executable,
             str(ROOT / "examples" / "lightly" / script),
-            "--max-steps",
-            "3",
-            "--batch-size",
-            "4",
+            *["--max-steps", "3", "--batch-size", "4", "--output", str(tmp_path)],
         ],
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-2000:]
+    saved = tmp_path / "backbone.pt"
+    assert f"student backbone weights saved to {saved}" in result.stdout
+    backbone = DenseViT("vit_small_patch14_reg4_dinov2", checkpoint=saved, **TINY_EXAMPLE_VIT)
+    assert backbone(torch.randn(1, 3, 64, 64)).shape == (1, 96, 8, 8)
+    assert "Warning" not in result.stderr, result.stderr[-2000:]  # quiet: nothing deprecated

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 from lightly.data import LightlyDataset, MultiViewCollate
@@ -27,7 +28,19 @@ def arguments(description: str) -> argparse.Namespace:
     parser.add_argument("--max-steps", type=int, default=60)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--num-workers", type=int, default=0)
+    parser.add_argument(
+        "--output", type=Path, default=Path("outputs/lightly"), help="where backbone.pt goes"
+    )
     return parser.parse_args()
+
+
+def save_backbone(backbone: DenseViT, output: Path) -> None:
+    """Write the trained student backbone where ``DenseViT(checkpoint=)`` and ``neco eval`` read
+    it (``--checkpoint PATH --config`` with a config naming the same model)."""
+    output.mkdir(parents=True, exist_ok=True)
+    path = output / "backbone.pt"
+    torch.save(backbone.vit.state_dict(), path)
+    print(f"student backbone weights saved to {path}")
 
 
 def backbone_and_transform(args: argparse.Namespace) -> tuple[DenseViT, NeCoTransform]:

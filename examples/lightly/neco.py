@@ -7,7 +7,7 @@ python examples/lightly/neco.py --data ~/images --dinov2 --max-steps 10000
 import copy
 
 import torch
-from common import arguments, backbone_and_transform, dataloader
+from common import arguments, backbone_and_transform, dataloader, save_backbone
 from lightly.models.utils import deactivate_requires_grad, update_momentum
 from lightly.utils.scheduler import cosine_schedule
 from neco_loss.integrations.lightly import split_views_and_boxes
@@ -79,3 +79,4 @@ for epoch in range(args.epochs):
         f"epoch: {epoch:>02}, steps: {step}, loss: {avg_loss:.5f}, "
         f"rank agreement: {criterion.last_stats.rank_agreement:.3f}"
     )
+save_backbone(model.student_backbone, args.output)

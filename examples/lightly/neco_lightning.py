@@ -6,7 +6,7 @@ python examples/lightly/neco_lightning.py --data ~/images --dinov2 --max-steps 1
 
 import pytorch_lightning as pl
 import torch
-from common import arguments, backbone_and_transform, dataloader
+from common import arguments, backbone_and_transform, dataloader, save_backbone
 from neco_loss.integrations.lightly import NeCo
 
 args = arguments(__doc__.splitlines()[0])
@@ -29,3 +29,4 @@ trainer = pl.Trainer(
     enable_checkpointing=False,
 )
 trainer.fit(model=model, train_dataloaders=loader)
+save_backbone(model.student_backbone, args.output)

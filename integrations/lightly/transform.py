@@ -10,6 +10,7 @@ lightly's ``VICRegLViewTransform`` with the NeCo reference settings.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -148,7 +149,11 @@ class NeCoTransform:
         earlier_global = torch.stack(earlier) if earlier else torch.empty(0, 5)
 
         def propose() -> tuple[Tensor, tuple[Image.Image, Location]]:
-            view, location = self.crops[index](image)
+            with warnings.catch_warnings():
+                # lightly's RandomResizedCropWithLocation calls torchvision's deprecated
+                # get_image_size; the warning is lightly's to fix, not the user's to read
+                warnings.filterwarnings("ignore", message="The function `get_image_size")
+                view, location = self.crops[index](image)
             return location_box(location), (view, location)
 
         _, (view, location) = sample_overlapping(

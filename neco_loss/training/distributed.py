@@ -20,10 +20,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.multiprocessing.spawn import ProcessException
 
+from neco_loss.data.folder import skipped_files
 from neco_loss.training.checkpoint import LAST, load_checkpoint
 from neco_loss.training.config import TrainConfig
 from neco_loss.training.trainer import (
     BACKBONE_FILE,
+    SKIP_LOG,
     STOP_NOTE,
     TrainingStoppedError,
     TrainResult,
@@ -85,7 +87,10 @@ def _result(config: TrainConfig) -> TrainResult:
     rows = list(csv.reader((output / "metrics.csv").open()))
     last_loss = float(rows[-1][1]) if len(rows) > 1 else float("nan")
     step = int(load_checkpoint(output / LAST)["step"])
-    return TrainResult(output, output / LAST, output / BACKBONE_FILE, step, last_loss)
+    skipped = skipped_files(output / SKIP_LOG)
+    return TrainResult(
+        output, output / LAST, output / BACKBONE_FILE, step, last_loss, False, skipped
+    )
 
 
 def launch(

@@ -20,7 +20,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from neco_loss.checks import all_finite
 from neco_loss.data import ImageFolder, NeCoMultiCrop, SyntheticScenes
+from neco_loss.data.folder import skipped_files
 from neco_loss.diagnostics import NeCoStats
 from neco_loss.foreground import foreground_masks
 from neco_loss.loss import NeCoLoss
@@ -50,6 +51,7 @@ from neco_loss.training.config import TrainConfig
 
 BACKBONE_FILE = "backbone.pt"  # the student backbone's weights, loadable by DenseViT(checkpoint=)
 STOP_NOTE = "stopped.txt"  # why a run stopped early (removed when it runs again)
+SKIP_LOG = "skipped_images.txt"  # unreadable images of a folder dataset, one per line
 ADVICE = " (lower the learning rates or the steepness, or set grad_clip)"
 
 
@@ -165,6 +167,7 @@ class TrainResult:
     steps: int
     last_loss: float
     already_finished: bool = False
+    skipped: list[str] = field(default_factory=list)  # unreadable images (``SKIP_LOG``)
 
 
 def build_backbone(config: TrainConfig) -> DenseViT:
@@ -180,12 +183,12 @@ def build_backbone(config: TrainConfig) -> DenseViT:
 
 
 def training_images(config: TrainConfig) -> Any:
-    """The training dataset of a config."""
+    """The training dataset of a config; a folder lists unreadable files in ``SKIP_LOG``."""
     if config.dataset == "synthetic":
         return SyntheticScenes(
             "train", size=config.image_size, length=config.train_images, seed=config.seed
         )
-    return ImageFolder(config.dataset)
+    return ImageFolder(config.dataset, skip_log=config.output_dir_path / SKIP_LOG)
 
 
 def multicrop_transform(config: TrainConfig) -> NeCoMultiCrop:
@@ -521,6 +524,8 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "config.yaml").write_text(yaml.safe_dump(self.config.to_dict()))
             (self.output_dir / STOP_NOTE).unlink(missing_ok=True)
+            if self.step == 0:  # a fresh run lists its own skipped images
+                (self.output_dir / SKIP_LOG).unlink(missing_ok=True)
         self.student.train()
         log = MetricsLog(self.output_dir / "metrics.csv", self.step) if main else None
         bar = tqdm(
@@ -583,7 +588,12 @@ class Trainer:
         if signalled:
             raise SystemExit(message)
         return TrainResult(
-            self.output_dir, checkpoint, self.output_dir / BACKBONE_FILE, self.step, last_loss
+            self.output_dir,
+            checkpoint,
+            self.output_dir / BACKBONE_FILE,
+            self.step,
+            last_loss,
+            skipped=skipped_files(self.output_dir / SKIP_LOG),
         )
 
     def _note(self, text: str) -> None:
