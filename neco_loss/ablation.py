@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import yaml
 
-from neco_loss.evaluation.datasets import IGNORE_INDEX, NUM_CLASSES
+from neco_loss.evaluation.datasets import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES
 from neco_loss.evaluation.suite import evaluate, evaluation_splits, write_results
 from neco_loss.models import DenseViT
 from neco_loss.training import build_config
@@ -121,8 +121,19 @@ def run_ablation(
         ignore_index=IGNORE_INDEX,
         linear_epochs=settings["linear_epochs"],
         progress=progress,
+        class_names=CLASS_NAMES.get(settings["dataset"]),
     )
-    markdown, data_file = write_results(results, output)
+    context = {
+        "ablation": str(path),
+        "overrides": " ".join(overrides or []) or None,
+        "dataset": settings["dataset"],
+        "image_size": size,
+        "train_images": len(train_set),
+        "val_images": len(val_set),
+        "linear_epochs": settings["linear_epochs"],
+        "variants": {name: str(config.output_dir_path) for name, config in configs.items()},
+    }
+    markdown, data_file = write_results(results, output, context)
     markdown.rename(output / "ablation.md")
     data_file.rename(output / "ablation.json")
     plot(results, output / "ablation.png", title=path.stem)

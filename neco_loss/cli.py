@@ -71,8 +71,8 @@ def _backbone_names(checkpoints: list[Path], names: list[str] | None) -> list[st
 def _evaluate(args: argparse.Namespace) -> None:
     import torch
 
-    from neco_loss.evaluation.datasets import IGNORE_INDEX, NUM_CLASSES
-    from neco_loss.evaluation.suite import PROTOCOLS, evaluate, evaluation_splits, write_results
+    from neco_loss.evaluation.datasets import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES
+    from neco_loss.evaluation.suite import PROTOCOLS, evaluate, evaluation_splits
 
     protocols = list(PROTOCOLS) if "all" in args.protocols else args.protocols
     names = _backbone_names(args.checkpoint, args.name)
@@ -96,7 +96,14 @@ def _evaluate(args: argparse.Namespace) -> None:
         args.val_split,
     )
     features = {name: torch.no_grad()(backbone) for name, backbone in backbones.items()}
-    results = evaluate(
+    context = {
+        "dataset": args.dataset,
+        "data_root": str(args.data_root) if args.data_root else None,
+        "splits": f"{args.train_split} / {args.val_split}",
+        "image_size": size,
+        "checkpoints": {name: str(path) for name, path in zip(names, args.checkpoint, strict=True)},
+    }
+    evaluate(
         features,
         datasets[0],
         datasets[1],
@@ -107,9 +114,10 @@ def _evaluate(args: argparse.Namespace) -> None:
         clusters=args.clusters,
         linear_epochs=args.linear_epochs,
         search=args.search,
+        class_names=CLASS_NAMES.get(args.dataset),
+        context=context,
     )
-    markdown, _ = write_results(results, args.output)
-    print(markdown.read_text(), end="")
+    print((args.output / "results.md").read_text(), end="")
     print(f"tables and figures in {args.output}")
 
 

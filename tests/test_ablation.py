@@ -42,8 +42,11 @@ def test_ablation_trains_evaluates_and_plots(tmp_path, capsys):
     path.write_text(yaml.safe_dump(spec))
     output = tmp_path / "out"
     main(["ablate", str(path), "--output", str(output), "--quiet", "--seed", "3"])
-    results = json.loads((output / "ablation.json").read_text())
+    written = json.loads((output / "ablation.json").read_text())
+    results, context = written["results"], written["context"]
     assert set(results) == {"CE", "L2"}
+    assert context["dataset"] == "synthetic" and context["val_images"] == 4
+    assert context["overrides"] == "--seed 3" and "neco_loss_version" in context
     assert set(results["L2"]) == {"in-context mIoU", "linear mIoU"}
     assert (output / "ablation.png").stat().st_size > 5_000
     assert "| CE |" in capsys.readouterr().out
@@ -52,7 +55,7 @@ def test_ablation_trains_evaluates_and_plots(tmp_path, capsys):
     trained = (output / "CE" / "checkpoint_last.pt").stat().st_mtime_ns
     main(["ablate", str(path), "--output", str(output), "--quiet", "--seed", "3"])
     assert (output / "CE" / "checkpoint_last.pt").stat().st_mtime_ns == trained
-    assert json.loads((output / "ablation.json").read_text()) == results
+    assert json.loads((output / "ablation.json").read_text())["results"] == results
 
 
 def test_bad_ablation_files(tmp_path):

@@ -60,8 +60,12 @@ def test_eval_all_protocols_compares_backbones(tmp_path, capsys):
             str(output),
         ]
     )
-    results = json.loads((output / "results.json").read_text())
+    written = json.loads((output / "results.json").read_text())
+    results, context = written["results"], written["context"]
     assert set(results) == {"before", "after"}
+    assert context["dataset"] == "synthetic" and context["val_images"] == 6
+    assert set(context["checkpoints"]) == {"before", "after"} and context["clusters"] == [5, 6]
+    assert {"neco_loss_version", "time", "linear_epochs", "image_size"} <= set(context)
     expected = {
         "in-context mIoU",
         "linear mIoU",
@@ -82,13 +86,16 @@ def test_eval_all_protocols_compares_backbones(tmp_path, capsys):
         "retrieval_after",
     ):
         assert (output / f"{picture}.png").stat().st_size > 5_000
-    assert "| after |" in (output / "results.md").read_text()
+    markdown = (output / "results.md").read_text()
+    assert "| after |" in markdown and "- dataset: synthetic" in markdown
 
 
 def test_train_reports_config_errors(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({"epochz": 1}))
-    with pytest.raises(ValueError, match=r"unknown config keys \['epochz'\]"):
+    with pytest.raises(
+        SystemExit, match=r"unknown config key 'epochz' \(did you mean 'epochs'\?\)"
+    ):
         main(["train", str(config)])
 
 

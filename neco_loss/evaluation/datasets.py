@@ -18,10 +18,38 @@ from torch import Tensor
 from torchvision.transforms import v2
 
 from neco_loss.data.multicrop import IMAGENET_MEAN, IMAGENET_STD
+from neco_loss.data.synthetic import CLASS_NAMES as SYNTHETIC_CLASS_NAMES
 from neco_loss.data.synthetic import SyntheticScenes
 
 IGNORE_INDEX = 255
 NUM_CLASSES = {"voc": 21, "ade20k": 150, "coco-things": 12, "coco-stuff": 15, "synthetic": 5}
+# Class names for figure legends, where the dataset fixes them (others: "class k").
+CLASS_NAMES: dict[str, tuple[str, ...]] = {
+    "synthetic": SYNTHETIC_CLASS_NAMES,
+    "voc": (  # Pascal VOC 2012 label order
+        "background",
+        "aeroplane",
+        "bicycle",
+        "bird",
+        "boat",
+        "bottle",
+        "bus",
+        "car",
+        "cat",
+        "chair",
+        "cow",
+        "diningtable",
+        "dog",
+        "horse",
+        "motorbike",
+        "person",
+        "pottedplant",
+        "sheep",
+        "sofa",
+        "train",
+        "tvmonitor",
+    ),
+}
 LAYOUTS = {
     "voc": "ROOT/JPEGImages/*.jpg, ROOT/SegmentationClass/*.png (SegmentationClassAug for "
     "trainaug), ROOT/ImageSets/Segmentation/{train,trainaug,val}.txt (ROOT = VOCdevkit/VOC2012)",

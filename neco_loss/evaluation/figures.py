@@ -5,7 +5,7 @@ Needs matplotlib (``pip install 'neco-loss[eval]'``).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -14,6 +14,8 @@ from torch import Tensor
 
 from neco_loss.data.multicrop import IMAGENET_MEAN, IMAGENET_STD
 from neco_loss.evaluation.in_context import SegmentationDataset
+
+LEGEND_CLASSES = 24  # at most this many classes in a figure's legend
 
 
 def _pyplot():  # type: ignore[no-untyped-def]
@@ -39,6 +41,8 @@ def draw_segmentations(
     num_classes: int,
     path: Path,
     title: str = "",
+    class_names: Sequence[str] | None = None,
+    scores: Mapping[str, float] | None = None,
 ) -> Path:
     """One column per image; rows: image, ground truth, then every named prediction.
 
@@ -50,12 +54,17 @@ def draw_segmentations(
         num_classes: Classes for the colour map (cluster ids wrap around it).
         path: PNG to write.
         title: Figure title.
+        class_names: Names for the legend (default ``class k``); the legend lists the classes
+            the figure shows, at most ``LEGEND_CLASSES``.
+        scores: ``{row title: mIoU}`` shown under the row titles.
 
     Returns:
         ``path``.
 
     """
     plt = _pyplot()
+    from matplotlib.patches import Patch
+
     rows = 2 + len(predictions)
     count = len(images)
     figure, axes = plt.subplots(rows, count, figsize=(1.9 * count, 1.9 * rows), squeeze=False)
@@ -74,9 +83,17 @@ def draw_segmentations(
             axis.set_xticks([])
             axis.set_yticks([])
             if column == 0:
-                axis.set_ylabel(name)
+                score = (scores or {}).get(name)
+                axis.set_ylabel(name if score is None else f"{name}\nmIoU {score:.3f}")
+    shown_classes = torch.cat([masks.flatten(), *(p.flatten() for p in predictions.values())])
+    present = [int(c) for c in shown_classes.unique() if c != 255][:LEGEND_CLASSES]
+    names = class_names or [f"class {k}" for k in range(max(num_classes, 2))]
+    handles = [
+        Patch(color=colours(k % max(num_classes, 2)), label=names[k % len(names)]) for k in present
+    ]
+    figure.legend(handles=handles, loc="center right", fontsize="small", title="classes")
     figure.suptitle(title)
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0, 0.85, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100)
     plt.close(figure)

@@ -8,8 +8,11 @@ backbone is scored by the chosen protocols, the results go to ``results.md`` and
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Mapping, Sequence
+from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -42,17 +45,38 @@ def evaluation_splits(
     return splits[0], splits[1]
 
 
-def write_results(results: dict[str, dict[str, float]], output: Path) -> tuple[Path, Path]:
-    """``results.md`` (a table: backbones x metrics) and ``results.json``."""
+def write_results(
+    results: dict[str, dict[str, float]],
+    output: Path,
+    context: Mapping[str, Any] | None = None,
+) -> tuple[Path, Path]:
+    """``results.md`` (what was measured, then a table: backbones x metrics) and ``results.json``.
+
+    Args:
+        results: ``{backbone: {metric: value}}``.
+        output: Folder to write to.
+        context: What the numbers depend on (dataset, split sizes, checkpoints, protocol
+            parameters); the package version and the time are added.
+
+    Returns:
+        The two paths. ``results.json`` holds ``{"results": ..., "context": ...}``.
+
+    """
     output.mkdir(parents=True, exist_ok=True)
+    context = {
+        **(context or {}),
+        "neco_loss_version": version("neco-loss"),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
     metrics = list(dict.fromkeys(metric for row in results.values() for metric in row))
-    lines = ["| backbone | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
+    lines = [f"- {key}: {value}" for key, value in context.items()]
+    lines += ["", "| backbone | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
     for name, row in results.items():
         cells = [f"{row[m]:.4f}" if m in row else "-" for m in metrics]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     markdown, data = output / "results.md", output / "results.json"
     markdown.write_text("\n".join(lines) + "\n")
-    data.write_text(json.dumps(results, indent=2))
+    data.write_text(json.dumps({"results": results, "context": context}, indent=2, default=str))
     return markdown, data
 
 
@@ -69,6 +93,8 @@ def evaluate(
     linear_epochs: int = 20,
     search: str = "torch",
     progress: bool = True,
+    class_names: Sequence[str] | None = None,
+    context: Mapping[str, Any] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Score every backbone with every protocol; write the table and the pictures.
 
@@ -84,6 +110,9 @@ def evaluate(
         linear_epochs: Epochs of the linear head.
         search: In-context neighbour search, ``"torch"`` (exact) or ``"scann"``.
         progress: Show progress bars.
+        class_names: Names for the figures' legends.
+        context: What the results depend on, written with them (``write_results``); the
+            protocol parameters are added.
 
     Returns:
         ``{backbone: {metric: value}}``.
@@ -150,6 +179,15 @@ def evaluate(
                 row[f"in-context 1/{round(1 / fraction)}"] = value
         results[name] = row
         draw_retrieval(features, val_set, output / f"retrieval_{_slug(name)}.png")
+    scores = {
+        "in-context": {name: row.get("in-context mIoU") for name, row in results.items()},
+        "linear": {name: row.get("linear mIoU") for name, row in results.items()},
+        "overclustering": {
+            f"{name} K={counts_shown}": row.get(f"overclustering K={counts_shown}")
+            for name, row in results.items()
+            for counts_shown in [tuple(dict.fromkeys((num_classes, *clusters)))[-1]]
+        },
+    }
     for protocol, predictions in pictures.items():
         if predictions:
             draw_segmentations(
@@ -158,9 +196,24 @@ def evaluate(
                 predictions,
                 num_classes,
                 output / f"{protocol}.png",
-                title=f"{protocol} predictions",
+                title=f"{protocol} predictions ({len(val_set)} validation images scored)",
+                class_names=class_names,
+                scores={k: v for k, v in scores[protocol].items() if v is not None},
             )
-    write_results(results, output)
+    parameters = {
+        "protocols": list(protocols),
+        "train_images": len(train_set),
+        "val_images": len(val_set),
+        "num_classes": num_classes,
+        "ignore_index": ignore_index,
+    }
+    if "overclustering" in protocols:
+        parameters["clusters"] = list(dict.fromkeys((num_classes, *clusters)))
+    if "linear" in protocols:
+        parameters["linear_epochs"] = linear_epochs
+    if "in-context" in protocols or "fractions" in protocols:
+        parameters["search"] = search
+    write_results(results, output, {**(context or {}), **parameters})
     return results
 
 
