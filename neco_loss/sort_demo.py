@@ -34,16 +34,18 @@ def _draw(example: torch.Tensor, perms: list[torch.Tensor], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, len(perms), figsize=(3.2 * len(perms), 3.4))
+    figure, axes = plt.subplots(
+        1, len(perms), figsize=(3.2 * len(perms) + 0.8, 3.4), layout="constrained"
+    )
     for axis, steepness, perm in zip(axes, DEMO_STEEPNESS, perms, strict=True):
-        axis.imshow(perm.numpy(), cmap="viridis", vmin=0, vmax=1)
+        shown = axis.imshow(perm.numpy(), cmap="viridis", vmin=0, vmax=1)
         axis.set_title(f"steepness {steepness:g}")
         axis.set_xlabel("rank j")
         axis.set_ylabel("element i")
         axis.set_xticks(range(perm.shape[1]))
         axis.set_yticks(range(perm.shape[0]), [f"{v:g}" for v in example.tolist()])
     figure.suptitle("Soft permutation P[i, j] = P(element i lands at rank j), bitonic, Cauchy")
-    figure.tight_layout()
+    figure.colorbar(shown, ax=list(axes), label="P[i, j]", fraction=0.02, pad=0.02)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -67,7 +69,10 @@ def demo(output: Path, rows: int, n: int) -> None:
         _draw(example, perms, figure)
         print(f"   figure: {figure}")
 
-    print(f"2. native vs diffsort on NeCo's size: {rows} rows (64 images x 49 patches), n = {n}")
+    reference = (
+        " (64 images x 49 patches, NeCo's reference size)" if (rows, n) == (3136, 49) else ""
+    )
+    print(f"2. native vs diffsort: {rows} rows{reference}, n = {n}")
     generator = torch.Generator().manual_seed(0)
     student = torch.randn(rows, n, generator=generator)
     teacher = torch.randn(rows, n, generator=generator)
