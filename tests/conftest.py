@@ -4,8 +4,18 @@ Set HYPOTHESIS_PROFILE=thorough for a longer, randomised search.
 """
 
 import os
+import sys
+from pathlib import Path
 
 from hypothesis import HealthCheck, settings
+
+# solo-learn main built by scripts/solo_learn.sh: its tests run when it is there.
+SOLO_LEARN = Path(__file__).parents[1] / ".solo-learn"
+if SOLO_LEARN.is_dir():
+    sys.path.insert(0, str(SOLO_LEARN))
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(SOLO_LEARN), os.environ.get("PYTHONPATH")])
+    )
 
 settings.register_profile(
     "ci",

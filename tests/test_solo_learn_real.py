@@ -194,6 +194,15 @@ class TestMethod:
         with pytest.raises(TypeError, match="NeCo needs a ViT backbone.*'resnet18'"):
             self.model(tmp_path, "backbone.name=resnet18", "~backbone.kwargs")
 
+    def test_solo_vit_needs_dynamic_img_size(self, tmp_path):
+        """solo-learn's own vit_small: refused with the fix unless built for several sizes."""
+        overrides = ["backbone.name=vit_small", "~backbone.kwargs", "+backbone.kwargs.img_size=56"]
+        with pytest.raises(ValueError, match=r"\+backbone.kwargs.dynamic_img_size=true"):
+            self.model(tmp_path, *overrides)
+        model = self.model(tmp_path, *overrides, "+backbone.kwargs.dynamic_img_size=true")
+        assert model(torch.randn(2, 3, 56, 56))["neco_maps"].shape == (2, 32, 3, 3)
+        assert model.multicrop_forward(torch.randn(2, 3, 28, 28))["neco_maps"].shape[2:] == (1, 1)
+
     def test_bad_batches(self, tmp_path):
         model = self.model(tmp_path)
         views = [torch.randn(2, 3, 56, 56)] * 2

@@ -63,6 +63,12 @@ class NeCo(BaseMomentumMethod):
                 f"NeCo needs a ViT backbone with patch tokens, but backbone.name is "
                 f"{cfg.backbone.name!r} ({type(backbone).__name__})."
             )
+        if not getattr(backbone, "dynamic_img_size", False):
+            raise ValueError(
+                f"NeCo feeds crops of several sizes to the backbone, but {cfg.backbone.name!r} "
+                "was built for one size: add backbone.kwargs.dynamic_img_size=true (hydra: "
+                "+backbone.kwargs.dynamic_img_size=true); the dinov2_*_reg backbones set it."
+            )
         kwargs = cfg.method_kwargs
         if self.num_large_crops < 1 or self.num_crops < 2:
             raise ValueError(

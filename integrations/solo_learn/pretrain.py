@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import inspect
 import os
+import sys
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 from neco_loss.integrations.solo_learn.registry import register, require_solo_main
@@ -205,6 +207,33 @@ def _trainer_kwargs(cfg: DictConfig, callbacks: list[Callback]) -> dict[str, Any
 
 
 @hydra.main(version_base="1.2", config_path=None)
-def main(cfg: DictConfig) -> None:
-    """Console entry point; hydra reads ``--config-path``/``--config-name`` and overrides."""
+def _hydra_main(cfg: DictConfig) -> None:
     pretrain(cfg)
+
+
+def main() -> None:
+    """Console entry point; hydra reads ``--config-path``/``--config-name`` and overrides.
+
+    A relative ``--config-path`` (``-cp``) is made absolute against the working directory, as a
+    user typing it means; hydra alone would resolve it against this module's package.
+    """
+    sys.argv = absolute_config_path(sys.argv)
+    _hydra_main()
+
+
+def absolute_config_path(argv: list[str]) -> list[str]:
+    """``argv`` with a relative ``--config-path``/``-cp`` value made absolute (cwd-based)."""
+    argv = list(argv)
+    for index, argument in enumerate(argv):
+        for flag in ("--config-path", "-cp"):
+            if argument == flag and index + 1 < len(argv):
+                argv[index + 1] = _absolute(argv[index + 1])
+            elif argument.startswith(flag + "="):
+                argv[index] = f"{flag}={_absolute(argument[len(flag) + 1 :])}"
+    return argv
+
+
+def _absolute(path: str) -> str:
+    if "://" in path or Path(path).expanduser().is_absolute():  # pkg://, file://, /abs
+        return path
+    return str(Path(path).expanduser().resolve())
