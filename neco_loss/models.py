@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from neco_loss import backbones
 from neco_loss.schedules import cosine
 
 DINOV2_REGISTERS = "vit_small_patch14_reg4_dinov2"  # reference configs: dinov2-reg ViT-S/14
@@ -70,15 +71,19 @@ def load_weights(model: nn.Module, checkpoint: str | Path) -> None:
 
 
 class DenseViT(nn.Module):
-    """A timm ViT that returns patch maps ``(B, D, h, w)`` without CLS and register tokens.
+    """A ViT that returns patch maps ``(B, D, h, w)`` without CLS and register tokens.
+
+    Any of the families of ``neco_loss.backbones``: timm ViTs, HuggingFace transformers DINOv2
+    (with or without registers), torch.hub DINOv2 modules.
 
     Args:
-        model: A timm model name (e.g. ``"vit_small_patch14_reg4_dinov2"``) or a timm
-            ``VisionTransformer`` instance.
+        model: A timm model name (e.g. ``"vit_small_patch14_reg4_dinov2"``), ``hf:ID`` or a
+            local transformers folder, ``hub:REPO:ENTRY``, or a model instance.
         pretrained: Load timm's pretrained weights (needs the HuggingFace hub, i.e. internet).
         checkpoint: A local weights file to load instead (see ``load_state_dict``).
         **model_kwargs: Passed to ``timm.create_model`` (e.g. ``drop_path_rate=0.1``, or
-            ``img_size``, ``patch_size``, ``embed_dim``, ``depth``, ``num_heads`` for a small ViT).
+            ``img_size``, ``patch_size``, ``embed_dim``, ``depth``, ``num_heads`` for a small ViT),
+            or to the transformers config / the torch.hub entry.
 
     Examples:
         >>> vit = DenseViT("vit_small_patch14_reg4_dinov2", embed_dim=48, depth=1, num_heads=2)
@@ -96,18 +101,13 @@ class DenseViT(nn.Module):
     ) -> None:
         super().__init__()
         if isinstance(model, str):
-            import timm
-
-            model = timm.create_model(
-                model, pretrained=pretrained, dynamic_img_size=True, num_classes=0, **model_kwargs
-            )
-        if not hasattr(model, "forward_features") or not hasattr(model, "patch_embed"):
-            raise TypeError(f"model must be a timm ViT but is {type(model).__name__}.")
-        vit: Any = model  # a timm VisionTransformer; its attributes are untyped
+            model = backbones.build(model, pretrained, **model_kwargs)
+        self.family = backbones.family(model)  # TypeError for other modules
+        vit: Any = model  # a ViT of one of the families; their attributes are untyped
         self.vit = vit
-        self.patch_size = vit_patch_size(vit)
-        self.embed_dim = int(vit.embed_dim)
-        self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 1))
+        self.patch_size = backbones.patch_size(vit)
+        self.embed_dim = backbones.embed_dim(vit)
+        self.num_prefix_tokens = backbones.prefix_tokens(vit)
         if checkpoint is not None:
             load_weights(self.vit, checkpoint)
 
@@ -117,18 +117,16 @@ class DenseViT(nn.Module):
 
 
 def vit_patch_size(vit: Any) -> int:
-    """Side of a timm ViT's (square) patches."""
-    patch = vit.patch_embed.patch_size
-    return int(patch[0] if isinstance(patch, (tuple, list)) else patch)
+    """Side of a ViT's (square) patches (any family of ``neco_loss.backbones``)."""
+    return backbones.patch_size(vit)
 
 
 def vit_tokens_and_patch_map(vit: Any, images: Tensor) -> tuple[Tensor, Tensor]:
-    """Run a timm ViT once: all its tokens and its patch tokens as a map.
+    """Run a ViT once: all its tokens and its patch tokens as a map.
 
     Args:
-        vit: A timm ``VisionTransformer`` (``forward_features``, ``patch_embed``,
-            ``num_prefix_tokens``) built with ``dynamic_img_size=True`` for sizes other than its
-            ``img_size``.
+        vit: A ViT of one of the families of ``neco_loss.backbones`` (timm ones built with
+            ``dynamic_img_size=True`` for sizes other than their ``img_size``).
         images: ``(B, 3, H, W)``, at least one patch on each side. Sides that are not
             multiples of the patch size lose their last ``H % patch`` rows and ``W % patch``
             columns, as the strided patch embedding of the reference code's ViTs ignores them
@@ -136,9 +134,10 @@ def vit_tokens_and_patch_map(vit: Any, images: Tensor) -> tuple[Tensor, Tensor]:
             (``NeCoLoss(patch_size=)``, ``forward(crop_sizes=)``) to keep boxes exact.
 
     Returns:
-        ``tokens`` ``(B, T, D)`` from ``forward_features`` (prefix tokens first; pool them with
-        ``vit.forward_head(tokens, pre_logits=True)``) and the patch map ``(B, D, h, w)``
-        without the CLS and register tokens, ``h = H // patch``, ``w = W // patch``.
+        ``tokens`` ``(B, T, D)``, final and normalised (prefix tokens first; for a timm ViT pool
+        them with ``vit.forward_head(tokens, pre_logits=True)``) and the patch map
+        ``(B, D, h, w)`` without the CLS and register tokens, ``h = H // patch``,
+        ``w = W // patch``.
 
     Raises:
         ValueError: If ``images`` is not ``(B, 3, H, W)`` or smaller than one patch.
@@ -146,14 +145,14 @@ def vit_tokens_and_patch_map(vit: Any, images: Tensor) -> tuple[Tensor, Tensor]:
     """
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be (B, 3, H, W) but have shape {tuple(images.shape)}.")
-    patch_size = vit_patch_size(vit)
+    patch_size = backbones.patch_size(vit)
     height, width = images.shape[2:]
     grid = (height // patch_size, width // patch_size)
     if min(grid) < 1:
         raise ValueError(f"image size {height}x{width} is smaller than one patch ({patch_size}).")
     images = images[..., : grid[0] * patch_size, : grid[1] * patch_size]
-    tokens = vit.forward_features(images)
-    patches = tokens[:, int(getattr(vit, "num_prefix_tokens", 1)) :]
+    tokens = backbones.all_tokens(vit, images)
+    patches = tokens[:, backbones.prefix_tokens(vit) :]
     return tokens, patches.transpose(1, 2).unflatten(2, grid)
 
 
@@ -163,40 +162,43 @@ def recording_cls_attention(vit: Any) -> Iterator[list[Tensor]]:
 
     The reference code's ``loss_mask: fg/bg`` thresholds this attention
     (``forward_backbone(..., last_self_attention=True)``: ``attn[:, :, 0, 1:]``). Here it is
-    recomputed from the last block's attention input (timm's fused attention never forms the
+    recomputed from the last block's attention input (fused attention kernels never form the
     matrix) and taken over the patch tokens only, registers left out.
 
     Args:
-        vit: A timm ``VisionTransformer`` (``blocks[-1].attn`` with ``qkv``, ``num_heads``).
+        vit: A ViT of one of the families of ``neco_loss.backbones``.
 
     Yields:
         A list that receives one ``(B, heads, h * w)`` float32 tensor per forward (patches in
         row-major order), computed without gradient.
 
     Raises:
-        TypeError: If ``vit`` has no timm attention in its last block.
+        TypeError: If ``vit`` is not such a ViT.
 
     """
-    attention = getattr(getattr(vit, "blocks", [None])[-1], "attn", None)
-    if attention is None or not hasattr(attention, "qkv") or not hasattr(attention, "num_heads"):
+    try:
+        source = backbones.attention_input(vit)
+    except (TypeError, AttributeError):
         raise TypeError(
-            f"recording_cls_attention needs a timm ViT (blocks[-1].attn.qkv) but got "
-            f"{type(vit).__name__}."
-        )
+            "recording_cls_attention needs a ViT of neco_loss.backbones (timm, transformers "
+            f"DINOv2, torch.hub DINOv2) but got {type(vit).__name__}."
+        ) from None
     records: list[Tensor] = []
-    prefix = int(getattr(vit, "num_prefix_tokens", 1))
+    prefix = backbones.prefix_tokens(vit)
 
     def record(module: Any, inputs: tuple[Tensor, ...]) -> None:
         with torch.no_grad():
-            tokens = inputs[0]  # (B, T, C) after the block's norm1
+            tokens = inputs[0]  # (B, T, C) after the block's first norm
             batch, count, _ = tokens.shape
-            qkv = module.qkv(tokens).reshape(batch, count, 3, module.num_heads, -1)
-            query, key = qkv[:, :1, 0].transpose(1, 2), qkv[:, :, 1].transpose(1, 2)
-            query, key = module.q_norm(query), module.k_norm(key)
-            weights = (query * module.scale @ key.transpose(-2, -1)).softmax(dim=-1)
+            shape = (batch, count, source.heads, -1)
+            query = source.query(tokens[:, :1]).reshape(batch, 1, source.heads, -1).transpose(1, 2)
+            key = source.key(tokens).reshape(shape).transpose(1, 2)  # (B, heads, T, d)
+            if source.query_norm is not None:
+                query, key = source.query_norm(query), source.key_norm(key)
+            weights = (query * source.scale @ key.transpose(-2, -1)).softmax(dim=-1)
             records.append(weights[:, :, 0, prefix:].float())  # (B, heads, h * w)
 
-    handle = attention.register_forward_pre_hook(record)
+    handle = source.module.register_forward_pre_hook(record)
     try:
         yield records
     finally:

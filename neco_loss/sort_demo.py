@@ -69,10 +69,10 @@ def demo(output: Path, rows: int, n: int) -> None:
         _draw(example, perms, figure)
         print(f"   figure: {figure}")
 
-    reference = (
+    size_note = (
         " (64 images x 49 patches, NeCo's reference size)" if (rows, n) == (3136, 49) else ""
     )
-    print(f"2. native vs diffsort: {rows} rows{reference}, n = {n}")
+    print(f"2. native vs diffsort: {rows} rows{size_note}, n = {n}")
     generator = torch.Generator().manual_seed(0)
     student = torch.randn(rows, n, generator=generator)
     teacher = torch.randn(rows, n, generator=generator)

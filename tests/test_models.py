@@ -70,7 +70,10 @@ class TestDenseViT:
             load_state_dict(tmp_path / "list.pt")
 
     def test_not_a_vit(self):
-        with pytest.raises(TypeError, match="model must be a timm ViT but is Linear"):
+        with pytest.raises(
+            TypeError,
+            match="model must be a timm ViT, a transformers Dinov2Model or a torch.hub DINOv2 but is Linear",
+        ):
             DenseViT(torch.nn.Linear(2, 2))
 
 
