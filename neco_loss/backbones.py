@@ -91,7 +91,14 @@ def build(name: str, pretrained: bool, **model_kwargs: Any) -> nn.Module:
         from transformers import AutoModel
 
         source = name.removeprefix(HF_PREFIX)
-        return AutoModel.from_pretrained(source, attn_implementation="sdpa", **model_kwargs)
+        try:
+            return AutoModel.from_pretrained(source, attn_implementation="sdpa", **model_kwargs)
+        except OSError as error:  # not a folder, not cached, and no way to download it
+            reason = str(error).strip().splitlines()[0]
+            raise OSError(
+                f"cannot load the transformers model {source!r}: {reason} Give a local "
+                "save_pretrained folder (model: PATH) or allow the download once."
+            ) from error
     if name.startswith(HUB_PREFIX):
         import torch
 

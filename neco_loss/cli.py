@@ -18,11 +18,14 @@ def _backbone(checkpoint: Path, config_path: Path | None) -> Any:
         SystemExit: With one line naming what is missing or unreadable.
 
     """
+    from neco_loss.backbones import HF_FOLDER
     from neco_loss.models import DenseViT
     from neco_loss.training import load_config
 
     if not checkpoint.exists():
         raise SystemExit(f"error: --checkpoint {checkpoint}: no such run folder or weights file.")
+    if (checkpoint / HF_FOLDER).is_dir():  # a transformers run: its save_pretrained folder
+        return DenseViT(str(checkpoint / HF_FOLDER)).eval()
     weights = checkpoint
     if checkpoint.is_dir():  # a run's output_dir
         weights, config_path = checkpoint / "backbone.pt", config_path or checkpoint / "config.yaml"

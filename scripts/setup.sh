@@ -9,7 +9,7 @@ VENV=.venv
 PIP="$VENV/bin/python -m pip"
 STAMP="$VENV/.neco-setup-stamp"
 TORCH_PINS="torch==2.14.1 torchvision==0.29.1"
-EXTRAS="diffsort,torchsort,lightly,solo,eval,scann,train,docs,dev"
+EXTRAS="diffsort,torchsort,lightly,solo,eval,scann,hf,train,docs,dev"
 
 fingerprint="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)"
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$fingerprint" ]]; then

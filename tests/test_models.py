@@ -72,7 +72,8 @@ class TestDenseViT:
     def test_not_a_vit(self):
         with pytest.raises(
             TypeError,
-            match="model must be a timm ViT, a transformers Dinov2Model or a torch.hub DINOv2 but is Linear",
+            match="model must be a timm ViT, a transformers Dinov2Model or a torch.hub DINOv2 "
+            "but is Linear",
         ):
             DenseViT(torch.nn.Linear(2, 2))
 

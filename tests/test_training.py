@@ -119,9 +119,13 @@ class TestConfig:
         assert config.loss == {"top_k": 5, "steepness": [10, 100]}
 
     def test_errors(self, tmp_path):
-        with pytest.raises(ValueError, match=r"unknown config key 'epoch' \(did you mean 'epochs'\?\)"):
+        with pytest.raises(
+            ValueError, match=r"unknown config key 'epoch' \(did you mean 'epochs'\?\)"
+        ):
             build_config({"epoch": 3})
-        with pytest.raises(TypeError, match=r"config key 'batch_size' \(--batch-size\) must be int"):
+        with pytest.raises(
+            TypeError, match=r"config key 'batch_size' \(--batch-size\) must be int"
+        ):
             build_config({"batch_size": "64"})
         with pytest.raises(FileNotFoundError, match="an existing folder of images"):
             build_config({"dataset": str(tmp_path / "missing")})

@@ -31,8 +31,12 @@ class TrainConfig:
     """Configuration of a NeCo post-pretraining run.
 
     Attributes:
-        model: timm model name (reference: DINOv2 ViT-S/14 with 4 registers).
-        model_kwargs: Extra ``timm.create_model`` arguments (e.g. a small ViT for CPU runs).
+        model: timm model name (reference: DINOv2 ViT-S/14 with 4 registers), ``hf:ID`` (a
+            HuggingFace transformers DINOv2, e.g. ``hf:facebook/dinov2-small``), a local
+            transformers folder (``config.json`` + weights, offline), or ``hub:REPO:ENTRY``
+            (torch.hub DINOv2). A transformers backbone is also saved as ``backbone_hf/``.
+        model_kwargs: Extra ``timm.create_model`` arguments (e.g. a small ViT for CPU runs), or
+            transformers config overrides.
         pretrained: Load timm's pretrained weights (needs internet on first use).
         weights: Local backbone weights to start from (overrides ``pretrained``).
         drop_path_rate: Student stochastic depth (reference: 0.1).

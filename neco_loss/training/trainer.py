@@ -30,6 +30,7 @@ import yaml
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from neco_loss import backbones
 from neco_loss.checks import all_finite
 from neco_loss.data import ImageFolder, NeCoMultiCrop, SyntheticScenes
 from neco_loss.data.folder import skipped_files
@@ -439,6 +440,7 @@ class Trainer:
             (self.output_dir / "config.yaml").write_text(yaml.safe_dump(self.config.to_dict()))
             save_atomic(self.state(), self.output_dir / LAST)
             save_atomic(self.student.backbone.vit.state_dict(), self.output_dir / BACKBONE_FILE)
+            backbones.save_native(self.student.backbone.vit, self.output_dir)  # transformers
         if self.world > 1:
             dist.barrier()
         return self.output_dir / LAST
