@@ -14,39 +14,16 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).parents[1]))  # the tests package, run from anywhere
 
-from neco_loss.loss import NeCoLoss  # noqa: E402
-from tests.official_neco import official_loss  # noqa: E402
-from tests.test_official_equivalence import CONFIGS, SEED, scene  # noqa: E402
+from tests.test_official_equivalence import CONFIGS, both_sides  # noqa: E402
 
 EPSILONS = {"default": None, "1e-8": 1e-8}
 
 
 def differences(config: dict, epsilon: float | None) -> tuple[float, float]:
     """``(loss, gradient)`` relative differences to the official loss for one configuration."""
-    patch, sizes = config.get("patch", 14), config.get("sizes", (224, 98))
-    network, steepness = config.get("network", "bitonic"), config.get("steepness", (100, 100))
-    student, teacher, boxes = scene(patch, sizes)
-    crop_sizes = [sizes[0]] * 2 + [sizes[1]] * 2
-    ours = NeCoLoss(
-        network=network, steepness=steepness, seed=SEED, patch_size=patch, epsilon=epsilon
-    )(student, teacher, boxes, crop_sizes=crop_sizes)
-    generator = torch.Generator().manual_seed(SEED)
-    theirs = official_loss(
-        student,
-        teacher,
-        boxes,
-        list(sizes),
-        patch,
-        generator,
-        sort_net=network,
-        steepness=steepness,
-    )
-    our_grads = torch.autograd.grad(ours, student)
-    their_grads = torch.autograd.grad(theirs, student)
+    (ours, our_grads), (theirs, their_grads) = both_sides(config, epsilon=epsilon)
     loss = float(((ours - theirs) / theirs).detach().abs())
     gradient = max(
         float((a - b).abs().max() / b.abs().max())

@@ -20,6 +20,7 @@ from torch import nn
 from neco_loss import backbones
 from neco_loss.cli import main
 from neco_loss.models import DenseViT, recording_cls_attention
+from tests.test_training import TINY
 
 transformers = pytest.importorskip("transformers", reason="needs neco-loss[hf]")
 
@@ -127,17 +128,10 @@ def test_train_a_transformers_folder_and_get_it_back_in_its_own_format(tmp_path,
     Dinov2Model.from_pretrained loads, with the trained weights; neco eval reads it."""
     folder = hf_folder(tmp_path, registers=4)
     config = {
+        **TINY,
         "model": str(folder),
-        "head_hidden_dim": 32,
-        "head_out_dim": 16,
-        "image_size": 48,
-        "train_images": 8,
-        "global_size": 32,
-        "local_size": 16,
-        "num_local": 2,
-        "batch_size": 4,
+        "model_kwargs": {},
         "max_steps": 2,
-        "lr_backbone": 1e-3,
         "loss": {"roi_size": 2, "loss_mask": "foreground"},
         "output_dir": str(tmp_path / "run"),
     }

@@ -53,8 +53,14 @@ def blob_masks(grid: int, seed: int) -> torch.Tensor:
     return (xs - centres[:, 0]) ** 2 + (ys - centres[:, 1]) ** 2 < radius**2
 
 
-def both_sides(config: dict, teacher_grad: bool = False, foreground: str | None = None):
-    """Loss and gradients of ``NeCoLoss`` and of the official transcription on one scene."""
+def both_sides(
+    config: dict,
+    teacher_grad: bool = False,
+    foreground: str | None = None,
+    epsilon: float | None = None,
+):
+    """Loss and gradients of ``NeCoLoss`` (log floor ``epsilon``) and of the official
+    transcription on one scene."""
     patch, sizes = config.get("patch", 14), config.get("sizes", (224, 98))
     network, steepness = config.get("network", "bitonic"), config.get("steepness", (100, 100))
     student, teacher, boxes = scene(patch, sizes, teacher_grad)
@@ -63,7 +69,12 @@ def both_sides(config: dict, teacher_grad: bool = False, foreground: str | None 
     if config.get("queue"):
         options.update(references="queue", queue_length=150)
     criterion = NeCoLoss(
-        network=network, steepness=steepness, seed=SEED, patch_size=patch, **options
+        network=network,
+        steepness=steepness,
+        seed=SEED,
+        patch_size=patch,
+        epsilon=epsilon,
+        **options,
     )
     masks = (
         None
