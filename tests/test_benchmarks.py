@@ -48,3 +48,14 @@ def test_official_equivalence_benchmark_reports_both_log_floors():
     rows = table_rows("official_equivalence.py", "--configs", "odd_even")
     assert [row[1] for row in rows] == ["default", "1e-8"]
     assert float(rows[0][2]) < 1e-12 < float(rows[1][2])  # the default equals the official loss
+
+
+def test_sorting_benchmark_compares_the_backends(tmp_path):
+    rows = table_rows(
+        "sorting.py",
+        *["--networks", "bitonic", "--sizes", "16", "--rows", "64", "--repeats", "1"],
+        *["--backends", "native", "diffsort", "--output", str(tmp_path / "sorting.md")],
+    )
+    assert [row[3] for row in rows] == ["native", "diffsort"]
+    assert abs(float(rows[1][-1].rstrip(" |"))) < 1e-4  # the same loss as native
+    assert (tmp_path / "sorting.md").is_file()

@@ -154,3 +154,11 @@ def test_quickstart_runs():
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "NeCoLoss: " in result.stdout and "neco_loss: " in result.stdout
+
+
+def test_sort_demo_runs_small(tmp_path, capsys):
+    """neco sort-demo at 64 rows (its default 3136 rows take about 50 s)."""
+    main(["sort-demo", "--rows", "64", "--output", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "2. native vs diffsort: 64 rows, n = 49" in out and "faster" in out
+    assert (tmp_path / "soft_permutation.png").stat().st_size > 10_000
