@@ -448,10 +448,9 @@ class NeCoLoss(nn.Module):
         if keep is None:
             return _PairScores(student_scores, teacher_scores, None)
         rows = keep.flatten()
-        weight = 1.0 / rows.sum().to(student_scores.dtype)
-        return _PairScores(
-            student_scores[rows], teacher_scores[rows], weight.expand(int(rows.sum()))
-        )
+        count = int(rows.sum())  # this pair's selected rows: each weighs 1 / count
+        weight = student_scores.new_full((count,), 1.0 / count)
+        return _PairScores(student_scores[rows], teacher_scores[rows], weight)
 
     def _terms(self, pairs: list[_PairScores]) -> NeCoTerms:
         """Sort the scores of all pairs with the same ``R`` in one call."""

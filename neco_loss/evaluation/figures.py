@@ -68,7 +68,8 @@ def draw_segmentations(
     rows = 2 + len(predictions)
     count = len(images)
     figure, axes = plt.subplots(rows, count, figsize=(1.9 * count, 1.9 * rows), squeeze=False)
-    colours = plt.get_cmap("tab20", max(num_classes, 2))
+    palette = max(num_classes, 2)  # colours; cluster ids wrap around them
+    colours = plt.get_cmap("tab20", palette)
     panels = {"image": None, "ground truth": masks, **predictions}
     for row, (name, labels) in enumerate(panels.items()):
         for column in range(count):
@@ -78,8 +79,8 @@ def draw_segmentations(
             else:
                 shown = labels[column][None, None].float()
                 shown = F.interpolate(shown, size=masks.shape[-2:], mode="nearest")[0, 0]
-                masked = torch.where(shown == 255, float("nan"), shown % max(num_classes, 2))
-                axis.imshow(masked.numpy(), cmap=colours, vmin=0, vmax=max(num_classes, 2) - 1)
+                masked = torch.where(shown == 255, float("nan"), shown % palette)
+                axis.imshow(masked.numpy(), cmap=colours, vmin=0, vmax=palette - 1)
             axis.set_xticks([])
             axis.set_yticks([])
             if column == 0:
@@ -87,10 +88,8 @@ def draw_segmentations(
                 axis.set_ylabel(name if score is None else f"{name}\nmIoU {score:.3f}")
     shown_classes = torch.cat([masks.flatten(), *(p.flatten() for p in predictions.values())])
     present = [int(c) for c in shown_classes.unique() if c != 255][:LEGEND_CLASSES]
-    names = class_names or [f"class {k}" for k in range(max(num_classes, 2))]
-    handles = [
-        Patch(color=colours(k % max(num_classes, 2)), label=names[k % len(names)]) for k in present
-    ]
+    names = class_names or [f"class {k}" for k in range(palette)]
+    handles = [Patch(color=colours(k % palette), label=names[k % len(names)]) for k in present]
     figure.legend(handles=handles, loc="center right", fontsize="small", title="classes")
     figure.suptitle(title)
     figure.tight_layout(rect=(0, 0, 0.85, 1))

@@ -124,6 +124,7 @@ def evaluate(
     unknown = sorted(set(protocols) - set(PROTOCOLS))
     if unknown:
         raise ValueError(f"protocols must be among {list(PROTOCOLS)} but include {unknown}.")
+    counts = tuple(dict.fromkeys((num_classes, *clusters)))  # overclustering K, classes first
     shown = min(SHOWN_IMAGES, len(val_set))
     images = torch.stack([val_set[i][0] for i in range(shown)])
     masks = torch.stack([val_set[i][1] for i in range(shown)])
@@ -158,7 +159,6 @@ def evaluate(
             row["linear mIoU"] = linear.miou
             pictures["linear"][name] = linear.predictions
         if "overclustering" in protocols:
-            counts = tuple(dict.fromkeys((num_classes, *clusters)))
             clustered = overclustering_miou(
                 features, val_set, num_classes, counts, ignore_index=ignore_index, progress=progress
             )
@@ -182,10 +182,9 @@ def evaluate(
     scores = {
         "in-context": {name: row.get("in-context mIoU") for name, row in results.items()},
         "linear": {name: row.get("linear mIoU") for name, row in results.items()},
-        "overclustering": {
-            f"{name} K={counts_shown}": row.get(f"overclustering K={counts_shown}")
+        "overclustering": {  # the figure shows each backbone's clusters at the largest K
+            f"{name} K={counts[-1]}": row.get(f"overclustering K={counts[-1]}")
             for name, row in results.items()
-            for counts_shown in [tuple(dict.fromkeys((num_classes, *clusters)))[-1]]
         },
     }
     for protocol, predictions in pictures.items():
@@ -208,7 +207,7 @@ def evaluate(
         "ignore_index": ignore_index,
     }
     if "overclustering" in protocols:
-        parameters["clusters"] = list(dict.fromkeys((num_classes, *clusters)))
+        parameters["clusters"] = list(counts)
     if "linear" in protocols:
         parameters["linear_epochs"] = linear_epochs
     if "in-context" in protocols or "fractions" in protocols:

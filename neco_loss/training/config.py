@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from neco_loss.checks import check_choice
 from neco_loss.loss import NeCoLoss
 from neco_loss.models import REFERENCE_MOMENTUM, TEACHERS
 
@@ -144,8 +145,7 @@ class TrainConfig:
             raise ValueError(f"max_steps must be >= 1 or null but is {self.max_steps}.")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]' but is {self.device!r}.")
-        if self.teacher not in TEACHERS:
-            raise ValueError(f"teacher must be one of {list(TEACHERS)} but is {self.teacher!r}.")
+        check_choice(self.teacher, "teacher", TEACHERS)
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(
                 f"precision must be 'auto', 'bf16' or 'fp32' but is {self.precision!r}."
@@ -196,13 +196,18 @@ def config_keys_help() -> str:
         else:
             default = item.default
         shown = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...")
-        flag = f"--{item.name.replace('_', '-')} {type_name(hints[item.name])}"
+        flag = f"{flag_name(item.name)} {type_name(hints[item.name])}"
         rows.append(f"  {flag}  (default: {shown.strip()})")
         text = described.get(item.name, "").replace("``", "")
         rows.append(
             textwrap.fill(text, width=88, initial_indent=" " * 6, subsequent_indent=" " * 6)
         )
     return "\n".join(rows)
+
+
+def flag_name(key: str) -> str:
+    """The command-line flag of a config key: ``batch_size`` -> ``--batch-size``."""
+    return "--" + key.replace("_", "-")
 
 
 def type_name(annotation: Any) -> str:
@@ -269,7 +274,7 @@ def _check_types(config: TrainConfig) -> None:
             setattr(config, item.name, value)
         if not _matches(value, hints[item.name]):
             raise TypeError(
-                f"config key {item.name!r} (--{item.name.replace('_', '-')}) must be "
+                f"config key {item.name!r} ({flag_name(item.name)}) must be "
                 f"{type_name(hints[item.name])} but is {type(value).__name__}: {value!r}."
             )
         if hints[item.name] is float or hints[item.name] == float | None:

@@ -121,7 +121,7 @@ class MultiViewEncoder(nn.Module):
 
     Args:
         encoder: ``images (B, 3, s, s) -> maps (B, D, h, w)``.
-        vit: The timm ViT inside ``encoder``, to record its CLS attention (``forward(...,
+        vit: The ViT inside ``encoder``, to record its CLS attention (``forward(...,
             attention=True)``).
 
     """
@@ -139,8 +139,8 @@ class MultiViewEncoder(nn.Module):
         With ``attention``, also each view's last-block CLS attention ``(B, heads, h_v, w_v)``
         (``neco_loss.models.recording_cls_attention``).
         """
-        maps: list[Tensor] = [views[0]] * len(views)
-        attentions: list[Tensor] = [views[0]] * len(views)
+        maps: dict[int, Tensor] = {}
+        attentions: dict[int, Tensor] = {}
         sizes: dict[tuple[int, ...], list[int]] = {}
         for index, view in enumerate(views):
             sizes.setdefault(tuple(view.shape), []).append(index)
@@ -150,12 +150,14 @@ class MultiViewEncoder(nn.Module):
                     stack.enter_context(recording_cls_attention(self.vit[0])) if attention else []
                 )
                 encoded = self.encoder(torch.cat([views[i] for i in indices]))
-            for position, index in enumerate(indices):
-                maps[index] = encoded.chunk(len(indices))[position]
-                if attention:
-                    grid = encoded.shape[2:]
-                    attentions[index] = records[0].unflatten(-1, grid).chunk(len(indices))[position]
-        return (maps, attentions) if attention else maps
+            maps.update(zip(indices, encoded.chunk(len(indices)), strict=True))
+            if attention:  # one record per encoder call: this size's views, in order
+                grids = records[0].unflatten(-1, encoded.shape[2:]).chunk(len(indices))
+                attentions.update(zip(indices, grids, strict=True))
+        in_order = [maps[index] for index in range(len(views))]
+        if not attention:
+            return in_order
+        return in_order, [attentions[index] for index in range(len(views))]
 
 
 @dataclass
