@@ -16,6 +16,8 @@ to ``OUTPUT/ablation.md``, ``ablation.json`` and ``ablation.png``.
 from __future__ import annotations
 
 import copy
+import json
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +25,10 @@ import torch
 import yaml
 
 from neco_loss.evaluation.datasets import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES
-from neco_loss.evaluation.suite import evaluate, evaluation_splits, write_results
+from neco_loss.evaluation.suite import evaluate, evaluation_splits, run_context
 from neco_loss.models import DenseViT
-from neco_loss.training import build_config
+from neco_loss.statistics import CONFIDENCE, MeanInterval, mean_interval
+from neco_loss.training import TrainConfig, build_config
 from neco_loss.training.checkpoint import LAST
 from neco_loss.training.distributed import launch
 
@@ -38,6 +41,7 @@ EVALUATION_DEFAULTS: dict[str, Any] = {
     "linear_epochs": 10,
     "protocols": ["in-context", "linear"],
 }
+ABLATION_KEYS = ("base", "variants", "evaluation", "seeds", "baseline", "x")
 
 
 def merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
@@ -51,23 +55,76 @@ def merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def load_ablation(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]], dict[str, Any]]:
-    """``(base config, variants, evaluation settings)`` of an ablation file.
+@dataclass
+class Ablation:
+    """A parsed ablation file.
+
+    Attributes:
+        base: The base configuration (``TrainConfig`` keys).
+        variants: ``{name: overrides of base}``.
+        evaluation: Evaluation settings (``EVALUATION_DEFAULTS`` keys).
+        seeds: Seeds every variant is trained with; ``None``: the configuration's seed.
+        baseline: Also score the base's starting backbone (its ``weights``) as a row.
+        x_label: Name of the numeric setting the variants vary, for a line plot.
+        x_values: ``{variant: value of that setting}``.
+
+    """
+
+    base: dict[str, Any]
+    variants: dict[str, dict[str, Any]]
+    evaluation: dict[str, Any]
+    seeds: list[int] | None = None
+    baseline: bool = False
+    x_label: str | None = None
+    x_values: dict[str, float] = field(default_factory=dict)
+
+
+def _check_seeds(seeds: Any, source: str) -> list[int]:
+    if (
+        not isinstance(seeds, list)
+        or not seeds
+        or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
+        or len(set(seeds)) != len(seeds)
+    ):
+        raise ValueError(f"{source} must be a non-empty list of distinct ints but is {seeds!r}.")
+    return seeds
+
+
+def _check_x(spec: Any, variants: dict[str, Any], path: Path) -> tuple[str, dict[str, float]]:
+    if not isinstance(spec, dict) or set(spec) != {"label", "values"}:
+        raise ValueError(f"'x' of {path} must be {{label: ..., values: {{variant: number}}}}.")
+    values = spec["values"]
+    if not isinstance(values, dict) or set(values) != set(variants):
+        raise ValueError(
+            f"'x.values' of {path} must give a number for every variant {list(variants)} but "
+            f"covers {list(values) if isinstance(values, dict) else values!r}."
+        )
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"'x.values.{name}' of {path} must be a number but is {value!r}.")
+    return str(spec["label"]), {name: float(value) for name, value in values.items()}
+
+
+def load_ablation(path: Path) -> Ablation:
+    """Parse and check an ablation file.
+
+    Keys: ``base`` and ``variants``; optional ``evaluation``, ``seeds``, ``baseline``, ``x``.
 
     Raises:
         FileNotFoundError: If the file or its base config does not exist.
-        ValueError: If it lacks ``base`` or ``variants`` or has unknown keys.
+        ValueError: If it lacks ``base`` or ``variants``, has unknown keys, or a key has the
+            wrong form.
 
     """
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"ablation file {path} does not exist.")
     spec = yaml.safe_load(path.read_text()) or {}
-    unknown = sorted(set(spec) - {"base", "variants", "evaluation"})
+    unknown = sorted(set(spec) - set(ABLATION_KEYS))
     if unknown or "base" not in spec or not spec.get("variants"):
         raise ValueError(
-            f"ablation file {path} needs 'base' and 'variants' (and may have 'evaluation'); "
-            f"unknown keys: {unknown}."
+            f"ablation file {path} needs 'base' and 'variants' (and may have "
+            f"{list(ABLATION_KEYS[2:])}); unknown keys: {unknown}."
         )
     base = spec["base"]
     if isinstance(base, str):
@@ -79,28 +136,86 @@ def load_ablation(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]
     unknown = sorted(set(evaluation) - set(EVALUATION_DEFAULTS))
     if unknown:
         raise ValueError(f"unknown evaluation keys {unknown}; valid: {list(EVALUATION_DEFAULTS)}.")
-    return base, dict(spec["variants"]), evaluation
+    variants = {name: changes or {} for name, changes in spec["variants"].items()}
+    ablation = Ablation(base, variants, evaluation)
+    if "seeds" in spec:
+        ablation.seeds = _check_seeds(spec["seeds"], f"'seeds' of {path}")
+    if "baseline" in spec:
+        if not isinstance(spec["baseline"], bool):
+            raise ValueError(f"'baseline' of {path} must be true or false.")
+        ablation.baseline = spec["baseline"]
+    if "x" in spec:
+        ablation.x_label, ablation.x_values = _check_x(spec["x"], variants, path)
+    return ablation
+
+
+def _run_configs(
+    ablation: Ablation, output: Path, overrides: list[str], seeds: list[int] | None
+) -> dict[tuple[str, int], TrainConfig]:
+    """``{(variant, seed): config}``, each training into ``output/<variant>/seed<N>``.
+
+    Every configuration is built (so validated) before any training starts.
+    """
+    seeds = seeds or ablation.seeds
+    if seeds is not None and "--seed" in (override.split("=")[0] for override in overrides):
+        raise ValueError(
+            "--seed conflicts with the ablation's seeds: give them with --seeds (or the file's "
+            "'seeds' key), not --seed."
+        )
+    configs = {}
+    for name, changes in ablation.variants.items():
+        variant = merge(ablation.base, changes)
+        for seed in seeds or [build_config(variant, overrides).seed]:
+            run = {"seed": seed, "output_dir": str(output / name / f"seed{seed}")}
+            configs[name, seed] = build_config(merge(variant, run), overrides)
+    return configs
 
 
 def run_ablation(
-    path: Path, output: Path, overrides: list[str] | None = None, progress: bool = True
-) -> dict[str, dict[str, float]]:
-    """Train and evaluate every variant; write the table and the plot; return the results."""
-    base, variants, settings = load_ablation(path)
-    configs = {}
-    for name, changes in variants.items():  # every variant is validated before any training
-        data = merge(base, {**(changes or {}), "output_dir": str(output / name)})
-        configs[name] = build_config(data, overrides)
+    path: Path,
+    output: Path,
+    overrides: list[str] | None = None,
+    progress: bool = True,
+    seeds: list[int] | None = None,
+) -> dict[str, dict[str, MeanInterval]]:
+    """Train every variant with every seed, evaluate all, write the table and the plot.
+
+    Args:
+        path: The ablation file.
+        output: Folder for the runs (``<variant>/seed<N>``), ``ablation.md``, ``ablation.json``,
+            ``ablation.png`` and the evaluation pictures (``evaluation/``).
+        overrides: ``--key value`` changes applied to every run.
+        progress: Show progress bars.
+        seeds: Seeds to train with, instead of the file's ``seeds``.
+
+    Returns:
+        ``{row: {metric: MeanInterval over seeds}}``; rows are the variants, after the starting
+        backbone's row when the file asks for a baseline.
+
+    """
+    ablation = load_ablation(path)
+    if seeds is not None:
+        seeds = _check_seeds(list(seeds), "--seeds")
+    configs = _run_configs(ablation, output, list(overrides or []), seeds)
+    first = next(iter(configs.values()))
     backbones = {}
-    for name, config in configs.items():
-        print(f"== variant {name}")
-        # A variant trained before (an interrupted or repeated ablation) is continued, or
-        # reused when it finished; one whose settings changed is refused by resume.
+    if ablation.baseline:
+        if first.weights is None:
+            raise ValueError(
+                f"'baseline: true' in {path} scores the starting backbone, but the base config "
+                "has no 'weights' (the backbone NeCo starts from)."
+            )
+        start = DenseViT(first.model, checkpoint=first.weights, **first.model_kwargs)
+        backbones[BASELINE] = torch.no_grad()(start.eval())
+    for (name, seed), config in configs.items():
+        print(f"== variant {name}, seed {seed}")
+        # A run trained before (an interrupted or repeated ablation) is continued, or reused
+        # when it finished; one whose settings changed is refused by resume.
         resume = (config.output_dir_path / LAST).exists()
         result = launch(config, resume=resume, progress=progress)
         backbone = DenseViT(config.model, checkpoint=result.backbone, **config.model_kwargs)
-        backbones[name] = torch.no_grad()(backbone.eval())
-    first = next(iter(configs.values()))
+        backbones[_run_name(name, seed)] = torch.no_grad()(backbone.eval())
+    settings = ablation.evaluation
     size = settings["image_size"] or (
         first.image_size if settings["dataset"] == "synthetic" else 448
     )
@@ -111,7 +226,7 @@ def run_ablation(
         settings["train_images"],
         settings["val_images"],
     )
-    results = evaluate(
+    per_run = evaluate(
         backbones,
         train_set,
         val_set,
@@ -123,41 +238,130 @@ def run_ablation(
         progress=progress,
         class_names=CLASS_NAMES.get(settings["dataset"]),
     )
+    rows = [BASELINE] if ablation.baseline else []
+    runs = {row: [row] for row in rows}
+    for name, seed in configs:
+        runs.setdefault(name, []).append(_run_name(name, seed))
+    results = {
+        row: {
+            metric: mean_interval([per_run[run][metric] for run in names])
+            for metric in per_run[names[0]]
+        }
+        for row, names in runs.items()
+    }
     context = {
         "ablation": str(path),
         "overrides": " ".join(overrides or []) or None,
+        "seeds": sorted({seed for _, seed in configs}),
+        "starting backbone": first.weights,
         "dataset": settings["dataset"],
         "image_size": size,
         "train_images": len(train_set),
         "val_images": len(val_set),
         "linear_epochs": settings["linear_epochs"],
-        "variants": {name: str(config.output_dir_path) for name, config in configs.items()},
+        "interval": f"mean ± half-width of the {CONFIDENCE:.0%} Student-t interval over seeds",
     }
-    markdown, data_file = write_results(results, output, context)
-    markdown.rename(output / "ablation.md")
-    data_file.rename(output / "ablation.json")
-    plot(results, output / "ablation.png", title=path.stem)
+    write_ablation(results, per_run, runs, output, run_context(context))
+    plot(results, output / "ablation.png", path.stem, ablation.x_label, ablation.x_values)
     return results
 
 
-def plot(results: dict[str, dict[str, float]], path: Path, title: str) -> Path:
-    """Grouped bars: one group per variant, one bar per metric."""
+BASELINE = "start (no NeCo)"
+
+
+def _run_name(variant: str, seed: int) -> str:
+    return f"{variant} (seed {seed})"
+
+
+def write_ablation(
+    results: dict[str, dict[str, MeanInterval]],
+    per_run: dict[str, dict[str, float]],
+    runs: dict[str, list[str]],
+    output: Path,
+    context: dict[str, Any],
+) -> tuple[Path, Path]:
+    """Write ``ablation.md`` and ``ablation.json``.
+
+    The markdown holds the context, the table of means with intervals, and every run's scores.
+    """
+    metrics = list(dict.fromkeys(metric for row in results.values() for metric in row))
+    lines = [f"- {key}: {value}" for key, value in context.items()]
+    lines += ["", "| variant | seeds | " + " | ".join(metrics) + " |"]
+    lines.append("|---" * (len(metrics) + 2) + "|")
+    for name, cells in results.items():
+        count = next(iter(cells.values())).count
+        shown = [cells[metric].format() for metric in metrics]
+        lines.append(f"| {name} | {count} | " + " | ".join(shown) + " |")
+    lines += ["", "Every run:", "", "| run | " + " | ".join(metrics) + " |"]
+    lines.append("|---" * (len(metrics) + 1) + "|")
+    for name, scores in per_run.items():
+        lines.append(f"| {name} | " + " | ".join(f"{scores[m]:.4f}" for m in metrics) + " |")
+    markdown, data = output / "ablation.md", output / "ablation.json"
+    markdown.write_text("\n".join(lines) + "\n")
+    summary = {
+        row: {
+            metric: {**asdict(value), "values": [per_run[run][metric] for run in runs[row]]}
+            for metric, value in metrics_of_row.items()
+        }
+        for row, metrics_of_row in results.items()
+    }
+    data.write_text(json.dumps({"results": summary, "runs": per_run, "context": context}, indent=2))
+    return markdown, data
+
+
+def plot(
+    results: dict[str, dict[str, MeanInterval]],
+    path: Path,
+    title: str,
+    x_label: str | None = None,
+    x_values: dict[str, float] | None = None,
+) -> Path:
+    """One panel per metric: every variant's mean with its 95% interval as error bars.
+
+    A line over ``x_values`` when the variants vary a number, bars otherwise; the starting
+    backbone, when scored, is a dashed line.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     metrics = list(dict.fromkeys(metric for row in results.values() for metric in row))
-    width = 0.8 / max(1, len(metrics))
-    figure, axis = plt.subplots(figsize=(1.4 + 1.1 * len(results), 3.6))
-    for offset, metric in enumerate(metrics):
-        values = [results[name].get(metric, 0.0) for name in results]
-        positions = [i + (offset - (len(metrics) - 1) / 2) * width for i in range(len(results))]
-        axis.bar(positions, values, width, label=metric)
-    axis.set_xticks(range(len(results)), list(results), rotation=20)
-    axis.set_ylabel("mIoU")
-    axis.set_title(f"ablation: {title}")
-    axis.legend(fontsize=8)
+    variants = [name for name in results if name != BASELINE]
+    figure, axes = plt.subplots(
+        1,
+        len(metrics),
+        figsize=(1.5 + (3.0 if x_values else 1.0 * len(variants)) * len(metrics), 3.6),
+        squeeze=False,
+    )
+    for axis, metric in zip(axes[0], metrics, strict=True):
+        cells = [results[name][metric] for name in variants]
+        errors = [cell.half_width or 0.0 for cell in cells]
+        means = [cell.mean for cell in cells]
+        if x_values:
+            xs = [x_values[name] for name in variants]
+            axis.errorbar(xs, means, yerr=errors, marker="o", capsize=4)
+            if max(xs) > 10 * min(xs) > 0:
+                axis.set_xscale("log")
+            axis.set_xlabel(x_label or "")
+        else:
+            axis.bar(range(len(variants)), means, yerr=errors, capsize=4, color="tab:blue")
+            axis.set_xticks(range(len(variants)), variants, rotation=20)
+        if BASELINE in results:
+            axis.axhline(
+                results[BASELINE][metric].mean, color="grey", linestyle="--", label=BASELINE
+            )
+            axis.legend(fontsize=8)
+        axis.set_ylabel(metric)
+        low = min(m - e for m, e in zip(means, errors, strict=True))
+        high = max(m + e for m, e in zip(means, errors, strict=True))
+        if BASELINE in results:
+            low = min(low, results[BASELINE][metric].mean)
+            high = max(high, results[BASELINE][metric].mean)
+        margin = 0.15 * (high - low) + 0.005
+        axis.set_ylim(low - margin, high + margin)
+    count = max(cell.count for row in results.values() for cell in row.values())
+    figure.suptitle(f"ablation: {title} (mean and 95% interval over {count} seeds)")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

@@ -223,8 +223,15 @@ def _run(argv: list[str]) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, help: str, **options: Any) -> argparse.ArgumentParser:
+        # No abbreviations: train and ablate pass unknown '--key value' pairs on as config
+        # overrides, which a prefix match would take (e.g. '--seed' for ablate's '--seeds').
         return commands.add_parser(
-            name, help=help, description=help, formatter_class=_HelpFormatter, **options
+            name,
+            help=help,
+            description=help,
+            formatter_class=_HelpFormatter,
+            allow_abbrev=False,
+            **options,
         )
 
     demo = command("demo", "the main job on the built-in synthetic scenes")
@@ -327,6 +334,14 @@ def _run(argv: list[str]) -> None:
     ablate.add_argument(
         "--output", type=Path, default=None, help="default: outputs/ablations/<file name>"
     )
+    ablate.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="train every variant with each of these seeds (default: the file's 'seeds', else "
+        "the config's seed)",
+    )
     ablate.add_argument("--quiet", action="store_true", help="no progress bars")
 
     images = command(
@@ -412,7 +427,7 @@ def _run(argv: list[str]) -> None:
         from neco_loss.ablation import run_ablation
 
         output = args.output or Path("outputs/ablations") / args.ablation.stem
-        run_ablation(args.ablation, output, extra, progress=not args.quiet)
+        run_ablation(args.ablation, output, extra, progress=not args.quiet, seeds=args.seeds)
         print((output / "ablation.md").read_text(), end="")
         print(f"table, plot and per-variant runs in {output}")
     elif args.command == "eval":

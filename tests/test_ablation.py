@@ -4,12 +4,15 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
-from neco_loss.ablation import load_ablation, merge
+from neco_loss.ablation import BASELINE, load_ablation, merge, run_ablation
 from neco_loss.cli import main
 from neco_loss.loss import NeCoLoss
+from neco_loss.statistics import mean_interval
 from neco_loss.training import build_config
+from neco_loss.training.trainer import build_backbone
 from tests.test_training import TINY
 
 ABLATIONS = sorted((Path(__file__).parents[1] / "examples" / "ablations").glob("*.yaml"))
@@ -26,10 +29,11 @@ def test_merge_is_nested():
 
 @pytest.mark.parametrize("path", ABLATIONS, ids=lambda p: p.stem)
 def test_shipped_ablations_give_valid_configs(path):
-    base, variants, evaluation = load_ablation(path)
-    assert len(variants) >= 2 and evaluation["protocols"] == ["in-context", "linear"]
-    for changes in variants.values():
-        NeCoLoss(**build_config(merge(base, changes or {})).loss)  # the loss accepts its keys
+    ablation = load_ablation(path)
+    assert len(ablation.variants) >= 2
+    assert ablation.evaluation["protocols"] == ["in-context", "linear"]
+    for changes in ablation.variants.values():
+        NeCoLoss(**build_config(merge(ablation.base, changes)).loss)  # the loss accepts its keys
 
 
 def test_ablation_trains_evaluates_and_plots(tmp_path, capsys):
@@ -47,15 +51,54 @@ def test_ablation_trains_evaluates_and_plots(tmp_path, capsys):
     assert set(results) == {"CE", "L2"}
     assert context["dataset"] == "synthetic" and context["val_images"] == 4
     assert context["overrides"] == "--seed 3" and "neco_loss_version" in context
+    assert context["seeds"] == [3]
     assert set(results["L2"]) == {"in-context mIoU", "linear mIoU"}
+    one_seed = results["L2"]["linear mIoU"]
+    assert one_seed["count"] == 1 and one_seed["half_width"] is None
+    assert one_seed["values"] == [written["runs"]["L2 (seed 3)"]["linear mIoU"]]
     assert (output / "ablation.png").stat().st_size > 5_000
-    assert "| CE |" in capsys.readouterr().out
-    assert yaml.safe_load((output / "L2" / "config.yaml").read_text())["seed"] == 3
-    # Run again into the same folder: the finished variants are reused, not trained again.
-    trained = (output / "CE" / "checkpoint_last.pt").stat().st_mtime_ns
+    assert "| CE | 1 |" in capsys.readouterr().out
+    assert yaml.safe_load((output / "L2" / "seed3" / "config.yaml").read_text())["seed"] == 3
+    # Run again into the same folder: the finished runs are reused, not trained again.
+    trained = (output / "CE" / "seed3" / "checkpoint_last.pt").stat().st_mtime_ns
     main(["ablate", str(path), "--output", str(output), "--quiet", "--seed", "3"])
-    assert (output / "CE" / "checkpoint_last.pt").stat().st_mtime_ns == trained
+    assert (output / "CE" / "seed3" / "checkpoint_last.pt").stat().st_mtime_ns == trained
     assert json.loads((output / "ablation.json").read_text())["results"] == results
+
+
+def test_ablation_over_seeds_with_baseline_and_x_axis(tmp_path):
+    """Every variant trains per seed; rows are mean and Student-t interval over the seeds'
+    scores, the starting backbone is scored once, and the plot is a line over x."""
+    start = tmp_path / "start.pt"
+    torch.save(build_backbone(build_config(TINY)).vit.state_dict(), start)
+    spec = {
+        "base": {**TINY, "max_steps": 1, "weights": str(start)},
+        "variants": {"f=0.25": {}, "f=1": {"loss": {"loss": "l2"}}},
+        "seeds": [5, 6],
+        "baseline": True,
+        "x": {"label": "reference fraction f", "values": {"f=0.25": 0.25, "f=1": 1}},
+        "evaluation": {"train_images": 6, "val_images": 4, "linear_epochs": 1},
+    }
+    path = tmp_path / "fraction.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    output = tmp_path / "out"
+    results = run_ablation(path, output, progress=False)
+    assert list(results) == [BASELINE, "f=0.25", "f=1"]
+    written = json.loads((output / "ablation.json").read_text())
+    for variant in ("f=0.25", "f=1"):
+        for metric in ("in-context mIoU", "linear mIoU"):
+            values = [written["runs"][f"{variant} (seed {seed})"][metric] for seed in (5, 6)]
+            expected = mean_interval(values)
+            assert results[variant][metric] == expected
+            assert written["results"][variant][metric]["values"] == values
+    assert results[BASELINE]["in-context mIoU"].count == 1
+    assert (output / "f=1" / "seed6" / "backbone.pt").is_file()
+    markdown = (output / "ablation.md").read_text()
+    assert f"| {BASELINE} | 1 |" in markdown and "f=0.25 (seed 5)" in markdown
+    assert (output / "ablation.png").stat().st_size > 5_000
+    # --seeds replaces the file's seeds; --seed next to seeds is refused.
+    with pytest.raises(ValueError, match="--seed conflicts"):
+        run_ablation(path, output, ["--seed", "1"], progress=False)
 
 
 def test_bad_ablation_files(tmp_path):
@@ -69,3 +112,22 @@ def test_bad_ablation_files(tmp_path):
     path.write_text(yaml.safe_dump({"base": {}, "variants": {"a": {}}, "evaluation": {"k": 1}}))
     with pytest.raises(ValueError, match=r"unknown evaluation keys \['k'\]"):
         load_ablation(path)
+    for key, value, message in (
+        ("seeds", [1, 1], "'seeds' of .* must be a non-empty list of distinct ints"),
+        ("seeds", "0", "'seeds' of"),
+        ("baseline", "yes", "'baseline' of .* must be true or false"),
+        ("x", {"label": "f", "values": {"a": 1}}, r"must give a number for every variant"),
+        ("x", {"label": "f", "values": {"a": 1, "b": "big"}}, r"'x.values.b' .* a number"),
+    ):
+        spec = {"base": {}, "variants": {"a": {}, "b": {}}, key: value}
+        path.write_text(yaml.safe_dump(spec))
+        with pytest.raises(ValueError, match=message):
+            load_ablation(path)
+
+
+def test_baseline_needs_starting_weights(tmp_path):
+    path = tmp_path / "a.yaml"
+    spec = {"base": {**TINY, "max_steps": 1}, "variants": {"a": {}}, "baseline": True}
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ValueError, match="has no 'weights'"):
+        run_ablation(path, tmp_path / "out", progress=False)

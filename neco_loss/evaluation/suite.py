@@ -45,6 +45,15 @@ def evaluation_splits(
     return splits[0], splits[1]
 
 
+def run_context(context: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``context`` (what results depend on) with the package version and the time added."""
+    return {
+        **(context or {}),
+        "neco_loss_version": version("neco-loss"),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
 def write_results(
     results: dict[str, dict[str, float]],
     output: Path,
@@ -63,11 +72,7 @@ def write_results(
 
     """
     output.mkdir(parents=True, exist_ok=True)
-    context = {
-        **(context or {}),
-        "neco_loss_version": version("neco-loss"),
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
+    context = run_context(context)
     metrics = list(dict.fromkeys(metric for row in results.values() for metric in row))
     lines = [f"- {key}: {value}" for key, value in context.items()]
     lines += ["", "| backbone | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
