@@ -2,7 +2,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test lint bench docs
+.PHONY: setup demo test test-docs lint bench docs
 
 setup:
 	@bash scripts/setup.sh
@@ -11,7 +11,11 @@ demo: setup
 	$(PY) -m neco_loss.cli demo
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not docs"
+
+# Every command of README.md and docs/*.md that runs here, verbatim (~25 min on 2 cores).
+test-docs: setup
+	$(PY) -m pytest -q -m docs tests/test_docs_verbatim.py
 
 lint: setup
 	$(VENV)/bin/ruff check neco_loss integrations examples tests benchmarks

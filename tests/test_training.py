@@ -98,6 +98,26 @@ def test_resume_refuses_another_config_and_bad_files(tmp_path):
         Trainer(tiny_config(tmp_path / "empty", max_steps=2), progress=False).resume()
 
 
+def test_resume_accepts_the_shells_expansion_of_a_home_path(tmp_path, monkeypatch):
+    """``--dataset ~/images`` arrives expanded by the shell; YAML keeps ``~/images``."""
+    from PIL import Image
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "images").mkdir()
+    for index in range(4):
+        Image.new("RGB", (40, 30), color=(index * 60, 20, 200)).save(
+            tmp_path / "images" / f"{index}.png"
+        )
+    run = tmp_path / "run"
+    expanded = tiny_config(run, dataset=str(tmp_path / "images"), max_steps=1, train_images=None)
+    Trainer(expanded, progress=False).fit()
+    resumed = Trainer(
+        tiny_config(run, dataset="~/images", max_steps=1, train_images=None), progress=False
+    )
+    resumed.resume()
+    assert resumed.step == 1
+
+
 def test_train_from_an_image_folder(tmp_path):
     from PIL import Image
 

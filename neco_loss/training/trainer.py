@@ -185,6 +185,20 @@ def build_backbone(config: TrainConfig) -> DenseViT:
     )
 
 
+PATH_KEYS = ("dataset", "weights", "output_dir")
+
+
+def _comparable(key: str, value: Any) -> Any:
+    """A config value as resume compares it, with ``~`` expanded in paths.
+
+    ``dataset: ~/images`` in a YAML file then equals the shell's expansion of
+    ``--dataset ~/images`` on the command line.
+    """
+    if key in PATH_KEYS and isinstance(value, str):
+        return str(Path(value).expanduser())
+    return value
+
+
 def training_images(config: TrainConfig) -> Any:
     """The training dataset of a config; a folder lists unreadable files in ``SKIP_LOG``."""
     if config.dataset == "synthetic":
@@ -460,8 +474,12 @@ class Trainer:
 
         """
         state = load_checkpoint(self.output_dir / LAST)
-        saved = {k: v for k, v in state["config"].items() if k not in ("max_steps", "epochs")}
-        current = {k: v for k, v in self.config.to_dict().items() if k in saved}
+        saved = {
+            k: _comparable(k, v)
+            for k, v in state["config"].items()
+            if k not in ("max_steps", "epochs")
+        }
+        current = {k: _comparable(k, v) for k, v in self.config.to_dict().items() if k in saved}
         changed = sorted(k for k in saved if saved[k] != current.get(k))
         if changed:
             raise ValueError(
