@@ -1,4 +1,7 @@
-"""The ``neco`` command: demo, train, eval, ablate, make-images, sort-demo, check-sorter."""
+"""The ``neco`` command and its subcommands.
+
+demo, train, eval, ablate, testbed-backbone, make-images, sort-demo, check-sorter.
+"""
 
 from __future__ import annotations
 
@@ -214,6 +217,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
 
 
 def _run(argv: list[str]) -> None:
+    from neco_loss.testbed import PretrainSettings
     from neco_loss.training.config import config_keys_help
 
     parser = argparse.ArgumentParser(
@@ -241,7 +245,10 @@ def _run(argv: list[str]) -> None:
         "--neco-steps", type=int, default=None, help="NeCo steps (None: the recipe's max_steps)"
     )
     demo.add_argument(
-        "--dino-steps", type=int, default=None, help="DINO warm-up steps (None: the demo's)"
+        "--split",
+        default="test",
+        choices=["test", "val"],
+        help="SyntheticScenes split to score (settings are chosen on val, reported on test)",
     )
 
     train = command(
@@ -344,6 +351,18 @@ def _run(argv: list[str]) -> None:
     )
     ablate.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    testbed = command(
+        "testbed-backbone",
+        "pretrain the testbed backbone from scratch (VICReg with VICRegL's local term on "
+        "SyntheticScenes); the defaults reproduce the shipped neco_loss/assets/testbed_vit.pt",
+    )
+    testbed.add_argument(
+        "--output", type=Path, default=Path("outputs/testbed"), help="weights and log go here"
+    )
+    testbed.add_argument("--steps", type=int, default=PretrainSettings.steps, help="steps")
+    testbed.add_argument("--seed", type=int, default=PretrainSettings.seed, help="seed")
+    testbed.add_argument("--quiet", action="store_true", help="no progress bar")
+
     images = command(
         "make-images", "write synthetic scenes as PNG files, for tools that read folders"
     )
@@ -399,9 +418,9 @@ def _run(argv: list[str]) -> None:
     if extra and args.command not in ("train", "ablate"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "demo":
-        from neco_loss.demo import DINO_STEPS, run_demo
+        from neco_loss.demo import run_demo
 
-        run_demo(args.output, args.seed, args.neco_steps, args.dino_steps or DINO_STEPS)
+        run_demo(args.output, args.seed, args.neco_steps, split=args.split)
     elif args.command == "train":
         from neco_loss.training import load_config
         from neco_loss.training.distributed import launch
@@ -430,6 +449,14 @@ def _run(argv: list[str]) -> None:
         run_ablation(args.ablation, output, extra, progress=not args.quiet, seeds=args.seeds)
         print((output / "ablation.md").read_text(), end="")
         print(f"table, plot and per-variant runs in {output}")
+    elif args.command == "testbed-backbone":
+        from neco_loss.testbed import pretrain_testbed
+
+        settings = PretrainSettings(steps=args.steps, seed=args.seed)
+        weights = pretrain_testbed(args.output, settings, progress=not args.quiet)
+        print(
+            f"testbed backbone written to {weights} (log: {weights.parent / 'pretrain_log.json'})"
+        )
     elif args.command == "eval":
         _evaluate(args)
     elif args.command == "check-sorter":

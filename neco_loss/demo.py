@@ -1,10 +1,12 @@
 """The main job on an embedded default: measure whether NeCo improves patch features.
 
-``neco demo`` (``make demo``) on CPU, without downloads: a small ViT gets a short DINO
-pretraining on ``SyntheticScenes`` (NeCo post-pretrains an existing backbone; see
-``dino_warmup``), its in-context segmentation mIoU is measured, it is post-pretrained with NeCo
-on the same images, and measured again. Prints ``in-context mIoU: before X -> after Y`` and
-writes a figure, the results and the checkpoint under the output folder.
+``neco demo`` (``make demo``) on CPU, without downloads: the shipped testbed backbone (a small
+ViT pretrained on ``SyntheticScenes`` with VICReg(L), ``neco_loss.testbed``) is scored by the
+in-context and linear segmentation protocols, post-pretrained with NeCo, and scored again.
+Prints ``in-context mIoU: before X -> after Y`` and writes a figure, the results and the
+checkpoint under the output folder. ``--seed N`` changes NeCo's randomness (head
+initialisation, crops, data order, reference draws) and the scored images, so seeds give
+independent before/after pairs (docs/training.md has the table over seeds).
 """
 
 from __future__ import annotations
@@ -18,17 +20,18 @@ from typing import Any
 import torch
 
 from neco_loss.data import SyntheticScenes
-from neco_loss.dino_warmup import dino_warmup
 from neco_loss.evaluation import InContextResult, in_context_miou
 from neco_loss.evaluation.datasets import Normalized
+from neco_loss.evaluation.linear import linear_segmentation_miou
 from neco_loss.models import DenseEncoder, DenseViT
+from neco_loss.testbed import TESTBED_MODEL, TESTBED_MODEL_KWARGS, testbed_backbone
 from neco_loss.training import Trainer, build_config
-from neco_loss.training.trainer import build_backbone, multicrop_transform
 
-# A ViT-S/14-registers architecture shrunk for 2 CPU cores: 8 px patches on 64 px crops.
+# The testbed ViT (a DINOv2-registers ViT-S architecture shrunk for 2 CPU cores: 8 px patches
+# on 64 px crops) post-pretrained with the reference NeCo settings scaled to it.
 DEMO_CONFIG: dict[str, Any] = {
-    "model": "vit_small_patch14_reg4_dinov2",
-    "model_kwargs": {"img_size": 64, "patch_size": 8, "embed_dim": 96, "depth": 4, "num_heads": 3},
+    "model": TESTBED_MODEL,
+    "model_kwargs": TESTBED_MODEL_KWARGS,
     "head_hidden_dim": 512,
     "head_out_dim": 128,
     "image_size": 96,
@@ -42,49 +45,91 @@ DEMO_CONFIG: dict[str, Any] = {
     "lr_head": 1e-3,
     "momentum": 0.99,
     "loss": {"roi_size": 4},
+    "weights": "testbed",  # the shipped testbed backbone (neco_loss.assets)
 }
-DINO_STEPS = 300
-EVAL_TRAIN_IMAGES = 200  # memory bank images
-EVAL_VAL_IMAGES = 64
+EVAL_TRAIN_IMAGES = 200  # memory bank / linear probe training images
+EVAL_IMAGES = 64  # scored images
+REPORTED_SPLIT = "test"  # settings were chosen on "val" (docs/training.md)
+LINEAR_EPOCHS = 10
+START_FILE = "start_backbone.pt"
 
 
 @dataclass
 class DemoResult:
-    """Numbers of one demo run."""
+    """Numbers of one demo run (mIoU on ``split``)."""
 
     seed: int
+    split: str
     miou_before: float
     miou_after: float
     miou_after_teacher: float
+    linear_before: float
+    linear_after: float
     iou_before: list[float]
     iou_after: list[float]
-    dino_steps: int
     neco_steps: int
     seconds: float
 
 
-def evaluate(backbone: DenseViT, image_size: int, seed: int, keep: int = 0) -> InContextResult:
-    """In-context mIoU of ``backbone`` on ``SyntheticScenes`` (memory: train, queries: val)."""
-    train_set = Normalized(SyntheticScenes("train", image_size, EVAL_TRAIN_IMAGES, seed=seed))
-    val_set = Normalized(SyntheticScenes("val", image_size, EVAL_VAL_IMAGES, seed=seed))
+def evaluation_sets(
+    image_size: int, seed: int, split: str = REPORTED_SPLIT
+) -> tuple[Normalized, Normalized]:
+    """The memory bank / probe training images and the scored images of seed ``seed``."""
+    return (
+        Normalized(SyntheticScenes("train", image_size, EVAL_TRAIN_IMAGES, seed=seed)),
+        Normalized(SyntheticScenes(split, image_size, EVAL_IMAGES, seed=seed)),
+    )
+
+
+def evaluate(
+    backbone: DenseViT, image_size: int, seed: int, split: str = REPORTED_SPLIT, keep: int = 0
+) -> InContextResult:
+    """In-context mIoU of ``backbone`` on ``SyntheticScenes`` (memory: train, queries: split)."""
+    train_set, scored = evaluation_sets(image_size, seed, split)
     was_training = backbone.training
     backbone.eval()
     device = next(backbone.parameters()).device
-    result = in_context_miou(
-        lambda images: backbone(images.to(device)),
-        train_set,
-        val_set,
-        SyntheticScenes.num_classes,
-        keep_predictions=keep,
-    )
+    with torch.no_grad():
+        result = in_context_miou(
+            lambda images: backbone(images.to(device)),
+            train_set,
+            scored,
+            SyntheticScenes.num_classes,
+            keep_predictions=keep,
+        )
     backbone.train(was_training)
     return result
 
 
+def evaluate_linear(
+    backbone: DenseViT, image_size: int, seed: int, split: str = REPORTED_SPLIT
+) -> float:
+    """Linear-probe mIoU of ``backbone`` (trained on train images, scored on ``split``)."""
+    train_set, scored = evaluation_sets(image_size, seed, split)
+    was_training = backbone.training
+    backbone.eval()
+    device = next(backbone.parameters()).device
+    result = linear_segmentation_miou(
+        torch.no_grad()(lambda images: backbone(images.to(device))),
+        train_set,
+        scored,
+        SyntheticScenes.num_classes,
+        epochs=LINEAR_EPOCHS,
+        seed=seed,
+    )
+    backbone.train(was_training)
+    return result.miou
+
+
 def draw(
-    before: InContextResult, after: InContextResult, image_size: int, seed: int, path: Path
+    before: InContextResult,
+    after: InContextResult,
+    image_size: int,
+    seed: int,
+    split: str,
+    path: Path,
 ) -> None:
-    """Rows: validation image, ground truth, prediction before and after NeCo."""
+    """Rows: scored image, ground truth, prediction before and after NeCo."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -92,7 +137,7 @@ def draw(
 
     from neco_loss.data import CLASS_NAMES
 
-    scenes = SyntheticScenes("val", image_size, EVAL_VAL_IMAGES, seed=seed)
+    scenes = SyntheticScenes(split, image_size, EVAL_IMAGES, seed=seed)
     count = len(before.predictions)
     figure, axes = plt.subplots(4, count, figsize=(1.8 * count, 7.6))
     colours = plt.get_cmap("tab10", len(CLASS_NAMES))
@@ -115,7 +160,7 @@ def draw(
             axis.set_yticks([])
             if column == 0:
                 axis.set_ylabel(titles[row])
-    figure.suptitle("In-context segmentation of SyntheticScenes (validation), mIoU in brackets")
+    figure.suptitle(f"In-context segmentation of SyntheticScenes ({split}), mIoU in brackets")
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
@@ -126,59 +171,68 @@ def run_demo(
     output: Path,
     seed: int = 0,
     neco_steps: int | None = None,
-    dino_steps: int = DINO_STEPS,
     progress: bool = True,
+    split: str = REPORTED_SPLIT,
 ) -> DemoResult:
-    """Warm up, evaluate, post-pretrain with NeCo, evaluate again; see the module docstring."""
+    """Score the testbed backbone, post-pretrain it with NeCo, score it again.
+
+    Args:
+        output: Folder for ``start_backbone.pt``, ``neco/`` (the run), ``results.json`` and
+            ``in_context.png``.
+        seed: Seed of NeCo's randomness and of the scored images.
+        neco_steps: NeCo steps (``None``: ``DEMO_CONFIG``'s 300).
+        progress: Show progress bars.
+        split: ``SyntheticScenes`` split to score: ``"test"`` (reported) or ``"val"`` (for
+            choosing settings).
+
+    Returns:
+        The ``DemoResult``, also written to ``results.json``.
+
+    """
     start = time.perf_counter()
     output.mkdir(parents=True, exist_ok=True)
     config = build_config({**DEMO_CONFIG, "seed": seed, "output_dir": str(output / "neco")})
     if neco_steps is not None:
         config.max_steps = neco_steps
-    backbone = build_backbone(config)
+    backbone = testbed_backbone().float()
+    start_path = output / START_FILE
+    torch.save(backbone.vit.state_dict(), start_path)
     print(
-        f"1. DINO warm-up of a random {sum(p.numel() for p in backbone.parameters()) / 1e6:.1f}M"
-        f"-parameter ViT for {dino_steps} steps (NeCo post-pretrains a pretrained backbone)"
+        f"1. the testbed backbone ({sum(p.numel() for p in backbone.parameters()) / 1e6:.2f}M "
+        f"parameters, pretrained with VICReg(L) on SyntheticScenes), scored on {EVAL_IMAGES} "
+        f"{split} images"
     )
-    images = SyntheticScenes("train", config.image_size, config.train_images, seed=seed)
-    transform = multicrop_transform(config)
-    dino_warmup(
-        backbone,
-        images,
-        transform,
-        steps=dino_steps,
-        batch_size=config.batch_size,
-        seed=seed,
-        progress=progress,
-    )
-    warm_path = output / "dino_backbone.pt"
-    torch.save(backbone.vit.state_dict(), warm_path)
-    before = evaluate(backbone, config.image_size, seed, keep=6)
-    print(f"2. in-context mIoU after the warm-up: {before.miou:.4f}")
-    print(f"3. NeCo post-pretraining for {config.max_steps} steps")
-    config.weights = str(warm_path)
+    before = evaluate(backbone, config.image_size, seed, split, keep=6)
+    linear_before = evaluate_linear(backbone, config.image_size, seed, split)
+    print(f"   in-context mIoU {before.miou:.4f}, linear mIoU {linear_before:.4f}")
+    print(f"2. NeCo post-pretraining for {config.max_steps} steps")
     trainer = Trainer(config, progress=progress)
     trainer.fit()
-    after = evaluate(trainer.student.backbone, config.image_size, seed, keep=6)
+    student = trainer.student.backbone
+    after = evaluate(student, config.image_size, seed, split, keep=6)
+    linear_after = evaluate_linear(student, config.image_size, seed, split)
     teacher: DenseEncoder = trainer.teacher.module  # type: ignore[assignment]
-    after_teacher = evaluate(teacher.backbone, config.image_size, seed)
+    after_teacher = evaluate(teacher.backbone, config.image_size, seed, split)
     result = DemoResult(
         seed,
+        split,
         before.miou,
         after.miou,
         after_teacher.miou,
+        linear_before,
+        linear_after,
         before.iou.tolist(),
         after.iou.tolist(),
-        dino_steps,
         int(config.max_steps or 0),
         time.perf_counter() - start,
     )
     (output / "results.json").write_text(json.dumps(asdict(result), indent=2))
     figure = output / "in_context.png"
-    draw(before, after, config.image_size, seed, figure)
+    draw(before, after, config.image_size, seed, split, figure)
     print(
         f"in-context mIoU: before {before.miou:.4f} -> after {after.miou:.4f} "
-        f"(EMA teacher {after_teacher.miou:.4f})"
+        f"(EMA teacher {after_teacher.miou:.4f}); linear mIoU: before {linear_before:.4f} -> "
+        f"after {linear_after:.4f}"
     )
     print(
         f"   figure {figure}, checkpoint {trainer.output_dir / 'checkpoint_last.pt'}, "

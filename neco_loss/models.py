@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from neco_loss import backbones
+from neco_loss import assets, backbones
 from neco_loss.schedules import cosine
 
 DINOV2_REGISTERS = "vit_small_patch14_reg4_dinov2"  # reference configs: dinov2-reg ViT-S/14
@@ -31,6 +31,10 @@ TEACHERS = ("ema", "student", "student_detached")
 def load_state_dict(path: str | Path) -> dict[str, Tensor]:
     """Weights from a local checkpoint: a state dict, or one under ``"model"``/``"state_dict"``.
 
+    ``path`` may also name weights shipped in the package (``neco_loss.assets``, e.g.
+    ``"testbed"``). Half-precision weights are returned as they are; ``load_state_dict`` of a
+    float32 model converts them.
+
     Loaded with ``weights_only=True``: a checkpoint cannot run code.
 
     Raises:
@@ -39,6 +43,8 @@ def load_state_dict(path: str | Path) -> dict[str, Tensor]:
             dictionary; the message names the file.
 
     """
+    if isinstance(path, str) and assets.is_shipped(path):
+        path = assets.shipped_weights(path)
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist.")

@@ -10,12 +10,12 @@ local term is what makes the patch tokens (not only their mean) invariant to col
 crops, so that they encode the texture and shape that identify a class.
 
 ``neco testbed-backbone`` reproduces the shipped file ``neco_loss/assets/testbed_vit.pt``
-(float16 state dict, its SHA-256 in ``TESTBED_SHA256``); ``testbed_backbone()`` loads it.
+(float16 state dict, its SHA-256 in ``neco_loss.assets.SHIPPED``); ``testbed_backbone()``, or
+``weights: testbed`` in a training config, loads it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -26,13 +26,13 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from neco_loss import assets
 from neco_loss.data import NeCoMultiCrop, SyntheticScenes
 from neco_loss.geometry import align_checked_pair, crop_extent
 from neco_loss.models import DenseViT
 from neco_loss.schedules import cosine
 
-ASSET = Path(__file__).parent / "assets" / "testbed_vit.pt"
-TESTBED_SHA256 = "to be filled by neco testbed-backbone"
+SHIPPED_NAME = "testbed"  # neco_loss.assets.SHIPPED: weights: testbed
 # The demo's ViT: a DINOv2-registers ViT-S architecture shrunk for 2 CPU cores.
 TESTBED_MODEL = "vit_small_patch14_reg4_dinov2"
 TESTBED_MODEL_KWARGS: dict[str, Any] = {
@@ -44,6 +44,8 @@ TESTBED_MODEL_KWARGS: dict[str, Any] = {
 }
 IMAGE_SIZE = 96  # SyntheticScenes side; 12 x 12 patches at evaluation
 EXPANDER_DIM = 512  # VICReg's expander, scaled down with the model (paper: 8192)
+ROI_SIZE = 4  # aligned tokens per pair: 4 x 4, as the demo's NeCo loss
+DROP_PATH_RATE = 0.1  # as TrainConfig's default (reference config)
 
 
 @dataclass
@@ -56,7 +58,6 @@ class PretrainSettings:
         lr: Peak AdamW learning rate, cosine to 0.
         weight_decay: AdamW weight decay.
         local_weight: Weight of the patch-token (VICRegL local) term.
-        roi_size: Side of the aligned token grid of a pair of views.
         train_images: Distinct ``SyntheticScenes`` training images.
         seed: Seed of initialisation, data and augmentations.
 
@@ -67,35 +68,28 @@ class PretrainSettings:
     lr: float = 1e-3
     weight_decay: float = 0.05
     local_weight: float = 1.0
-    roi_size: int = 4
     train_images: int = 8192
     seed: int = 0
 
 
-def testbed_vit(checkpoint: str | Path | None = None) -> DenseViT:
+def testbed_vit(checkpoint: str | Path | None = None, drop_path_rate: float = 0.0) -> DenseViT:
     """The testbed architecture, randomly initialised or with weights from ``checkpoint``."""
-    return DenseViT(TESTBED_MODEL, checkpoint=checkpoint, **TESTBED_MODEL_KWARGS)
-
-
-def file_sha256(path: Path) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return DenseViT(
+        TESTBED_MODEL,
+        checkpoint=checkpoint,
+        drop_path_rate=drop_path_rate,
+        **TESTBED_MODEL_KWARGS,
+    )
 
 
 def testbed_backbone() -> DenseViT:
-    """The shipped pretrained testbed backbone (float32, eval mode), checksum verified.
+    """The shipped pretrained testbed backbone (eval mode), its checksum verified.
 
     Raises:
-        ValueError: If the shipped file does not match ``TESTBED_SHA256`` (damaged or replaced).
+        ValueError: If the shipped file does not match its SHA-256 (damaged or replaced).
 
     """
-    digest = file_sha256(ASSET)
-    if digest != TESTBED_SHA256:
-        raise ValueError(
-            f"{ASSET} has SHA-256 {digest}, not the shipped {TESTBED_SHA256}: the file is "
-            "damaged or was replaced; reinstall the package or rerun neco testbed-backbone."
-        )
-    return testbed_vit(ASSET).eval()
+    return testbed_vit(SHIPPED_NAME).eval()
 
 
 def _expander(embed_dim: int) -> nn.Sequential:
@@ -119,14 +113,14 @@ def vicregl_loss(
     crop_sizes: list[tuple[int, int]],
     patch_size: int,
     expanders: tuple[nn.Module, nn.Module],
+    num_global: int,
     local_weight: float,
-    roi_size: int,
 ) -> Tensor:
-    """VICReg(L): pooled embeddings and ROI-aligned patch tokens of every pair of views.
+    """VICReg(L): pooled embeddings and ROI-aligned patch tokens of pairs of views.
 
-    The global term pairs view 0 with every other view (VICReg); the local term pairs every
-    two overlapping views' tokens on their shared region (VICRegL's location-based matching,
-    on our ROI alignment).
+    The global term pairs view 0 with every other view (VICReg on the mean patch token); the
+    local term pairs every global view with every later view on their shared region (VICRegL's
+    location-based matching of global-global and global-local pairs, on our ROI alignment).
 
     Args:
         criterion: lightly's ``VICRegLoss``.
@@ -135,8 +129,8 @@ def vicregl_loss(
         crop_sizes: Per view ``(height, width)`` in pixels.
         patch_size: The ViT's patch side in pixels.
         expanders: ``(pooled embedding expander, patch token expander)``.
+        num_global: Number of global views.
         local_weight: Weight of the token term.
-        roi_size: Side of the aligned grid of a pair.
 
     Returns:
         The scalar loss.
@@ -146,14 +140,14 @@ def vicregl_loss(
     pooled = [global_expander(feature_map.mean(dim=(2, 3))) for feature_map in maps]
     loss = sum(criterion(pooled[0], other) for other in pooled[1:]) / (len(maps) - 1)
     tokens: tuple[list[Tensor], list[Tensor]] = ([], [])
-    for first in range(len(maps)):
+    for first in range(num_global):
         for second in range(first + 1, len(maps)):
             extents = (
                 crop_extent(crop_sizes[first], patch_size),
                 crop_extent(crop_sizes[second], patch_size),
             )
             a, b, valid = align_checked_pair(
-                maps[first], maps[second], boxes[:, first], boxes[:, second], roi_size, extents
+                maps[first], maps[second], boxes[:, first], boxes[:, second], ROI_SIZE, extents
             )
             tokens[0].append(a[valid].flatten(0, 1))
             tokens[1].append(b[valid].flatten(0, 1))
@@ -182,27 +176,24 @@ def pretrain_testbed(
 
     settings = settings or PretrainSettings()
     torch.manual_seed(settings.seed)
-    backbone = testbed_vit().train()
-    global_expander, local_expander = _expander(backbone.embed_dim), _expander(backbone.embed_dim)
-    modules = nn.ModuleList([backbone, global_expander, local_expander])
+    backbone = testbed_vit(drop_path_rate=DROP_PATH_RATE).train()
+    expanders = (_expander(backbone.embed_dim), _expander(backbone.embed_dim))
+    modules = nn.ModuleList([backbone, *expanders])
     optimizer = torch.optim.AdamW(
         modules.parameters(), lr=settings.lr, weight_decay=settings.weight_decay
     )
-    # The demo's crops (tiny_cpu.yaml): two 64 px global and four 32 px local views.
+    # The demo's crops (tiny_cpu.yaml): two 64 px global and four 32 px local views, drawn once
+    # per image (seeded by its index): 8192 images give the variety, not redrawn crops.
     transform = NeCoMultiCrop(global_size=64, local_size=32)
-    dataset = MultiCropDataset(
-        SyntheticScenes("train", IMAGE_SIZE, settings.train_images, seed=settings.seed),
-        transform,
-        settings.seed,
-    )
+    images = SyntheticScenes("train", IMAGE_SIZE, settings.train_images, seed=settings.seed)
     loader = DataLoader(
-        dataset,
+        MultiCropDataset(images, transform, settings.seed),
         batch_size=settings.batch_size,
-        shuffle=True,
+        shuffle=True,  # the order of each epoch drawn from the seeded global generator
         drop_last=True,
         collate_fn=_collate,
-        num_workers=1,
-        generator=torch.Generator().manual_seed(settings.seed),
+        num_workers=1,  # draws crops while the main process trains
+        persistent_workers=True,
     )
     criterion = VICRegLoss()
     losses: list[float] = []
@@ -224,9 +215,9 @@ def pretrain_testbed(
                 boxes,
                 [(view.shape[2], view.shape[3]) for view in views],
                 backbone.patch_size,
-                (global_expander, local_expander),
+                expanders,
+                num_global,
                 settings.local_weight,
-                settings.roi_size,
             )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -234,17 +225,16 @@ def pretrain_testbed(
             losses.append(float(loss.detach()))
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        dataset.epoch += 1
     bar.close()
     output.mkdir(parents=True, exist_ok=True)
-    weights = output / ASSET.name
+    weights = output / assets.SHIPPED[SHIPPED_NAME][0]
     state = {key: value.half() for key, value in backbone.vit.state_dict().items()}
     torch.save(state, weights)
     log = {
         "settings": asdict(settings),
         "seconds": time.perf_counter() - start,
         "losses_every_100": losses[::100],
-        "sha256": file_sha256(weights),
+        "sha256": assets.file_sha256(weights),
     }
     (output / "pretrain_log.json").write_text(json.dumps(log, indent=2))
     return weights

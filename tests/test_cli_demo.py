@@ -106,7 +106,7 @@ def test_unknown_arguments_outside_train():
 
 @pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path, capsys):
-    main(["demo", "--output", str(tmp_path), "--neco-steps", "2", "--dino-steps", "2"])
+    main(["demo", "--output", str(tmp_path), "--neco-steps", "2", "--split", "val"])
     out = capsys.readouterr().out
     assert "in-context mIoU: before" in out and "-> after" in out
     result = json.loads((tmp_path / "results.json").read_text())

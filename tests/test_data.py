@@ -195,3 +195,10 @@ def test_a_run_reports_skipped_images_once_at_its_end(tmp_path, capsys):
         "bad1.jpg",
         "bad2.png",
     }
+
+
+def test_the_dataset_figure_script(tmp_path):
+    from examples.synthetic_scenes_figure import draw
+
+    path = draw(tmp_path / "scenes.png", count=3)
+    assert path.stat().st_size > 20_000

@@ -69,7 +69,7 @@ def test_eval_commands_on_the_demo_outputs(demo_outputs, tmp_path):
     shell("neco eval in-context --checkpoint outputs/demo/neco", ROOT)
     shell(
         "neco eval all --checkpoint outputs/demo/neco --config outputs/demo/neco/config.yaml "
-        "--checkpoint outputs/demo/dino_backbone.pt",
+        "--checkpoint outputs/demo/start_backbone.pt",
         ROOT,
     )
     assert "overclustering" in (ROOT / "outputs" / "eval" / "results.md").read_text()

@@ -64,7 +64,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         DOCS + "test_eval_commands_on_the_demo_outputs",
     ),
     "neco eval all --checkpoint outputs/demo/neco --config outputs/demo/neco/config.yaml "
-    "--checkpoint outputs/demo/dino_backbone.pt": (
+    "--checkpoint outputs/demo/start_backbone.pt": (
         VERBATIM,
         DOCS + "test_eval_commands_on_the_demo_outputs",
     ),

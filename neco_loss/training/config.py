@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from neco_loss import assets
 from neco_loss.checks import check_choice
 from neco_loss.loss import NeCoLoss
 from neco_loss.models import REFERENCE_MOMENTUM, TEACHERS
@@ -39,7 +40,8 @@ class TrainConfig:
         model_kwargs: Extra ``timm.create_model`` arguments (e.g. a small ViT for CPU runs), or
             transformers config overrides.
         pretrained: Load timm's pretrained weights (needs internet on first use).
-        weights: Local backbone weights to start from (overrides ``pretrained``).
+        weights: Local backbone weights to start from (overrides ``pretrained``), or the name
+            of weights shipped in the package: ``testbed`` (``neco_loss.testbed``).
         drop_path_rate: Student stochastic depth (reference: 0.1).
         head_hidden_dim: Projection head width (reference: 2048).
         head_out_dim: Projection head output (reference: 256).
@@ -155,8 +157,12 @@ class TrainConfig:
                 f"dataset must be 'synthetic' or an existing folder of images; {self.dataset} is "
                 "neither."
             )
-        if self.weights is not None and not Path(self.weights).expanduser().is_file():
-            raise FileNotFoundError(f"weights file {self.weights} does not exist.")
+        if self.weights is not None and not assets.is_shipped(self.weights):
+            if not Path(self.weights).expanduser().is_file():
+                raise FileNotFoundError(
+                    f"weights file {self.weights} does not exist (shipped weights: "
+                    f"{sorted(assets.SHIPPED)})."
+                )
 
     @property
     def output_dir_path(self) -> Path:
