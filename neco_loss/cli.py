@@ -245,6 +245,14 @@ def _run(argv: list[str]) -> None:
         "--neco-steps", type=int, default=None, help="NeCo steps (None: the recipe's max_steps)"
     )
     demo.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="run every seed into OUTPUT/seed<N> and print the per-seed table with the paired "
+        "95%% interval of the change",
+    )
+    demo.add_argument(
         "--split",
         default="test",
         choices=["test", "val"],
@@ -420,7 +428,12 @@ def _run(argv: list[str]) -> None:
     if args.command == "demo":
         from neco_loss.demo import run_demo
 
-        run_demo(args.output, args.seed, args.neco_steps, split=args.split)
+        if args.seeds:
+            from neco_loss.demo import run_demo_seeds
+
+            print(run_demo_seeds(args.output, args.seeds, split=args.split), end="")
+        else:
+            run_demo(args.output, args.seed, args.neco_steps, split=args.split)
     elif args.command == "train":
         from neco_loss.training import load_config
         from neco_loss.training.distributed import launch

@@ -239,3 +239,64 @@ def run_demo(
         f"{result.seconds / 60:.1f} min"
     )
     return result
+
+
+def run_demo_seeds(
+    output: Path, seeds: list[int], progress: bool = True, split: str = REPORTED_SPLIT
+) -> str:
+    """``run_demo`` for every seed, then the per-seed table and the paired 95% intervals.
+
+    Each seed runs into ``output/seed<N>``; one whose ``results.json`` exists already is read,
+    not run again. The table and the mean changes are written to ``output/seeds.md``.
+
+    Returns:
+        The markdown of ``seeds.md``.
+
+    """
+    from neco_loss.statistics import paired_change
+
+    results = []
+    for seed in seeds:
+        folder = output / f"seed{seed}"
+        if (folder / "results.json").is_file():
+            results.append(DemoResult(**json.loads((folder / "results.json").read_text())))
+        else:
+            results.append(run_demo(folder, seed, progress=progress, split=split))
+    lines = [
+        "| seed | in-context before | in-context after (student) | EMA teacher | "
+        "linear before | linear after |",
+        "|---|---|---|---|---|---|",
+    ]
+    for result in results:
+        lines.append(
+            f"| {result.seed} | {result.miou_before:.4f} | {result.miou_after:.4f} | "
+            f"{result.miou_after_teacher:.4f} | {result.linear_before:.4f} | "
+            f"{result.linear_after:.4f} |"
+        )
+    changes = {
+        "in-context": paired_change(
+            [r.miou_before for r in results], [r.miou_after for r in results]
+        ),
+        "in-context, EMA teacher": paired_change(
+            [r.miou_before for r in results], [r.miou_after_teacher for r in results]
+        ),
+        "linear": paired_change(
+            [r.linear_before for r in results], [r.linear_after for r in results]
+        ),
+    }
+    lines.append("")
+    for name, change in changes.items():
+        verdict = "excludes 0" if change.excludes_zero() else "includes 0"
+        interval = (
+            f"[{change.low:+.4f}, {change.high:+.4f}] ({verdict})"
+            if change.low is not None and change.high is not None
+            else "(one seed: no interval)"
+        )
+        lines.append(
+            f"- {name} mIoU change through NeCo: {change.mean:+.4f}, paired 95% interval "
+            f"{interval}, {change.count} seeds, {split} split"
+        )
+    table = "\n".join(lines) + "\n"
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "seeds.md").write_text(table)
+    return table

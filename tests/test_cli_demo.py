@@ -162,3 +162,24 @@ def test_sort_demo_runs_small(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "2. native vs diffsort: 64 rows, n = 49" in out and "faster" in out
     assert (tmp_path / "soft_permutation.png").stat().st_size > 10_000
+
+
+def test_demo_seeds_table_and_paired_interval(tmp_path):
+    """Finished seeds are read back; the change's paired interval is computed on known
+    numbers (differences 0.02, 0.03, 0.04: mean 0.03, t(0.975, 2) * 0.01 / sqrt(3) = 0.0248)."""
+    from dataclasses import asdict
+
+    from neco_loss.demo import DemoResult, run_demo_seeds
+
+    for seed, change in zip((0, 1, 2), (0.02, 0.03, 0.04), strict=True):
+        result = DemoResult(seed, "test", 0.4, 0.4 + change, 0.41, 0.5, 0.5, [], [], 300, 1.0)
+        (tmp_path / f"seed{seed}").mkdir()
+        (tmp_path / f"seed{seed}" / "results.json").write_text(json.dumps(asdict(result)))
+    table = run_demo_seeds(tmp_path, [0, 1, 2], progress=False)
+    assert "| 1 | 0.4000 | 0.4300 | 0.4100 | 0.5000 | 0.5000 |" in table
+    assert (
+        "in-context mIoU change through NeCo: +0.0300, paired 95% interval [+0.0052, +0.0548] "
+        "(excludes 0), 3 seeds" in table
+    )
+    assert "linear mIoU change through NeCo: +0.0000" in table and "(includes 0)" in table
+    assert (tmp_path / "seeds.md").read_text() == table

@@ -153,3 +153,13 @@ def test_lightly_examples(command):
 
 def test_make_lint():
     shell("make lint", ROOT)
+
+
+def test_dataset_figure():
+    result = shell("python examples/synthetic_scenes_figure.py", ROOT)
+    assert "docs/img/synthetic_scenes.png" in result.stdout
+
+
+def test_synthetic_headroom():
+    result = shell(".venv/bin/python benchmarks/synthetic_headroom.py --split test", ROOT)
+    assert "| testbed backbone |" in result.stdout and "| label oracle |" in result.stdout

@@ -81,9 +81,19 @@ COMMANDS: dict[str, tuple[str, str]] = {
         SMALLER,
         "tests/test_ablation.py::test_shipped_ablations_give_valid_configs",
     ),
-    "neco ablate examples/ablations/steepness.yaml --max-steps 1000 --seed 1": (
+    "neco ablate examples/ablations/steepness.yaml --max-steps 1000 --seeds 1 2": (
         SMALLER,
         "tests/test_ablation.py::test_shipped_ablations_give_valid_configs",
+    ),
+    "neco testbed-backbone --output outputs/testbed": (
+        SMALLER,
+        "tests/test_testbed.py::test_pretraining_writes_loadable_half_weights (2 steps; the "
+        "3000 default steps take about an hour)",
+    ),
+    "python examples/synthetic_scenes_figure.py": (VERBATIM, DOCS + "test_dataset_figure"),
+    ".venv/bin/python benchmarks/synthetic_headroom.py --split test": (
+        VERBATIM,
+        DOCS + "test_synthetic_headroom",
     ),
     "python examples/lightly/neco.py": (VERBATIM, DOCS + "test_lightly_examples"),
     "python examples/lightly/neco_lightning.py": (VERBATIM, DOCS + "test_lightly_examples"),
