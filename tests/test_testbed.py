@@ -6,18 +6,19 @@ import json
 import pytest
 import torch
 
-from neco_loss import assets
+from neco_loss import assets, testbed
 from neco_loss.data import SyntheticScenes
 from neco_loss.evaluation import in_context_miou
 from neco_loss.evaluation.datasets import Normalized
-from neco_loss.testbed import PretrainSettings, pretrain_testbed, testbed_backbone, testbed_vit
+from neco_loss.testbed import PretrainSettings, pretrain_testbed
 from neco_loss.training import build_config
 from neco_loss.training.trainer import build_backbone
 
 # In-context mIoU on the fixed split below (memory: 64 train images, queries: 32 val images,
-# dataset seed 7). Measured: shipped backbone 0.XX, random initialisation 0.XX.
-SHIPPED_FLOOR = 0.0
-MARGIN_OVER_RANDOM = 0.0
+# dataset seed 7). Measured on this project's CPU: shipped backbone 0.3118, random
+# initialisation 0.2176 (+0.094); the floors leave room for other machines' rounding.
+SHIPPED_FLOOR = 0.29
+MARGIN_OVER_RANDOM = 0.07
 
 
 def fixed_split_miou(backbone):
@@ -38,9 +39,9 @@ def test_the_shipped_file_matches_its_checksum_and_size():
 
 def test_shipped_backbone_has_dense_semantics():
     """Far above a randomly initialised ViT of the same architecture on the same split."""
-    shipped = fixed_split_miou(testbed_backbone())
+    shipped = fixed_split_miou(testbed.testbed_backbone())
     torch.manual_seed(0)
-    random = fixed_split_miou(testbed_vit())
+    random = fixed_split_miou(testbed.testbed_vit())
     assert shipped >= SHIPPED_FLOOR, shipped
     assert shipped - random >= MARGIN_OVER_RANDOM, (shipped, random)
 
@@ -51,7 +52,7 @@ def test_configs_name_the_shipped_weights():
 
     assert DEMO_CONFIG["weights"] == "testbed"
     backbone = build_backbone(build_config(DEMO_CONFIG))
-    expected = testbed_backbone().vit.state_dict()
+    expected = testbed.testbed_backbone().vit.state_dict()
     for key, value in backbone.vit.state_dict().items():
         assert torch.equal(value, expected[key].to(value.dtype)), key
 
@@ -61,10 +62,10 @@ def test_a_damaged_or_missing_file_is_refused(tmp_path, monkeypatch):
     damaged.write_bytes((assets.FOLDER / assets.SHIPPED["testbed"][0]).read_bytes()[:-10])
     monkeypatch.setattr(assets, "FOLDER", tmp_path)
     with pytest.raises(ValueError, match="damaged or was replaced"):
-        testbed_backbone()
+        testbed.testbed_backbone()
     damaged.unlink()
     with pytest.raises(ValueError, match="SHA-256 missing"):
-        testbed_backbone()
+        testbed.testbed_backbone()
     with pytest.raises(ValueError, match="no shipped weights named 'other'"):
         assets.shipped_weights("other")
     with pytest.raises(FileNotFoundError, match="shipped weights: \\['testbed'\\]"):
@@ -77,7 +78,7 @@ def test_pretraining_writes_loadable_half_weights(tmp_path):
     )
     state = torch.load(weights, weights_only=True)
     assert {tensor.dtype for tensor in state.values()} == {torch.float16}
-    loaded = testbed_vit(weights)
+    loaded = testbed.testbed_vit(weights)
     assert loaded(torch.randn(1, 3, 96, 96)).shape == (1, 96, 12, 12)
     log = json.loads((tmp_path / "pretrain_log.json").read_text())
     assert log["settings"]["steps"] == 2 and log["sha256"] == assets.file_sha256(weights)

@@ -13,7 +13,10 @@ FOLDER = Path(__file__).parent
 # name -> (file in this folder, SHA-256 of its bytes); the command that made each file is in
 # the module that trains it (testbed: ``neco testbed-backbone``, docs/evaluation.md).
 SHIPPED: dict[str, tuple[str, str]] = {
-    "testbed": ("testbed_vit.pt", "to be filled"),
+    "testbed": (
+        "testbed_vit.pt",
+        "f40ff0884d440b9a0a4c1dc67529cfcbf824bb4aa9357c93a4d06e98c9fb61f0",
+    ),
 }
 
 
