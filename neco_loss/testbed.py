@@ -3,11 +3,12 @@
 NeCo *post*-pretrains a backbone whose patch features already carry semantics (the paper starts
 from DINO, DINOv2, DINOv2-R). No such backbone can be downloaded here, so the project makes one:
 the demo's ViT (DINOv2-registers architecture shrunk for 2 CPU cores: 8 px patches, width 96,
-depth 4) pretrained with VICReg (Bardes et al., 2022) plus the location-matched local term of
-VICRegL (Bardes et al., 2022): lightly's ``VICRegLoss`` between the pooled embeddings of every
-pair of views, and between the ROI-aligned patch tokens of every overlapping pair of views. The
-local term is what makes the patch tokens (not only their mean) invariant to colour jitter and
-crops, so that they encode the texture and shape that identify a class.
+depth 4) pretrained with VICReg (Bardes et al., ICLR 2022) plus the location-matched local term
+of VICRegL (Bardes et al., NeurIPS 2022): lightly's ``VICRegLoss`` between the pooled embedding
+of view 0 and that of every other view, and between the ROI-aligned patch tokens of every global
+view and every later view (``vicregl_loss``). The local term is what makes the patch tokens (not
+only their mean) invariant to colour jitter and crops, so that they encode the texture and shape
+that identify a class.
 
 ``neco testbed-backbone`` reproduces the shipped file ``neco_loss/assets/testbed_vit.pt``
 (float16 state dict, its SHA-256 in ``neco_loss.assets.SHIPPED``); ``testbed_backbone()``, or
@@ -101,11 +102,6 @@ def _expander(embed_dim: int) -> nn.Sequential:
     )
 
 
-def _collate(items: list[tuple[list[Tensor], Tensor]]) -> tuple[list[Tensor], Tensor]:
-    views = [torch.stack(group) for group in zip(*(item[0] for item in items), strict=True)]
-    return views, torch.stack([item[1] for item in items])
-
-
 def vicregl_loss(
     criterion: nn.Module,
     maps: list[Tensor],
@@ -191,7 +187,6 @@ def pretrain_testbed(
         batch_size=settings.batch_size,
         shuffle=True,  # the order of each epoch drawn from the seeded global generator
         drop_last=True,
-        collate_fn=_collate,
         num_workers=1,  # draws crops while the main process trains
         persistent_workers=True,
     )

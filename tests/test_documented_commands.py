@@ -85,6 +85,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
         SMALLER,
         "tests/test_ablation.py::test_shipped_ablations_give_valid_configs",
     ),
+    "neco demo --seeds 0 1 2 3 4 --output outputs/demo_seeds": (
+        SMALLER,
+        "tests/test_cli_demo.py::test_demo_seeds_table_and_paired_interval (finished seeds read "
+        "back; one seed is make demo, run verbatim; the five take about 40 minutes)",
+    ),
     "neco testbed-backbone --output outputs/testbed": (
         SMALLER,
         "tests/test_testbed.py::test_pretraining_writes_loadable_half_weights (2 steps; the "
