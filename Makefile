@@ -13,7 +13,7 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q -m "not docs"
 
-# Every command of README.md and docs/*.md that runs here, verbatim (~25 min on 2 cores).
+# Every command of README.md and docs/*.md that runs here, verbatim (~30 min on 2 cores).
 test-docs: setup
 	$(PY) -m pytest -q -m docs tests/test_docs_verbatim.py
 

@@ -22,6 +22,10 @@ class TestSyntheticScenes:
         again = SyntheticScenes("train", size=48)[3]
         assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
         assert not torch.equal(first[0], SyntheticScenes("val", size=48)[3][0])
+        test = SyntheticScenes("test", size=48)[3][0]
+        assert not torch.equal(test, first[0]) and not torch.equal(
+            test, SyntheticScenes("val", size=48)[3][0]
+        )
         assert not torch.equal(first[0], SyntheticScenes("train", size=48, seed=1)[3][0])
 
     def test_shapes_values_and_classes(self):
@@ -59,7 +63,7 @@ class TestSyntheticScenes:
 
     def test_bad_arguments(self):
         with pytest.raises(ValueError, match="split must be one of"):
-            SyntheticScenes("test")
+            SyntheticScenes("testing")
         with pytest.raises(ValueError, match="size must be an int >= 16"):
             SyntheticScenes(size=8)
         with pytest.raises(IndexError):

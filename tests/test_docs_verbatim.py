@@ -1,6 +1,6 @@
 """Commands of README.md and docs/*.md run exactly as written, as a user types them.
 
-Marked ``docs``: ``make test`` leaves them out (they take about 25 minutes on 2 cores);
+Marked ``docs``: ``make test`` leaves them out (they take about 30 minutes on 2 cores);
 ``make test-docs`` runs them, and CI runs both. Each command runs in a shell with ``.venv/bin``
 first on ``PATH`` (as after ``source .venv/bin/activate``), from the repository root when it
 names the repository's files (``examples/...``, ``benchmarks/...``, ``make``), and from a
