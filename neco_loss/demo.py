@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ import torch
 from neco_loss.data import SyntheticScenes
 from neco_loss.evaluation import InContextResult, in_context_miou
 from neco_loss.evaluation.datasets import Normalized
+from neco_loss.evaluation.in_context import FeatureFn
 from neco_loss.evaluation.linear import linear_segmentation_miou
 from neco_loss.models import DenseEncoder, DenseViT
 from neco_loss.testbed import TESTBED_MODEL, TESTBED_MODEL_KWARGS, testbed_backbone
@@ -81,44 +84,32 @@ def evaluation_sets(
     )
 
 
+@contextmanager
+def frozen_features(backbone: DenseViT) -> Iterator[FeatureFn]:
+    """``backbone`` as a no-grad feature function in eval mode; its mode is restored after."""
+    was_training = backbone.training
+    backbone.eval()
+    device = next(backbone.parameters()).device
+    try:
+        yield torch.no_grad()(lambda images: backbone(images.to(device)))
+    finally:
+        backbone.train(was_training)
+
+
 def evaluate(
-    backbone: DenseViT, image_size: int, seed: int, split: str = REPORTED_SPLIT, keep: int = 0
+    backbone: DenseViT, sets: tuple[Normalized, Normalized], keep: int = 0
 ) -> InContextResult:
-    """In-context mIoU of ``backbone`` on ``SyntheticScenes`` (memory: train, queries: split)."""
-    train_set, scored = evaluation_sets(image_size, seed, split)
-    was_training = backbone.training
-    backbone.eval()
-    device = next(backbone.parameters()).device
-    with torch.no_grad():
-        result = in_context_miou(
-            lambda images: backbone(images.to(device)),
-            train_set,
-            scored,
-            SyntheticScenes.num_classes,
-            keep_predictions=keep,
-        )
-    backbone.train(was_training)
-    return result
+    """In-context result of ``backbone`` on ``evaluation_sets`` (memory, scored images)."""
+    with frozen_features(backbone) as features:
+        return in_context_miou(features, *sets, SyntheticScenes.num_classes, keep_predictions=keep)
 
 
-def evaluate_linear(
-    backbone: DenseViT, image_size: int, seed: int, split: str = REPORTED_SPLIT
-) -> float:
-    """Linear-probe mIoU of ``backbone`` (trained on train images, scored on ``split``)."""
-    train_set, scored = evaluation_sets(image_size, seed, split)
-    was_training = backbone.training
-    backbone.eval()
-    device = next(backbone.parameters()).device
-    result = linear_segmentation_miou(
-        torch.no_grad()(lambda images: backbone(images.to(device))),
-        train_set,
-        scored,
-        SyntheticScenes.num_classes,
-        epochs=LINEAR_EPOCHS,
-        seed=seed,
-    )
-    backbone.train(was_training)
-    return result.miou
+def evaluate_linear(backbone: DenseViT, sets: tuple[Normalized, Normalized], seed: int) -> float:
+    """Linear-probe mIoU of ``backbone`` on ``evaluation_sets`` (probe training, scored)."""
+    with frozen_features(backbone) as features:
+        return linear_segmentation_miou(
+            features, *sets, SyntheticScenes.num_classes, epochs=LINEAR_EPOCHS, seed=seed
+        ).miou
 
 
 def draw(
@@ -202,17 +193,18 @@ def run_demo(
         f"parameters, pretrained with VICReg(L) on SyntheticScenes), scored on {EVAL_IMAGES} "
         f"{split} images"
     )
-    before = evaluate(backbone, config.image_size, seed, split, keep=6)
-    linear_before = evaluate_linear(backbone, config.image_size, seed, split)
+    sets = evaluation_sets(config.image_size, seed, split)
+    before = evaluate(backbone, sets, keep=6)
+    linear_before = evaluate_linear(backbone, sets, seed)
     print(f"   in-context mIoU {before.miou:.4f}, linear mIoU {linear_before:.4f}")
     print(f"2. NeCo post-pretraining for {config.max_steps} steps")
     trainer = Trainer(config, progress=progress)
     trainer.fit()
     student = trainer.student.backbone
-    after = evaluate(student, config.image_size, seed, split, keep=6)
-    linear_after = evaluate_linear(student, config.image_size, seed, split)
+    after = evaluate(student, sets, keep=6)
+    linear_after = evaluate_linear(student, sets, seed)
     teacher: DenseEncoder = trainer.teacher.module  # type: ignore[assignment]
-    after_teacher = evaluate(teacher.backbone, config.image_size, seed, split)
+    after_teacher = evaluate(teacher.backbone, sets)
     result = DemoResult(
         seed,
         split,
