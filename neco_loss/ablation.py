@@ -38,6 +38,7 @@ EVALUATION_DEFAULTS: dict[str, Any] = {
     "image_size": None,
     "train_images": 200,
     "val_images": 64,
+    "split": "val",  # the split scored; SyntheticScenes also has "test"
     "linear_epochs": 10,
     "protocols": ["in-context", "linear"],
 }
@@ -136,6 +137,11 @@ def load_ablation(path: Path) -> Ablation:
     unknown = sorted(set(evaluation) - set(EVALUATION_DEFAULTS))
     if unknown:
         raise ValueError(f"unknown evaluation keys {unknown}; valid: {list(EVALUATION_DEFAULTS)}.")
+    if evaluation["split"] not in ("val", "test"):
+        # Training images are never scored: an unknown name must not fall back to them.
+        raise ValueError(
+            f"'evaluation.split' of {path} must be 'val' or 'test' but is {evaluation['split']!r}."
+        )
     variants = {name: changes or {} for name, changes in spec["variants"].items()}
     ablation = Ablation(base, variants, evaluation)
     if "seeds" in spec:
@@ -225,6 +231,7 @@ def run_ablation(
         size,
         settings["train_images"],
         settings["val_images"],
+        val_split=settings["split"],
     )
     per_run = evaluate(
         backbones,
@@ -258,6 +265,7 @@ def run_ablation(
         "image_size": size,
         "train_images": len(train_set),
         "val_images": len(val_set),
+        "split": settings["split"],
         "linear_epochs": settings["linear_epochs"],
         "interval": f"mean ± half-width of the {CONFIDENCE:.0%} Student-t interval over seeds",
     }

@@ -9,7 +9,10 @@ import yaml
 
 from neco_loss.ablation import BASELINE, load_ablation, merge, run_ablation
 from neco_loss.cli import main
+from neco_loss.evaluation.datasets import IGNORE_INDEX, NUM_CLASSES
+from neco_loss.evaluation.suite import evaluate, evaluation_splits
 from neco_loss.loss import NeCoLoss
+from neco_loss.models import DenseViT
 from neco_loss.statistics import mean_interval
 from neco_loss.training import build_config
 from neco_loss.training.trainer import build_backbone
@@ -50,6 +53,7 @@ def test_ablation_trains_evaluates_and_plots(tmp_path, capsys):
     results, context = written["results"], written["context"]
     assert set(results) == {"CE", "L2"}
     assert context["dataset"] == "synthetic" and context["val_images"] == 4
+    assert context["split"] == "val"
     assert context["overrides"] == "--seed 3" and "neco_loss_version" in context
     assert context["seeds"] == [3]
     assert set(results["L2"]) == {"in-context mIoU", "linear mIoU"}
@@ -77,7 +81,7 @@ def test_ablation_over_seeds_with_baseline_and_x_axis(tmp_path):
         "seeds": [5, 6],
         "baseline": True,
         "x": {"label": "reference fraction f", "values": {"f=0.25": 0.25, "f=1": 1}},
-        "evaluation": {"train_images": 6, "val_images": 4, "linear_epochs": 1},
+        "evaluation": {"train_images": 6, "val_images": 4, "linear_epochs": 1, "split": "test"},
     }
     path = tmp_path / "fraction.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -92,6 +96,27 @@ def test_ablation_over_seeds_with_baseline_and_x_axis(tmp_path):
             assert results[variant][metric] == expected
             assert written["results"][variant][metric]["values"] == values
     assert results[BASELINE]["in-context mIoU"].count == 1
+    # 'split: test' scores the test images, which score differently from val's.
+    assert written["context"]["split"] == "test"
+    config = build_config(TINY)
+    start_vit = DenseViT(config.model, checkpoint=start, **config.model_kwargs).eval()
+    scores = {}
+    for split in ("val", "test"):
+        train_set, scored = evaluation_splits(
+            "synthetic", None, TINY["image_size"], 6, 4, "train", split
+        )
+        scores[split] = evaluate(
+            {"start": torch.no_grad()(start_vit)},
+            train_set,
+            scored,
+            NUM_CLASSES["synthetic"],
+            ["in-context"],
+            tmp_path / split,
+            ignore_index=IGNORE_INDEX,
+            progress=False,
+        )["start"]["in-context mIoU"]
+    assert results[BASELINE]["in-context mIoU"].mean == pytest.approx(scores["test"])
+    assert scores["test"] != pytest.approx(scores["val"])
     assert (output / "f=1" / "seed6" / "backbone.pt").is_file()
     markdown = (output / "ablation.md").read_text()
     assert f"| {BASELINE} | 1 |" in markdown and "f=0.25 (seed 5)" in markdown
@@ -116,6 +141,7 @@ def test_bad_ablation_files(tmp_path):
         ("seeds", [1, 1], "'seeds' of .* must be a non-empty list of distinct ints"),
         ("seeds", "0", "'seeds' of"),
         ("baseline", "yes", "'baseline' of .* must be true or false"),
+        ("evaluation", {"split": "train"}, "'evaluation.split' of .* must be 'val' or 'test'"),
         ("x", {"label": "f", "values": {"a": 1}}, r"must give a number for every variant"),
         ("x", {"label": "f", "values": {"a": 1, "b": "big"}}, r"'x.values.b' .* a number"),
     ):
