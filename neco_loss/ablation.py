@@ -27,7 +27,7 @@ import yaml
 from neco_loss.evaluation.datasets import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES
 from neco_loss.evaluation.suite import evaluate, evaluation_splits, run_context
 from neco_loss.models import DenseViT
-from neco_loss.statistics import CONFIDENCE, MeanInterval, mean_interval
+from neco_loss.statistics import CONFIDENCE, MeanInterval, mean_interval, paired_change
 from neco_loss.training import TrainConfig, build_config
 from neco_loss.training.checkpoint import LAST
 from neco_loss.training.distributed import launch
@@ -293,12 +293,19 @@ def write_ablation(
     The markdown holds the context, the table of means with intervals, and every run's scores.
     """
     metrics = list(dict.fromkeys(metric for row in results.values() for metric in row))
+    changes = _changes_from_start(results, per_run, runs)
+    columns = metrics + [f"change in {metric}" for metric in metrics if changes]
     lines = [f"- {key}: {value}" for key, value in context.items()]
-    lines += ["", "| variant | seeds | " + " | ".join(metrics) + " |"]
-    lines.append("|---" * (len(metrics) + 2) + "|")
+    lines += ["", "| variant | seeds | " + " | ".join(columns) + " |"]
+    lines.append("|---" * (len(columns) + 2) + "|")
     for name, cells in results.items():
         count = next(iter(cells.values())).count
         shown = [cells[metric].format() for metric in metrics]
+        if changes:
+            shown += [
+                changes[name][metric].format(signed=True) if name in changes else ""
+                for metric in metrics
+            ]
         lines.append(f"| {name} | {count} | " + " | ".join(shown) + " |")
     lines += ["", "Every run:", "", "| run | " + " | ".join(metrics) + " |"]
     lines.append("|---" * (len(metrics) + 1) + "|")
@@ -308,13 +315,42 @@ def write_ablation(
     markdown.write_text("\n".join(lines) + "\n")
     summary = {
         row: {
-            metric: {**asdict(value), "values": [per_run[run][metric] for run in runs[row]]}
+            metric: {
+                **asdict(value),
+                "values": [per_run[run][metric] for run in runs[row]],
+                **({"change_from_start": asdict(changes[row][metric])} if row in changes else {}),
+            }
             for metric, value in metrics_of_row.items()
         }
         for row, metrics_of_row in results.items()
     }
     data.write_text(json.dumps({"results": summary, "runs": per_run, "context": context}, indent=2))
     return markdown, data
+
+
+def _changes_from_start(
+    results: dict[str, dict[str, MeanInterval]],
+    per_run: dict[str, dict[str, float]],
+    runs: dict[str, list[str]],
+) -> dict[str, dict[str, MeanInterval]]:
+    """Each variant's per-seed change from the starting backbone, with its interval.
+
+    The starting backbone is scored once (it does not depend on the training seed), so the
+    paired change of seed ``s`` is ``score(s) - start``; empty without a baseline row.
+    """
+    if BASELINE not in results:
+        return {}
+    start = per_run[BASELINE]
+    return {
+        row: {
+            metric: paired_change(
+                [start[metric]] * len(names), [per_run[run][metric] for run in names]
+            )
+            for metric in results[row]
+        }
+        for row, names in runs.items()
+        if row != BASELINE
+    }
 
 
 def plot(

@@ -49,11 +49,12 @@ class MeanInterval:
             return False
         return abs(self.mean) > self.half_width
 
-    def format(self, digits: int = 4) -> str:
-        """``"0.4123 ± 0.0101"``, or the mean alone for a single value."""
+    def format(self, digits: int = 4, signed: bool = False) -> str:
+        """``"0.4123 ± 0.0101"``, the mean alone for one value; ``signed`` adds the mean's sign."""
+        mean = f"{self.mean:{'+' if signed else ''}.{digits}f}"
         if self.half_width is None:
-            return f"{self.mean:.{digits}f}"
-        return f"{self.mean:.{digits}f} ± {self.half_width:.{digits}f}"
+            return mean
+        return f"{mean} ± {self.half_width:.{digits}f}"
 
 
 def mean_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> MeanInterval:

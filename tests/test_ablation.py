@@ -1,6 +1,7 @@
 """neco ablate: variants of a configuration trained and evaluated; the shipped ablation files."""
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from neco_loss.evaluation.datasets import IGNORE_INDEX, NUM_CLASSES
 from neco_loss.evaluation.suite import evaluate, evaluation_splits
 from neco_loss.loss import NeCoLoss
 from neco_loss.models import DenseViT
-from neco_loss.statistics import mean_interval
+from neco_loss.statistics import mean_interval, paired_change
 from neco_loss.training import build_config
 from neco_loss.training.trainer import build_backbone
 from tests.test_training import TINY
@@ -61,6 +62,7 @@ def test_ablation_trains_evaluates_and_plots(tmp_path, capsys):
     assert one_seed["count"] == 1 and one_seed["half_width"] is None
     assert one_seed["values"] == [written["runs"]["L2 (seed 3)"]["linear mIoU"]]
     assert (output / "ablation.png").stat().st_size > 5_000
+    assert "change in" not in (output / "ablation.md").read_text()  # no baseline row
     assert "| CE | 1 |" in capsys.readouterr().out
     assert yaml.safe_load((output / "L2" / "seed3" / "config.yaml").read_text())["seed"] == 3
     # Run again into the same folder: the finished runs are reused, not trained again.
@@ -95,6 +97,10 @@ def test_ablation_over_seeds_with_baseline_and_x_axis(tmp_path):
             expected = mean_interval(values)
             assert results[variant][metric] == expected
             assert written["results"][variant][metric]["values"] == values
+            # The change from the starting backbone, scored once, is paired per seed.
+            start_score = written["runs"][BASELINE][metric]
+            change = paired_change([start_score] * 2, values)
+            assert written["results"][variant][metric]["change_from_start"] == asdict(change)
     assert results[BASELINE]["in-context mIoU"].count == 1
     # 'split: test' scores the test images, which score differently from val's.
     assert written["context"]["split"] == "test"
@@ -120,6 +126,11 @@ def test_ablation_over_seeds_with_baseline_and_x_axis(tmp_path):
     assert (output / "f=1" / "seed6" / "backbone.pt").is_file()
     markdown = (output / "ablation.md").read_text()
     assert f"| {BASELINE} | 1 |" in markdown and "f=0.25 (seed 5)" in markdown
+    assert "| change in in-context mIoU | change in linear mIoU |" in markdown
+    shown = change.format(signed=True)  # the last variant's last metric: f=1, linear mIoU
+    assert next(line for line in markdown.splitlines() if line.startswith("| f=1 |")).endswith(
+        f" {shown} |"
+    )
     assert (output / "ablation.png").stat().st_size > 5_000
     # --seeds replaces the file's seeds; --seed next to seeds is refused.
     with pytest.raises(ValueError, match="--seed conflicts"):

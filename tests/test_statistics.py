@@ -20,6 +20,8 @@ def test_known_numbers():
     assert interval.mean == pytest.approx(0.6)
     assert interval.half_width == pytest.approx(0.196324, abs=1e-6)
     assert interval.format(3) == "0.600 ± 0.196"
+    assert interval.format(3, signed=True) == "+0.600 ± 0.196"
+    assert mean_interval([-0.25, -0.75]).format(2, signed=True).startswith("-0.50 ± ")
     assert interval.low == pytest.approx(0.403676, abs=1e-6)
     # 90% interval: t(0.95, 4) = 2.131847.
     assert mean_interval([0.5, 0.7, 0.6, 0.8, 0.4], 0.9).half_width == pytest.approx(
@@ -31,6 +33,7 @@ def test_single_value_has_no_interval():
     interval = mean_interval([0.25])
     assert interval == MeanInterval(0.25, None, 1)
     assert interval.format() == "0.2500" and not interval.excludes_zero()
+    assert interval.format(signed=True) == "+0.2500"
     assert interval.low is None and interval.high is None
 
 
