@@ -457,6 +457,12 @@ class NeCoLoss(nn.Module):
         student_scores = torch.cat([pair.student for pair in pairs])
         teacher_scores = torch.cat([pair.teacher for pair in pairs])
         rows, count = student_scores.shape
+        if count == 1:  # e.g. a small reference fraction of a small batch: round(f * B * N) = 1
+            warnings.warn(
+                "NeCoLoss: R = 1 reference: one reference has no order, so the loss is 0 and "
+                "nothing learns; raise the reference fraction or count, or the batch size.",
+                stacklevel=3,
+            )
         if rows * count * count * 4 > PERMUTATION_WARNING_BYTES:
             warnings.warn(
                 f"NeCoLoss: {rows} rows x R = {count} references make soft permutations of "

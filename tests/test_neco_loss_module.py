@@ -181,6 +181,7 @@ class TestStats:
 
 class TestStrategies:
     @pytest.mark.parametrize("fraction", [0.01, 0.05, 0.1, 0.5, 1.0])
+    @pytest.mark.filterwarnings("ignore:NeCoLoss. R = 1 reference")  # f = 0.01: R = 1
     def test_fraction(self, fraction):
         student, teacher = random_maps(batch=2, views=3)
         _, _, boxes = scene(batch=2, views=3)
@@ -190,6 +191,15 @@ class TestStrategies:
         loss = criterion(student, teacher, boxes)
         assert torch.isfinite(loss)
         assert criterion.last_stats.num_references == max(1, round(fraction * 2 * 49))
+
+    def test_a_single_reference_is_named_not_silent(self):
+        """R = round(0.01 * 2 * 49) = 1: one reference has no order to agree on."""
+        student, teacher = random_maps(batch=2, views=3)
+        _, _, boxes = scene(batch=2, views=3)
+        criterion = NeCoLoss(references="fraction", reference_fraction=0.01, seed=0)
+        with pytest.warns(UserWarning, match="R = 1 reference: .* the loss is 0"):
+            loss = criterion(student, teacher, boxes)
+        assert loss.item() == 0.0
 
     def test_fraction_switches_to_padded_bitonic_where_diffsort_layout_fails(self):
         student, teacher = random_maps(batch=2, views=3)
