@@ -81,6 +81,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
         SMALLER,
         "tests/test_ablation.py::test_shipped_ablations_give_valid_configs",
     ),
+    "neco ablate examples/ablations/sorting_network.yaml": (
+        SMALLER,
+        "tests/test_ablation.py::test_shipped_ablations_give_valid_configs (the measured run "
+        "in docs/ablations.md took 44 CPU minutes)",
+    ),
+    "neco ablate examples/ablations/teacher.yaml": (
+        SMALLER,
+        "tests/test_ablation.py::test_shipped_ablations_give_valid_configs (about an hour)",
+    ),
     "neco ablate examples/ablations/steepness.yaml --max-steps 1000 --seeds 1 2": (
         SMALLER,
         "tests/test_ablation.py::test_shipped_ablations_give_valid_configs",
