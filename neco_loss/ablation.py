@@ -42,7 +42,7 @@ EVALUATION_DEFAULTS: dict[str, Any] = {
     "linear_epochs": 10,
     "protocols": ["in-context", "linear"],
 }
-ABLATION_KEYS = ("base", "variants", "evaluation", "seeds", "baseline", "x")
+ABLATION_KEYS = ("base", "variants", "evaluation", "seeds", "baseline", "x", "reference")
 
 
 def merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
@@ -68,6 +68,7 @@ class Ablation:
         baseline: Also score the base's starting backbone (its ``weights``) as a row.
         x_label: Name of the numeric setting the variants vary, for a line plot.
         x_values: ``{variant: value of that setting}``.
+        reference: A variant every other one is compared with, seed by seed.
 
     """
 
@@ -78,6 +79,7 @@ class Ablation:
     baseline: bool = False
     x_label: str | None = None
     x_values: dict[str, float] = field(default_factory=dict)
+    reference: str | None = None
 
 
 def _check_seeds(seeds: Any, source: str) -> list[int]:
@@ -109,7 +111,8 @@ def _check_x(spec: Any, variants: dict[str, Any], path: Path) -> tuple[str, dict
 def load_ablation(path: Path) -> Ablation:
     """Parse and check an ablation file.
 
-    Keys: ``base`` and ``variants``; optional ``evaluation``, ``seeds``, ``baseline``, ``x``.
+    Keys: ``base`` and ``variants``; optional ``evaluation``, ``seeds``, ``baseline``, ``x``,
+    ``reference``.
 
     Raises:
         FileNotFoundError: If the file or its base config does not exist.
@@ -152,6 +155,13 @@ def load_ablation(path: Path) -> Ablation:
         ablation.baseline = spec["baseline"]
     if "x" in spec:
         ablation.x_label, ablation.x_values = _check_x(spec["x"], variants, path)
+    if "reference" in spec:
+        if spec["reference"] not in variants:
+            raise ValueError(
+                f"'reference' of {path} must name a variant ({list(variants)}) but is "
+                f"{spec['reference']!r}."
+            )
+        ablation.reference = spec["reference"]
     return ablation
 
 
@@ -269,7 +279,12 @@ def run_ablation(
         "linear_epochs": settings["linear_epochs"],
         "interval": f"mean ± half-width of the {CONFIDENCE:.0%} Student-t interval over seeds",
     }
-    write_ablation(results, per_run, runs, output, run_context(context))
+    comparisons = {}
+    if ablation.baseline:  # scored once: it does not depend on the training seed
+        comparisons["start"] = _paired_changes(per_run, runs, BASELINE)
+    if ablation.reference:
+        comparisons[ablation.reference] = _paired_changes(per_run, runs, ablation.reference)
+    write_ablation(results, per_run, runs, output, run_context(context), comparisons)
     plot(results, output / "ablation.png", path.stem, ablation.x_label, ablation.x_values)
     return results
 
@@ -287,25 +302,38 @@ def write_ablation(
     runs: dict[str, list[str]],
     output: Path,
     context: dict[str, Any],
+    comparisons: dict[str, dict[str, dict[str, MeanInterval]]] | None = None,
 ) -> tuple[Path, Path]:
     """Write ``ablation.md`` and ``ablation.json``.
 
-    The markdown holds the context, the table of means with intervals, and every run's scores.
+    The markdown holds the context, the table of means with intervals (then one column per
+    comparison and metric), and every run's scores.
+
+    Args:
+        results: ``{row: {metric: MeanInterval over seeds}}``.
+        per_run: ``{run: {metric: score}}``.
+        runs: ``{row: its runs, in seed order}``.
+        output: Folder to write to.
+        context: What the numbers depend on.
+        comparisons: ``{against: {row: {metric: paired change}}}`` (``_paired_changes``).
+
     """
+    comparisons = comparisons or {}
     metrics = list(dict.fromkeys(metric for row in results.values() for metric in row))
-    changes = _changes_from_start(results, per_run, runs)
-    columns = metrics + [f"change in {metric}" for metric in metrics if changes]
+    columns = metrics + [
+        f"change in {metric} vs {against}" for against in comparisons for metric in metrics
+    ]
     lines = [f"- {key}: {value}" for key, value in context.items()]
     lines += ["", "| variant | seeds | " + " | ".join(columns) + " |"]
     lines.append("|---" * (len(columns) + 2) + "|")
     for name, cells in results.items():
         count = next(iter(cells.values())).count
         shown = [cells[metric].format() for metric in metrics]
-        if changes:
-            shown += [
-                changes[name][metric].format(signed=True) if name in changes else ""
-                for metric in metrics
-            ]
+        shown += [
+            changes[name][metric].format(signed=True) if name in changes else ""
+            for changes in comparisons.values()
+            for metric in metrics
+        ]
         lines.append(f"| {name} | {count} | " + " | ".join(shown) + " |")
     lines += ["", "Every run:", "", "| run | " + " | ".join(metrics) + " |"]
     lines.append("|---" * (len(metrics) + 1) + "|")
@@ -318,7 +346,11 @@ def write_ablation(
             metric: {
                 **asdict(value),
                 "values": [per_run[run][metric] for run in runs[row]],
-                **({"change_from_start": asdict(changes[row][metric])} if row in changes else {}),
+                **{
+                    f"change_vs_{against}": asdict(changes[row][metric])
+                    for against, changes in comparisons.items()
+                    if row in changes
+                },
             }
             for metric, value in metrics_of_row.items()
         }
@@ -328,29 +360,29 @@ def write_ablation(
     return markdown, data
 
 
-def _changes_from_start(
-    results: dict[str, dict[str, MeanInterval]],
-    per_run: dict[str, dict[str, float]],
-    runs: dict[str, list[str]],
+def _paired_changes(
+    per_run: dict[str, dict[str, float]], runs: dict[str, list[str]], against: str
 ) -> dict[str, dict[str, MeanInterval]]:
-    """Each variant's per-seed change from the starting backbone, with its interval.
+    """Every other row's change from row ``against``, paired seed by seed, with its interval.
 
-    The starting backbone is scored once (it does not depend on the training seed), so the
-    paired change of seed ``s`` is ``score(s) - start``; empty without a baseline row.
+    A row scored once (the starting backbone, which does not depend on the training seed) is
+    paired with every seed; otherwise run ``i`` of a row is paired with run ``i`` of
+    ``against`` (the same seed: the same crops, data order and references).
     """
-    if BASELINE not in results:
-        return {}
-    start = per_run[BASELINE]
-    return {
-        row: {
+    base = runs[against]
+    changes = {}
+    for row, names in runs.items():
+        if row in (against, BASELINE):
+            continue
+        paired = base * len(names) if len(base) == 1 else base
+        changes[row] = {
             metric: paired_change(
-                [start[metric]] * len(names), [per_run[run][metric] for run in names]
+                [per_run[run][metric] for run in paired],
+                [per_run[run][metric] for run in names],
             )
-            for metric in results[row]
+            for metric in per_run[names[0]]
         }
-        for row, names in runs.items()
-        if row != BASELINE
-    }
+    return changes
 
 
 def plot(

@@ -14,7 +14,7 @@ from neco_loss.evaluation.datasets import IGNORE_INDEX, NUM_CLASSES
 from neco_loss.evaluation.suite import evaluate, evaluation_splits
 from neco_loss.loss import NeCoLoss
 from neco_loss.models import DenseViT
-from neco_loss.statistics import mean_interval, paired_change
+from neco_loss.statistics import MeanInterval, mean_interval, paired_change
 from neco_loss.training import build_config
 from neco_loss.training.trainer import build_backbone
 from tests.test_training import TINY
@@ -83,6 +83,7 @@ def test_ablation_over_seeds_with_baseline_and_x_axis(tmp_path):
         "seeds": [5, 6],
         "baseline": True,
         "x": {"label": "reference fraction f", "values": {"f=0.25": 0.25, "f=1": 1}},
+        "reference": "f=0.25",
         "evaluation": {"train_images": 6, "val_images": 4, "linear_epochs": 1, "split": "test"},
     }
     path = tmp_path / "fraction.yaml"
@@ -100,7 +101,17 @@ def test_ablation_over_seeds_with_baseline_and_x_axis(tmp_path):
             # The change from the starting backbone, scored once, is paired per seed.
             start_score = written["runs"][BASELINE][metric]
             change = paired_change([start_score] * 2, values)
-            assert written["results"][variant][metric]["change_from_start"] == asdict(change)
+            assert written["results"][variant][metric]["change_vs_start"] == asdict(change)
+    # Against the reference variant, seed 5 is paired with seed 5 and seed 6 with seed 6.
+    versus = written["results"]["f=1"]["linear mIoU"]["change_vs_f=0.25"]
+    runs = written["runs"]
+    assert versus == asdict(
+        paired_change(
+            [runs[f"f=0.25 (seed {seed})"]["linear mIoU"] for seed in (5, 6)],
+            [runs[f"f=1 (seed {seed})"]["linear mIoU"] for seed in (5, 6)],
+        )
+    )
+    assert "change_vs_f=0.25" not in written["results"]["f=0.25"]["linear mIoU"]
     assert results[BASELINE]["in-context mIoU"].count == 1
     # 'split: test' scores the test images, which score differently from val's.
     assert written["context"]["split"] == "test"
@@ -126,11 +137,14 @@ def test_ablation_over_seeds_with_baseline_and_x_axis(tmp_path):
     assert (output / "f=1" / "seed6" / "backbone.pt").is_file()
     markdown = (output / "ablation.md").read_text()
     assert f"| {BASELINE} | 1 |" in markdown and "f=0.25 (seed 5)" in markdown
-    assert "| change in in-context mIoU | change in linear mIoU |" in markdown
-    shown = change.format(signed=True)  # the last variant's last metric: f=1, linear mIoU
-    assert next(line for line in markdown.splitlines() if line.startswith("| f=1 |")).endswith(
-        f" {shown} |"
-    )
+    assert (
+        "| change in in-context mIoU vs start | change in linear mIoU vs start "
+        "| change in in-context mIoU vs f=0.25 | change in linear mIoU vs f=0.25 |"
+    ) in markdown
+    row = next(line for line in markdown.splitlines() if line.startswith("| f=1 |"))
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert cells[-3] == change.format(signed=True)  # f=1, linear mIoU vs start
+    assert cells[-1] == MeanInterval(**versus).format(signed=True)
     assert (output / "ablation.png").stat().st_size > 5_000
     # --seeds replaces the file's seeds; --seed next to seeds is refused.
     with pytest.raises(ValueError, match="--seed conflicts"):
@@ -153,6 +167,7 @@ def test_bad_ablation_files(tmp_path):
         ("seeds", "0", "'seeds' of"),
         ("baseline", "yes", "'baseline' of .* must be true or false"),
         ("evaluation", {"split": "train"}, "'evaluation.split' of .* must be 'val' or 'test'"),
+        ("reference", "c", r"'reference' of .* must name a variant \(\['a', 'b'\]\)"),
         ("x", {"label": "f", "values": {"a": 1}}, r"must give a number for every variant"),
         ("x", {"label": "f", "values": {"a": 1, "b": "big"}}, r"'x.values.b' .* a number"),
     ):
