@@ -367,7 +367,7 @@ def _paired_changes(
 
     A row scored once (the starting backbone, which does not depend on the training seed) is
     paired with every seed; otherwise run ``i`` of a row is paired with run ``i`` of
-    ``against`` (the same seed: the same crops, data order and references).
+    ``against`` (the same seed: the same crops and data order).
     """
     base = runs[against]
     changes = {}

@@ -83,6 +83,9 @@ def test_coco_stuff_and_things_super_categories(tmp_path):
 
 def test_synthetic_and_errors(tmp_path):
     image, mask = segmentation_dataset("synthetic", None, "val", 32)[0]
+    # A misspelt split is refused, not read as the training images.
+    with pytest.raises(ValueError, match="split"):
+        segmentation_dataset("synthetic", None, "tset", 32)
     assert image.shape == (3, 32, 32) and mask.shape == (32, 32)
     with pytest.raises(ValueError, match="dataset must be one of"):
         segmentation_dataset("cityscapes", tmp_path, "val", 32)

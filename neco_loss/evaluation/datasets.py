@@ -196,7 +196,7 @@ def segmentation_dataset(
     """
     if name == "synthetic":
         return Normalized(
-            SyntheticScenes(split if split in ("val", "test") else "train", image_size, seed=seed)
+            SyntheticScenes(split, image_size, seed=seed)  # refuses a split it does not have
         )
     if name not in LAYOUTS:
         raise ValueError(f"dataset must be one of {list(NUM_CLASSES)} but is {name!r}.")
