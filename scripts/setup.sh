@@ -11,14 +11,16 @@ STAMP="$VENV/.neco-setup-stamp"
 TORCH_PINS="torch==2.14.1 torchvision==0.29.1"
 EXTRAS="diffsort,torchsort,lightly,solo,eval,scann,hf,train,docs,dev"
 
-fingerprint="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)"
+# The kernel's source and build script are inputs too: a changed kernel is rebuilt here.
+fingerprint="$(cat pyproject.toml setup.py scripts/setup.sh neco_loss/kernels/csrc/soft_sort.cpp \
+    | sha256sum | cut -d' ' -f1)"
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$fingerprint" ]]; then
     exit 0
 fi
 
 [[ -x "$VENV/bin/python" ]] || "$PYTHON" -m venv "$VENV"
 echo "neco-loss setup: installing into $VENV (takes a few minutes the first time)"
-$PIP install --quiet --disable-pip-version-check $TORCH_PINS setuptools wheel ninja
+$PIP install --quiet --disable-pip-version-check $TORCH_PINS setuptools wheel
 
 if ! "$VENV/bin/python" -c "import torchsort" 2>/dev/null; then
     if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
@@ -32,9 +34,10 @@ if ! "$VENV/bin/python" -c "import torchsort" 2>/dev/null; then
     fi
 fi
 
-$PIP install --quiet --disable-pip-version-check -e ".[$EXTRAS]"
-# Build the compiled sorting kernel now (cached in ~/.cache/torch_extensions) rather than on the
-# first loss call; without a compiler this only warns and the PyTorch backend is used.
-"$VENV/bin/python" -c "from neco_loss.kernels.cpp import cpu_kernels; cpu_kernels()"
+# --no-build-isolation: setup.py compiles the C++ kernel against this venv's torch (the kernel
+# must match the torch it runs with). Without a compiler the install still succeeds and the
+# check below warns (NECO_REQUIRE_KERNEL=1, as in CI, makes both an error).
+$PIP install --quiet --disable-pip-version-check --no-build-isolation -e ".[$EXTRAS]"
+"$VENV/bin/python" -c "from neco_loss.kernels.cpp import build_info; print('neco-loss kernel:', build_info())"
 echo "$fingerprint" >"$STAMP"
 echo "neco-loss setup: done"

@@ -1,37 +1,107 @@
-"""The C++ kernel's build cannot fail silently, and is built once per set of build inputs."""
+"""The C++ kernel is compiled when the package is installed, never when it is imported.
+
+Wheels are built here from a copy of the project, with ``--no-build-isolation`` (against this
+venv's torch) and installed with ``--target`` into a folder that is imported from outside the
+checkout: with a working compiler, with none, with one that fails every build.
+"""
 
 import os
+import platform
 import shutil
 import subprocess
 import sys
 import textwrap
+import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 
 import neco_loss
 from neco_loss.kernels import cpp
 
+ROOT = Path(neco_loss.__file__).parents[1]
+VENV_BIN = Path(sys.executable).parent
+
+# Loads the kernel, sorts with it, and reports which module ran and whether anything compiled.
 LOAD = textwrap.dedent(
     """
-    import warnings
+    import sys, warnings
     warnings.simplefilter("always")
-    from neco_loss.kernels.cpp import cpu_kernels
+    with warnings.catch_warnings(record=True) as caught:
+        import torch
+        from neco_loss import soft_permutation
+        from neco_loss.kernels.cpp import cpu_kernels
+        x = torch.randn(3, 49, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        native = soft_permutation(x, backend="native")
+        again = soft_permutation(x, backend="native")
+    portable = soft_permutation(x, backend="native-python")
+    same = all(
+        torch.allclose(a, b, rtol=0, atol=1e-9) for a, b in zip(native + again, portable + portable)
+    )
     kernels = cpu_kernels()
-    print("LOADED" if kernels is not None else "FALLBACK", getattr(kernels, "__file__", ""))
+    messages = [str(w.message) for w in caught if "compiled sorting kernel" in str(w.message)]
+    print("LOADED" if kernels is not None else "FALLBACK", getattr(kernels, "__file__", "-"))
+    print("jit" if "torch.utils.cpp_extension" in sys.modules else "no-jit", same)
+    print(len(messages), *messages)
     """
 )
 
 
-def load_in_subprocess(environment: dict, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def run_python(
+    code: str, environment: dict[str, str], cwd: Path | None = None
+) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-c", LOAD],
+        [sys.executable, "-c", code],
         env={**os.environ, **environment},
         cwd=cwd,
         capture_output=True,
         text=True,
         timeout=600,
     )
+
+
+def project_copy(tmp_path: Path) -> Path:
+    """The files a wheel is built from, without any compiled module of the checkout."""
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "setup.py", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    ignore = shutil.ignore_patterns("*.so", "__pycache__")
+    shutil.copytree(ROOT / "neco_loss", source / "neco_loss", ignore=ignore)
+    shutil.copytree(ROOT / "integrations", source / "integrations", ignore=ignore)
+    return source
+
+
+def build_and_install(
+    tmp_path: Path, environment: dict[str, str]
+) -> tuple[subprocess.CompletedProcess, Path | None]:
+    """``pip wheel`` a copy of the project, then install the wheel into ``tmp_path/site``."""
+    source, wheels = project_copy(tmp_path), tmp_path / "wheels"
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-v"]
+        + ["--disable-pip-version-check", "-w", str(wheels), str(source)],
+        env={**os.environ, **environment},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    if build.returncode != 0:
+        return build, None
+    (wheel,) = wheels.glob("neco_loss-*.whl")
+    site = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--disable-pip-version-check"]
+        + ["--target", str(site), str(wheel)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    return build, site
+
+
+def compiled_modules(site: Path) -> list[str]:
+    return sorted(path.name.split(".")[0] for path in (site / "neco_loss/kernels").glob("*.so"))
 
 
 @pytest.fixture
@@ -45,83 +115,147 @@ def failing_compiler(tmp_path):
     return str(script)
 
 
-def test_no_compiler_warns_once_and_says_so(tmp_path):
-    result = load_in_subprocess(
+@pytest.fixture
+def tripwire_compiler(tmp_path):
+    """A 'compiler' that records that it was called (nothing may call it after set-up)."""
+    called = tmp_path / "compiler-was-called"
+    script = tmp_path / "tripwire-g++"
+    script.write_text(f"#!/bin/sh\ntouch {called}\nexit 1\n")
+    script.chmod(0o755)
+    return str(script), called
+
+
+def test_the_installed_kernel_is_the_best_this_cpu_runs():
+    kernels = cpp.cpu_kernels()
+    assert kernels is not None, "make setup builds the kernel; see the warning above"
+    assert kernels.__name__ == cpp.candidate_modules()[0]
+    assert kernels.TORCH_VERSION == torch.__version__
+    assert "-ffp-contract=off" in kernels.BUILD_FLAGS
+    assert kernels.__name__ in cpp.build_info() and kernels.BUILD_FLAGS in cpp.build_info()
+
+
+@pytest.mark.parametrize("venv_first", [True, False], ids=["venv-bin-first", "system-path"])
+def test_importing_never_compiles(tmp_path, tripwire_compiler, venv_first):
+    """Whatever ninja or compiler PATH finds, loading the kernel compiles nothing."""
+    compiler, called = tripwire_compiler
+    system_path = [p for p in os.environ["PATH"].split(os.pathsep) if Path(p) != VENV_BIN]
+    path = [str(VENV_BIN), *system_path] if venv_first else system_path
+    extensions = tmp_path / "torch_extensions"
+    result = run_python(
+        LOAD,
         {
-            "CXX": "/nonexistent/g++",
-            "TORCH_EXTENSIONS_DIR": str(tmp_path),
-            "NECO_REQUIRE_KERNEL": "0",
-        }
+            "PATH": os.pathsep.join(path),
+            "CXX": compiler,
+            "CC": compiler,
+            "TORCH_EXTENSIONS_DIR": str(extensions),
+            "NECO_REQUIRE_KERNEL": "1",
+        },
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.startswith("FALLBACK")
-    assert result.stderr.count("could not be built") == 1
-    assert "no C++ compiler ('/nonexistent/g++' is not on PATH" in result.stderr
-
-
-def test_a_failed_build_is_not_a_missing_compiler(tmp_path, failing_compiler):
-    result = load_in_subprocess(
-        {"CXX": failing_compiler, "TORCH_EXTENSIONS_DIR": str(tmp_path), "NECO_REQUIRE_KERNEL": "0"}
+    loaded, jit, warnings = result.stdout.splitlines()
+    assert (
+        loaded.startswith("LOADED") and Path(loaded.split()[1]).parent == ROOT / "neco_loss/kernels"
     )
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.startswith("FALLBACK")
-    assert "the build failed: soft_sort.cpp:1:1: error: this bogus compiler refuses" in (
-        result.stderr
-    )
-    assert "no C++ compiler" not in result.stderr
-
-
-@pytest.mark.parametrize("cxx", ["/nonexistent/g++", "failing"])
-def test_required_kernel_turns_a_failed_build_into_an_error(tmp_path, failing_compiler, cxx):
-    compiler = failing_compiler if cxx == "failing" else cxx
-    result = load_in_subprocess(
-        {"CXX": compiler, "TORCH_EXTENSIONS_DIR": str(tmp_path), "NECO_REQUIRE_KERNEL": "1"}
-    )
-    assert result.returncode != 0
-    assert "KernelBuildError" in result.stderr and "NECO_REQUIRE_KERNEL is set" in result.stderr
-
-
-def test_ci_requires_the_kernel():
-    ci = (Path(neco_loss.__file__).parents[1] / ".ci" / "run").read_text()
-    assert "export NECO_REQUIRE_KERNEL=1" in ci.splitlines()
-
-
-def test_the_name_hashes_the_build_command(monkeypatch, tmp_path):
-    name = cpp.extension_name()
-    assert name == cpp.extension_name()  # deterministic
-    copy = tmp_path / "soft_sort.cpp"
-    shutil.copy(cpp.SOURCE, copy)
-    monkeypatch.setattr(cpp, "SOURCE", copy)  # the same text at another path (another checkout)
-    assert cpp.extension_name() != name
-    monkeypatch.setattr(
-        cpp, "SOURCE", Path(neco_loss.__file__).parent / "kernels/csrc/soft_sort.cpp"
-    )
-    monkeypatch.setenv("CXX", "clang++")
-    assert cpp.extension_name() != name
-
-
-@pytest.mark.slow
-def test_two_copies_of_the_package_do_not_rebuild_each_other(tmp_path):
-    """A checkout and a copy of the package elsewhere (e.g. a wheel): each builds once, under
-    its own name; loading the first again rebuilds nothing."""
-    environment = {"NECO_REQUIRE_KERNEL": "1"}
-    first = load_in_subprocess(environment)
-    assert first.returncode == 0 and first.stdout.startswith("LOADED"), first.stderr[-2000:]
-    library = Path(first.stdout.split()[1])
-    built = library.stat().st_mtime_ns
-    copy = tmp_path / "copy"
-    shutil.copytree(Path(neco_loss.__file__).parent, copy / "neco_loss")
-    other = load_in_subprocess({**environment, "PYTHONPATH": str(copy)}, cwd=tmp_path)
-    assert other.returncode == 0 and other.stdout.startswith("LOADED"), other.stderr[-2000:]
-    assert Path(other.stdout.split()[1]) != library
-    again = load_in_subprocess(environment, cwd=tmp_path)
-    assert again.stdout.split()[1] == str(library)
-    assert library.stat().st_mtime_ns == built  # not rebuilt
+    assert jit == "no-jit True" and warnings == "0"
+    assert not called.exists() and not extensions.exists()
 
 
 def test_loading_the_kernel_says_nothing_about_cuda():
     """torch's "No CUDA runtime is found, using CUDA_HOME" (a CUDA toolkit without a GPU, as on
     this project's CPU machines) is not printed: the C++ kernel needs no CUDA."""
-    result = load_in_subprocess({})
+    result = run_python(LOAD, {})
     assert result.returncode == 0 and result.stdout.startswith("LOADED"), result.stderr[-2000:]
     assert "No CUDA runtime" not in result.stderr
+
+
+def test_ci_requires_the_kernel():
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "export NECO_REQUIRE_KERNEL=1" in ci.splitlines()
+
+
+def assert_installed_without_kernel(site: Path, tmp_path: Path) -> None:
+    """The package imports and sorts; one warning says why and how to rebuild."""
+    assert compiled_modules(site) == []
+    result = run_python(LOAD, {"PYTHONPATH": str(site), "NECO_REQUIRE_KERNEL": "0"}, tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    loaded, jit, warnings = result.stdout.splitlines()
+    assert loaded == "FALLBACK -" and jit == "no-jit True"
+    count, message = warnings.split(" ", 1)
+    assert count == "1", message
+    assert "installed without it (no C++ compiler at install time" in message
+    assert "pip install --no-build-isolation --force-reinstall" in message
+    assert "pure-PyTorch native backend" in message
+    required = run_python(LOAD, {"PYTHONPATH": str(site), "NECO_REQUIRE_KERNEL": "1"}, tmp_path)
+    assert required.returncode != 0
+    assert "KernelBuildError" in required.stderr and "NECO_REQUIRE_KERNEL is set" in required.stderr
+
+
+def test_without_a_compiler_the_package_installs_and_falls_back(tmp_path):
+    missing = "/nonexistent/g++"
+    build, site = build_and_install(
+        tmp_path, {"CXX": missing, "CC": missing, "NECO_REQUIRE_KERNEL": "0"}
+    )
+    assert site is not None, build.stderr[-3000:]
+    assert f"no C++ compiler ('{missing}' is not on PATH" in build.stdout + build.stderr
+    assert_installed_without_kernel(site, tmp_path)
+
+
+def test_a_failed_build_installs_and_falls_back(tmp_path, failing_compiler):
+    build, site = build_and_install(
+        tmp_path, {"CXX": failing_compiler, "CC": failing_compiler, "NECO_REQUIRE_KERNEL": "0"}
+    )
+    assert site is not None, build.stderr[-3000:]
+    log = build.stdout + build.stderr
+    assert "error: this bogus compiler refuses" in log
+    assert 'building extension "neco_loss.kernels._soft_sort" failed' in log
+    assert_installed_without_kernel(site, tmp_path)
+
+
+@pytest.mark.parametrize("cxx", ["/nonexistent/g++", "failing"])
+def test_required_kernel_turns_a_failed_build_into_an_install_error(
+    tmp_path, failing_compiler, cxx
+):
+    compiler = failing_compiler if cxx == "failing" else cxx
+    build, site = build_and_install(
+        tmp_path, {"CXX": compiler, "CC": compiler, "NECO_REQUIRE_KERNEL": "1"}
+    )
+    assert site is None and build.returncode != 0
+
+
+def test_a_stale_build_is_not_used(tmp_path):
+    """A compiled module whose source changed since (a developer's edit) is refused, loudly."""
+    copy = tmp_path / "copy"
+    shutil.copytree(ROOT / "neco_loss", copy / "neco_loss", ignore=shutil.ignore_patterns("__py*"))
+    source = copy / "neco_loss/kernels/csrc/soft_sort.cpp"
+    source.write_text(source.read_text() + "// edited\n")
+    result = run_python(LOAD, {"PYTHONPATH": str(copy), "NECO_REQUIRE_KERNEL": "0"}, tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    loaded, _, warnings = result.stdout.splitlines()
+    assert loaded == "FALLBACK -"
+    assert "is older than soft_sort.cpp (the source changed since the build)" in warnings
+    assert "make setup" in warnings
+
+
+@pytest.mark.slow
+def test_a_wheel_carries_the_compiled_kernel(tmp_path):
+    """``pip wheel`` compiles the kernel into the wheel; installed elsewhere, it loads from
+    there (no compiler needed any more) and gives the checkout's values."""
+    build, site = build_and_install(tmp_path, {"NECO_REQUIRE_KERNEL": "1"})
+    assert site is not None, build.stderr[-3000:]
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    expected = ["_soft_sort", "_soft_sort_avx512"] if x86 else ["_soft_sort"]
+    assert compiled_modules(site) == expected
+    result = run_python(
+        LOAD,
+        {"PYTHONPATH": str(site), "CXX": "/nonexistent/g++", "NECO_REQUIRE_KERNEL": "1"},
+        cwd=tmp_path,  # outside the checkout
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    loaded, jit, warnings = result.stdout.splitlines()
+    assert loaded.startswith("LOADED") and Path(loaded.split()[1]).is_relative_to(site)
+    assert jit == "no-jit True" and warnings == "0"
+    with zipfile.ZipFile(next((tmp_path / "wheels").glob("*.whl"))) as wheel:
+        names = wheel.namelist()
+    assert "neco_loss/kernels/csrc/soft_sort.cpp" in names
+    assert sum(name.endswith(".so") for name in names) == len(expected)

@@ -6,22 +6,21 @@ backward: memory held for backward is the input alone. It also fuses the consume
 ``sort_cross_entropy`` sorts the student's and the teacher's rows and returns the CE per row
 without materialising either permutation.
 
-The extension is compiled just in time on first use with ``torch.utils.cpp_extension.load``
-(cached under ``TORCH_EXTENSIONS_DIR``, ``~/.cache/torch_extensions`` by default; ``make setup``
-builds it once), under a name that hashes every input of its build command. Without a
-compiler, or if the build fails, the pure-PyTorch backend is used with a one-line warning
-saying which; ``NECO_REQUIRE_KERNEL=1`` makes that an error (CI sets it). Which kernel runs for
-a tensor is decided by ``neco_loss.kernels.kernel_for``.
+The kernel is compiled when the package is installed (``setup.py``), never at import or on
+first use, into ``neco_loss/kernels/_soft_sort*.so``: a portable build and, on x86-64, an
+AVX-512 build, of which the best one this CPU runs is loaded. A module whose source or torch
+differs from the installed ones is not used. Without a compiled module (no compiler at install
+time, a failed build, a stale or mismatched one) the pure-PyTorch backend is used with one
+warning saying why and how to rebuild; ``NECO_REQUIRE_KERNEL=1`` makes that an error (CI sets
+it). Which kernel runs for a tensor is decided by ``neco_loss.kernels.kernel_for``.
 """
 
 from __future__ import annotations
 
 import hashlib
-import logging
+import importlib
 import os
 import platform
-import shutil
-import sysconfig
 import warnings
 from functools import lru_cache
 from pathlib import Path
@@ -37,129 +36,110 @@ from neco_loss.kernels.recomputing import RecomputingCrossEntropy, RecomputingSo
 
 NAME = "native (C++ kernel)"
 SOURCE = Path(__file__).parent / "csrc" / "soft_sort.cpp"
-# -ffp-contract=off: no fused multiply-adds, so that the values round as in PyTorch's kernels
-# (the relaxed network amplifies rounding differences); -march=native: vector width of this CPU.
-CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]
-LDFLAGS = ["-fopenmp"]
-
-
-def _cpu_signature() -> str:
-    """The CPU's instruction-set flags: ``-march=native`` builds differ between CPUs."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-REQUIRE_KERNEL = "NECO_REQUIRE_KERNEL"  # set to 1: a kernel that cannot be built is an error
-
-
-def compiler() -> str:
-    """The C++ compiler ``torch.utils.cpp_extension`` runs (``$CXX``, else ``c++``)."""
-    return os.environ.get("CXX", "c++")
-
-
-def _cpp_extension() -> ModuleType:
-    """``torch.utils.cpp_extension``, imported without its CPU-only noise.
-
-    On importing it, torch logs "No CUDA runtime is found, using CUDA_HOME=..." on every machine
-    with a CUDA toolkit but no GPU; the C++ kernel needs no CUDA, so that line only misleads.
-    """
-    logger = logging.getLogger("torch.utils.cpp_extension")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        import torch.utils.cpp_extension as extension
-    finally:
-        logger.setLevel(level)
-    return extension
-
-
-def build_inputs() -> list[str]:
-    """Everything that enters the build command ``cpp_extension.load`` writes to build.ninja.
-
-    The source's text and absolute path, the compiler, include and library paths (this
-    environment's torch and Python), the flags, the CPU (``-march=native``) and torch's version.
-    Two callers that differ in any of these build under different names, so that they never
-    rebuild each other's extension.
-    """
-    extension = _cpp_extension()
-    return [
-        SOURCE.read_text(),
-        str(SOURCE.resolve()),
-        compiler(),
-        *extension.include_paths("cpu"),
-        sysconfig.get_path("include", scheme="posix_prefix") or "",
-        *extension.library_paths(),
-        *CFLAGS,
-        *LDFLAGS,
-        _cpu_signature(),
-        torch.__version__,
-    ]
-
-
-def extension_name() -> str:
-    """The extension's name: a hash of ``build_inputs``."""
-    digest = hashlib.sha256("\n".join(build_inputs()).encode()).hexdigest()
-    return "neco_soft_sort_" + digest[:16]
+REQUIRE_KERNEL = "NECO_REQUIRE_KERNEL"  # set to 1: a kernel that cannot be loaded is an error
+# The CPU features of setup.py's AVX-512 build (-march=x86-64-v4), as /proc/cpuinfo names them.
+AVX512_FEATURES = frozenset({"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"})
+REBUILD = (
+    "rebuild it with a C++ compiler: `pip install --no-build-isolation --force-reinstall "
+    "--no-deps neco-loss` (in a checkout: `make setup`, or `pip install --no-build-isolation "
+    "-e .`; add -v to see the compiler's output)"
+)
 
 
 class KernelBuildError(RuntimeError):
-    """The C++ kernel could not be built (raised when ``NECO_REQUIRE_KERNEL=1``)."""
+    """No usable compiled kernel (raised when ``NECO_REQUIRE_KERNEL=1``)."""
+
+
+def _cpu_features() -> frozenset[str]:
+    """The CPU's instruction-set flags from ``/proc/cpuinfo`` (empty where there is none)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def candidate_modules() -> list[str]:
+    """The compiled modules this CPU can run, best first (``setup.py`` builds them)."""
+    portable = "neco_loss.kernels._soft_sort"
+    if AVX512_FEATURES <= _cpu_features():
+        return ["neco_loss.kernels._soft_sort_avx512", portable]
+    return [portable]
+
+
+def _why_unusable(module: ModuleType) -> str | None:
+    """Why a compiled module must not be used (another source or torch), or ``None``."""
+    if module.TORCH_VERSION != torch.__version__:
+        return (
+            f"{module.__name__} was built for torch {module.TORCH_VERSION}, this is torch "
+            f"{torch.__version__}"
+        )
+    if SOURCE.is_file() and hashlib.sha256(SOURCE.read_bytes()).hexdigest() != (
+        module.SOURCE_SHA256
+    ):
+        return f"{module.__name__} is older than {SOURCE.name} (the source changed since the build)"
+    return None
 
 
 @lru_cache(maxsize=1)
 def cpu_kernels() -> ModuleType | None:
-    """The compiled CPU extension, built on first call; ``None`` (and a warning) if it cannot be.
+    """The compiled CPU extension; ``None`` (and one warning) if there is no usable one.
 
-    Built once per set of ``build_inputs`` (cached under ``TORCH_EXTENSIONS_DIR``). Without a
-    compiler, or when the build fails, one warning says which (with the compiler's first error)
-    and the PyTorch backend is used; with ``NECO_REQUIRE_KERNEL=1`` either raises instead.
+    Loads the best module of ``candidate_modules`` that imports and matches the installed
+    source and torch. Never compiles.
 
     Raises:
-        KernelBuildError: If the kernel cannot be built and ``NECO_REQUIRE_KERNEL=1``.
+        KernelBuildError: If no module is usable and ``NECO_REQUIRE_KERNEL=1``.
 
     """
-    problem = _build_problem()
-    if problem is None:
+    problems = []
+    for name in candidate_modules():
         try:
-            return _cpp_extension().load(
-                extension_name(),
-                [str(SOURCE)],
-                extra_cflags=CFLAGS,
-                extra_ldflags=LDFLAGS,
-                verbose=False,
-            )
-        except Exception as error:  # the build failed: say how, fall back or fail
-            problem = f"the build failed: {_first_error(str(error))}"
-    failure = f"neco-loss: the compiled sorting kernel could not be built: {problem}."
+            module = importlib.import_module(name)
+        except ModuleNotFoundError:
+            continue
+        except ImportError as error:  # e.g. built against another torch: undefined symbols
+            problems.append(f"{name} does not load ({str(error).splitlines()[0][:200]})")
+            continue
+        problem = _why_unusable(module)
+        if problem is None:
+            return module
+        problems.append(problem)
+    problem = "; ".join(problems) or (
+        "the package was installed without it (no C++ compiler at install time, or its build "
+        "failed)"
+    )
+    failure = f"neco-loss: no usable compiled sorting kernel: {problem}. To use it, {REBUILD}."
     if os.environ.get(REQUIRE_KERNEL, "0") not in ("", "0"):
         raise KernelBuildError(
             f"{failure} {REQUIRE_KERNEL} is set, so this is an error; unset it to fall back to "
             "the pure-PyTorch native backend."
         )
-    fallback = " Using the pure-PyTorch native backend (same values, slower)."
+    fallback = " Using the pure-PyTorch native backend (same values, slower) meanwhile."
     warnings.warn(failure + fallback, RuntimeWarning, stacklevel=2)
     return None
 
 
-def _build_problem() -> str | None:
-    """Why no build can start (no compiler, no ninja), or ``None``."""
-    if shutil.which(compiler()) is None:
-        return f"no C++ compiler ({compiler()!r} is not on PATH; set CXX or install g++)"
-    if not _cpp_extension().is_ninja_available():
-        return "ninja is not installed (pip install ninja)"
-    return None
-
-
-def _first_error(output: str) -> str:
-    """The compiler's first error line in a failed build's output, else its first line."""
-    lines = [line.strip() for line in output.splitlines() if line.strip()]
-    errors = [line for line in lines if "error" in line.lower() and "Error building" not in line]
-    return (errors or lines or ["unknown error"])[0][:300]
+def build_info() -> str:
+    """Which compiled module runs, its build flags and torch, and this CPU (for reports)."""
+    kernels = cpu_kernels()
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    avx512 = "AVX-512" if AVX512_FEATURES <= _cpu_features() else "no AVX-512"
+    if kernels is None:
+        return f"no compiled kernel (PyTorch fallback); CPU: {model} ({avx512})"
+    return (
+        f"{kernels.__name__} built with `{kernels.BUILD_FLAGS}` for torch "
+        f"{kernels.TORCH_VERSION}; CPU: {model} ({avx512})"
+    )
 
 
 def usable(x: Tensor, network: str, relaxation: str) -> bool:

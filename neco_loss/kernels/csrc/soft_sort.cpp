@@ -1,4 +1,4 @@
-// Fused per-row soft sorting network on the CPU (neco_loss.sorting.compiled).
+// Fused per-row soft sorting network on the CPU (neco_loss.kernels.cpp; built by setup.py).
 //
 // One row at a time, in cache: the relaxed comparator network runs on the values once, the
 // permutation state Y (wire-major, n_wires x n) is mixed in place, layer by layer, touching only
@@ -7,7 +7,9 @@
 // per-thread scratch buffer, so nothing but the input x is held between forward and backward.
 //
 // The values and swap probabilities follow neco_loss/sorting/native.py and relaxations.py
-// operation for operation (diffsort 0.2.0's formulas), so that both backends agree to rounding.
+// operation for operation (diffsort 0.2.0's formulas), in double precision for float tensors
+// too (values_pass says why), so that both backends agree to rounding in float64 and the
+// float32 results do not depend on the CPU, the vector width or the libm.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -22,6 +24,8 @@
 #include <vector>
 
 namespace {
+
+using Wide = double;  // the precision of the values pass (values_pass)
 
 constexpr double kPi = 3.14159265358979323846;
 constexpr double kPhiEpsilon = 1e-10;      // relaxations.PHI_EPSILON
@@ -39,27 +43,30 @@ enum Relaxation : int64_t {  // plan.py's RELAXATION_CODES
   kOptimal = 5,
 };
 
-// atan: the float version is Cephes' atanf (range reduction + a degree-9 odd polynomial,
-// relative error ~1e-7), branch-free so that a layer's swap probabilities vectorise; double
-// keeps libm's.
-template <typename T>
-inline T atan_of(T v) {
-  return std::atan(v);
-}
-
-template <>
-inline float atan_of<float>(float v) {
-  const float x = std::abs(v);
-  const bool big = x > 2.414213562373095f;     // tan(3 pi / 8)
-  const bool middle = x > 0.4142135623730950f;  // tan(pi / 8)
-  const float reduced = big ? -1.0f / x : (middle ? (x - 1.0f) / (x + 1.0f) : x);
-  const float offset = big ? 1.5707963267948966f : (middle ? 0.7853981633974483f : 0.0f);
-  const float z = reduced * reduced;
-  const float poly =
-      (((8.05374449538e-2f * z - 1.38776856032e-1f) * z + 1.99777106478e-1f) * z -
-       3.33329491539e-1f) * z * reduced + reduced;
-  const float result = offset + poly;
-  return v < 0.0f ? -result : result;
+// atan in double: Cephes' atan (range reduction to |x| <= 0.66, then x + x^3 P(x^2) / Q(x^2)
+// with degree-4 polynomials; relative error ~2e-16, as libm's), written branch-free so that
+// a layer's swap probabilities vectorise (libm's atan is a scalar call: 1.5x slower per step).
+inline double atan_of(double v) {
+  constexpr double kTan3Pi8 = 2.41421356237309504880;
+  constexpr double kMoreBits = 6.123233995736765886130e-17;  // pi / 2 - double(pi / 2)
+  const double x = std::abs(v);
+  const bool big = x > kTan3Pi8;
+  const bool middle = !big && x > 0.66;
+  // One division for the three branches (branch-free code evaluates every branch).
+  const double reduced = (big ? -1.0 : (middle ? x - 1.0 : x)) / (big ? x : (middle ? x + 1.0 : 1.0));
+  const double offset = big ? 1.57079632679489661923 : (middle ? 0.78539816339744830962 : 0.0);
+  const double extra = big ? kMoreBits : (middle ? 0.5 * kMoreBits : 0.0);
+  const double z = reduced * reduced;
+  const double p =
+      (((-8.750608600031904122785e-1 * z - 1.615753718733365076637e1) * z -
+        7.500855792314704667340e1) * z - 1.228866684490136173410e2) * z -
+      6.485021904942025371773e1;
+  const double q =
+      ((((z + 2.485846490142306297962e1) * z + 1.650270098316988542046e2) * z +
+        4.328810604912902668951e2) * z + 4.853903996359136964868e2) * z +
+      1.945506571482613964425e2;
+  const double result = offset + (reduced * (z * p / q) + reduced + extra);
+  return v < 0.0 ? -result : result;
 }
 
 // log: the float version is Cephes' logf (exponent split + a degree-9 polynomial, relative
@@ -98,12 +105,13 @@ inline float log_of<float>(float v) {
   return x + y + 0.693359375f * e;
 }
 
-template <typename T>
+// The swap probability of a comparator and its derivative, in double precision whatever the
+// tensors' dtype: see values_pass.
 struct Relax {
+  using T = double;
   int64_t kind;
   T steepness;
   T art_lambda;
-  double steepness_d;
 
   static T sigmoid(T z) { return T(1) / (T(1) + std::exp(-z)); }
 
@@ -117,7 +125,7 @@ struct Relax {
     return sigmoid(delta * steepness / scale);
   }
   T gaussian(T delta) const {
-    T sigma = T(1 / steepness_d);
+    T sigma = T(1 / steepness);
     return T(0.5) + T(0.5) * std::erf(delta / sigma / T(std::sqrt(2.0)));
   }
   T reciprocal(T delta) const {
@@ -133,7 +141,7 @@ struct Relax {
   }
 
   // Replace the gaps delta[0 .. count) by their swap probabilities; one loop per kind, so
-  // that the loop vectorises where the formula does (Cauchy in float).
+  // that the loop vectorises where the formula does.
   void alphas(T* delta, int64_t count) const {
     switch (kind) {
       case kCauchy:
@@ -162,7 +170,7 @@ struct Relax {
     switch (kind) {
       case kCauchy: {
         T v = steepness * delta;
-        return T(steepness_d / kPi) / (T(1) + v * v);
+        return T(steepness / kPi) / (T(1) + v * v);
       }
       case kLogistic: {
         T a = sigmoid(delta * steepness);
@@ -176,9 +184,9 @@ struct Relax {
         return a * (T(1) - a) * inner;
       }
       case kGaussian: {
-        T sigma = T(1 / steepness_d);
+        T sigma = T(1 / steepness);
         T z = delta / sigma;
-        return T(1 / (1 / steepness_d) / std::sqrt(kPi * 2)) * std::exp(T(-0.5) * (z * z));
+        return T(1 / (1 / steepness) / std::sqrt(kPi * 2)) * std::exp(T(-0.5) * (z * z));
       }
       case kReciprocal: {
         T v = steepness * delta;
@@ -212,10 +220,9 @@ struct Plan {
   int64_t tape_size() const { return tape_offsets[n_comparators()]; }
 };
 
-template <typename T>
-inline void coefficients(const Plan& plan, int64_t c, T alpha, T* c1, T* c2) {
+inline void coefficients(const Plan& plan, int64_t c, Wide alpha, Wide* c1, Wide* c2) {
   const int64_t sign = plan.comparators[5 * c + 2];
-  T one_minus = T(1) - alpha;
+  const Wide one_minus = Wide(1) - alpha;
   if (sign > 0) {
     *c1 = alpha;
     *c2 = one_minus;
@@ -223,8 +230,8 @@ inline void coefficients(const Plan& plan, int64_t c, T alpha, T* c1, T* c2) {
     *c1 = one_minus;
     *c2 = alpha;
   } else {
-    *c1 = T(plan.fixed[c]);
-    *c2 = T(1) - T(plan.fixed[c]);
+    *c1 = plan.fixed[c];
+    *c2 = Wide(1) - plan.fixed[c];
   }
 }
 
@@ -270,18 +277,20 @@ void transpose_block(const T* src, T* dst, int64_t n, int64_t ld, bool to_elemen
 }
 
 // Per-thread working memory of one row.
+// The values and the comparators' weights are held in double (Wide), the permutation state in
+// the tensors' dtype T: see values_pass.
 template <typename T>
 struct Scratch {
-  std::vector<T> values;        // (n_wires,)
-  std::vector<T> layer_values;  // (n_layers, n_wires): values at each layer's input
-  std::vector<T> c1, c2;        // (C,)
-  std::vector<T> y;             // (n_wires, n) permutation state, wire-major
-  std::vector<T> y_teacher;     // (n_wires, n) the teacher's, for the fused loss
-  std::vector<T> tape;          // ya - yb at each comparator's input, its columns only
-  std::vector<T> grad_y;        // (n_wires, n)
-  std::vector<T> grad_alpha;    // (C,) d loss / d c1 through the permutation
-  std::vector<T> grad_values;   // (n_wires,)
-  std::vector<T> delta;         // (n_wires,) one layer's gaps, then its swap probabilities
+  std::vector<Wide> values;        // (n_wires,)
+  std::vector<Wide> layer_values;  // (n_layers, n_wires): values at each layer's input
+  std::vector<Wide> c1, c2;        // (C,)
+  std::vector<T> y;                // (n_wires, n) permutation state, wire-major
+  std::vector<T> y_teacher;        // (n_wires, n) the teacher's, for the fused loss
+  std::vector<T> tape;             // ya - yb at each comparator's input, its columns only
+  std::vector<T> grad_y;           // (n_wires, n)
+  std::vector<Wide> grad_alpha;    // (C,) d loss / d c1 through the permutation
+  std::vector<Wide> grad_values;   // (n_wires,)
+  std::vector<Wide> delta;         // (n_wires,) one layer's gaps, then their swap probabilities
 
   explicit Scratch(const Plan& plan, bool backward, bool teacher) {
     const int64_t w = plan.n_wires, n = plan.ld;
@@ -303,14 +312,23 @@ struct Scratch {
 
 // Run the network on the values of one row: they end in `values`, every comparator's weights
 // in scratch c1 / c2; with `record` also each layer's input values (for backward). The swap
-// probabilities of a layer are computed in one loop over its comparators, which vectorises.
+// probabilities of a layer are computed in one loop over its comparators.
+//
+// In double precision for float tensors too: the values feed back into the next layer's swap
+// probabilities, and for nearly tied inputs the relaxed network amplifies a rounding
+// difference by orders of magnitude over many layers (odd-even, n = 96, Gaussian: float32
+// results 1e-4 from float64 either way, diffsort's included, decided by the last bit of libm's
+// or torch's erf). In double that loop stays exact to float32's resolution on every CPU and
+// libm; the permutation state, whose mixing is a product of stochastic 2x2 steps and does not
+// amplify rounding, stays in the tensors' dtype. Costs ~n log^2 n double operations per row
+// against ~n^2 log^2 n for the state.
 template <typename T>
-void values_pass(const Plan& plan, const Relax<T>& relax, const T* x, T* values, bool record,
+void values_pass(const Plan& plan, const Relax& relax, const T* x, Wide* values, bool record,
                  Scratch<T>* s) {
   const int64_t n = plan.n, d = plan.n_dropped();
-  for (int64_t w = 0; w < d; ++w) values[w] = T(0);
-  for (int64_t e = 0; e < n; ++e) values[d + e] = x[e];
-  T* alpha = s->delta.data();
+  for (int64_t w = 0; w < d; ++w) values[w] = Wide(0);
+  for (int64_t e = 0; e < n; ++e) values[d + e] = Wide(x[e]);
+  Wide* alpha = s->delta.data();
   for (int64_t layer = 0; layer < plan.n_layers; ++layer) {
     if (record) {
       std::copy(values, values + plan.n_wires, s->layer_values.data() + layer * plan.n_wires);
@@ -323,9 +341,9 @@ void values_pass(const Plan& plan, const Relax<T>& relax, const T* x, T* values,
     relax.alphas(alpha, count);
     for (int64_t k = 0; k < count; ++k) {
       const int64_t a = comparators[5 * k], b = comparators[5 * k + 1], c = first + k;
-      T c1, c2;
+      Wide c1, c2;
       coefficients(plan, c, alpha[k], &c1, &c2);
-      const T va = values[a], vb = values[b];
+      const Wide va = values[a], vb = values[b];
       values[a] = va * c1 + vb * c2;
       values[b] = va * c2 + vb * c1;
       s->c1[c] = c1;
@@ -349,16 +367,16 @@ void permutation_pass(const Plan& plan, T* y, bool record, Scratch<T>* s) {
     T* yb = y + comparator[1] * ld;
     if (record) {
       T* tape = s->tape.data() + plan.tape_offsets[c] - lo;  // indexed by column
-      mix_rows<true>(ya, yb, lo, hi, s->c1[c], tape);
+      mix_rows<true>(ya, yb, lo, hi, T(s->c1[c]), tape);
     } else {
-      mix_rows<false>(ya, yb, lo, hi, s->c1[c], static_cast<T*>(nullptr));
+      mix_rows<false>(ya, yb, lo, hi, T(s->c1[c]), static_cast<T*>(nullptr));
     }
   }
 }
 
 // Both passes on one row: values in `values`, the permutation (if `y`) in `y`.
 template <typename T>
-void run_row(const Plan& plan, const Relax<T>& relax, const T* x, T* values, T* y, bool record,
+void run_row(const Plan& plan, const Relax& relax, const T* x, Wide* values, T* y, bool record,
              Scratch<T>* s) {
   values_pass(plan, relax, x, values, record, s);
   if (y != nullptr) permutation_pass(plan, y, record, s);
@@ -367,7 +385,7 @@ void run_row(const Plan& plan, const Relax<T>& relax, const T* x, T* values, T* 
 // Backward of one row from the recorded forward: gradient of the permutation state `grad_y`
 // (wire-major; may be null) and of the sorted values (may be null) -> d loss / d x.
 template <typename T>
-void backward_row(const Plan& plan, const Relax<T>& relax, const T* grad_sorted, bool has_grad_y,
+void backward_row(const Plan& plan, const Relax& relax, const T* grad_sorted, bool has_grad_y,
                   Scratch<T>* s, T* grad_x) {
   const int64_t n = plan.n, d = plan.n_dropped(), w = plan.n_wires;
   if (has_grad_y) {
@@ -379,7 +397,7 @@ void backward_row(const Plan& plan, const Relax<T>& relax, const T* grad_sorted,
         const T* difference = s->tape.data() + plan.tape_offsets[c] - lo;  // by column
         T* __restrict ga = g + a * plan.ld;
         T* __restrict gb = g + b * plan.ld;
-        const T c1 = s->c1[c];
+        const T c1 = T(s->c1[c]);
         T sum = T(0);  // a vectorised reduction: summed in SIMD lanes, not in column order
         // One pass: d loss / d c1 from the output gradients, then the (symmetric) mix.
 #pragma omp simd reduction(+ : sum)
@@ -395,25 +413,25 @@ void backward_row(const Plan& plan, const Relax<T>& relax, const T* grad_sorted,
       }
     }
   }
-  T* gv = s->grad_values.data();
-  for (int64_t i = 0; i < d; ++i) gv[i] = T(0);
-  for (int64_t e = 0; e < n; ++e) gv[d + e] = grad_sorted != nullptr ? grad_sorted[e] : T(0);
+  Wide* gv = s->grad_values.data();  // the values' gradients, in double as the values
+  for (int64_t i = 0; i < d; ++i) gv[i] = Wide(0);
+  for (int64_t e = 0; e < n; ++e) gv[d + e] = grad_sorted != nullptr ? Wide(grad_sorted[e]) : 0;
   for (int64_t layer = plan.n_layers - 1; layer >= 0; --layer) {
-    const T* v = s->layer_values.data() + layer * w;
+    const Wide* v = s->layer_values.data() + layer * w;
     for (int64_t c = plan.layer_offsets[layer]; c < plan.layer_offsets[layer + 1]; ++c) {
       const int64_t* comparator = plan.comparators + 5 * c;
       const int64_t a = comparator[0], b = comparator[1], sign = comparator[2];
-      const T ga = gv[a], gb = gv[b];
-      T grad_alpha = (ga - gb) * (v[a] - v[b]);
+      const Wide ga = gv[a], gb = gv[b];
+      Wide grad_alpha = (ga - gb) * (v[a] - v[b]);
       if (has_grad_y) grad_alpha = grad_alpha + s->grad_alpha[c];
-      grad_alpha = grad_alpha * T(sign);
-      const T grad_delta = grad_alpha * relax.dalpha(v[b] - v[a]);
-      const T c1 = s->c1[c], c2 = s->c2[c];
+      grad_alpha = grad_alpha * Wide(sign);
+      const Wide grad_delta = grad_alpha * relax.dalpha(v[b] - v[a]);
+      const Wide c1 = s->c1[c], c2 = s->c2[c];
       gv[a] = c1 * ga + c2 * gb - grad_delta;
       gv[b] = c2 * ga + c1 * gb + grad_delta;
     }
   }
-  for (int64_t e = 0; e < n; ++e) grad_x[e] = gv[d + e];
+  for (int64_t e = 0; e < n; ++e) grad_x[e] = T(gv[d + e]);
 }
 
 Plan make_plan(const torch::Tensor& layer_offsets, const torch::Tensor& comparators,
@@ -435,9 +453,8 @@ Plan make_plan(const torch::Tensor& layer_offsets, const torch::Tensor& comparat
               tape_offsets.data_ptr<int64_t>()};
 }
 
-template <typename T>
-Relax<T> make_relax(int64_t kind, double steepness, double art_lambda) {
-  return Relax<T>{kind, T(steepness), T(art_lambda), steepness};
+Relax make_relax(int64_t kind, double steepness, double art_lambda) {
+  return Relax{kind, steepness, art_lambda};
 }
 
 // Flush denormals to zero in this thread while a kernel runs: permutation entries far below
@@ -486,7 +503,7 @@ std::vector<torch::Tensor> sort_forward(torch::Tensor x, torch::Tensor layer_off
   auto sorted = torch::empty_like(x);
   auto perm = with_perm ? torch::empty({rows, n, n}, x.options()) : torch::empty({0}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "neco_sort_forward", [&] {
-    const auto relax = make_relax<scalar_t>(relaxation, steepness, art_lambda);
+    const auto relax = make_relax(relaxation, steepness, art_lambda);
     const scalar_t* xs = x.data_ptr<scalar_t>();
     scalar_t* out = sorted.data_ptr<scalar_t>();
     scalar_t* out_perm = with_perm ? perm.data_ptr<scalar_t>() : nullptr;
@@ -497,7 +514,7 @@ std::vector<torch::Tensor> sort_forward(torch::Tensor x, torch::Tensor layer_off
       for (int64_t r = begin; r < end; ++r) {
         scalar_t* y = with_perm ? s.y.data() : nullptr;
         run_row(plan, relax, xs + r * n, s.values.data(), y, false, &s);
-        for (int64_t e = 0; e < n; ++e) out[r * n + e] = s.values[d + e];
+        for (int64_t e = 0; e < n; ++e) out[r * n + e] = scalar_t(s.values[d + e]);
         if (with_perm) transpose_block(y + d * plan.ld, out_perm + r * n * n, n, plan.ld, true);
       }
     });
@@ -525,7 +542,7 @@ torch::Tensor sort_backward(torch::Tensor x, std::optional<torch::Tensor> grad_s
   const Plan plan = make_plan(layer_offsets, comparators, fixed, tape_offsets, n, n_wires);
   auto grad_x = torch::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "neco_sort_backward", [&] {
-    const auto relax = make_relax<scalar_t>(relaxation, steepness, art_lambda);
+    const auto relax = make_relax(relaxation, steepness, art_lambda);
     const scalar_t* xs = x.data_ptr<scalar_t>();
     const scalar_t* gs = has_sorted ? grad_sorted.data_ptr<scalar_t>() : nullptr;
     const scalar_t* gp = has_perm ? grad_perm.data_ptr<scalar_t>() : nullptr;
@@ -632,8 +649,8 @@ torch::Tensor sort_ce_forward(torch::Tensor x_student, torch::Tensor x_teacher,
   const Plan plan = make_plan(layer_offsets, comparators, fixed, tape_offsets, n, n_wires);
   auto loss = torch::empty({rows}, x_student.options());
   AT_DISPATCH_FLOATING_TYPES(x_student.scalar_type(), "neco_sort_ce_forward", [&] {
-    const auto student = make_relax<scalar_t>(relaxation, steepness_student, art_lambda);
-    const auto teacher = make_relax<scalar_t>(relaxation, steepness_teacher, art_lambda);
+    const auto student = make_relax(relaxation, steepness_student, art_lambda);
+    const auto teacher = make_relax(relaxation, steepness_teacher, art_lambda);
     const scalar_t* xs = x_student.data_ptr<scalar_t>();
     const scalar_t* xt = x_teacher.data_ptr<scalar_t>();
     scalar_t* out = loss.data_ptr<scalar_t>();
@@ -666,8 +683,8 @@ torch::Tensor sort_ce_backward(torch::Tensor x_student, torch::Tensor x_teacher,
   const Plan plan = make_plan(layer_offsets, comparators, fixed, tape_offsets, n, n_wires);
   auto grad_x = torch::empty_like(x_student);
   AT_DISPATCH_FLOATING_TYPES(x_student.scalar_type(), "neco_sort_ce_backward", [&] {
-    const auto student = make_relax<scalar_t>(relaxation, steepness_student, art_lambda);
-    const auto teacher = make_relax<scalar_t>(relaxation, steepness_teacher, art_lambda);
+    const auto student = make_relax(relaxation, steepness_student, art_lambda);
+    const auto teacher = make_relax(relaxation, steepness_teacher, art_lambda);
     const scalar_t* xs = x_student.data_ptr<scalar_t>();
     const scalar_t* xt = x_teacher.data_ptr<scalar_t>();
     const scalar_t* gl = grad_loss.data_ptr<scalar_t>();
@@ -689,7 +706,22 @@ torch::Tensor sort_ce_backward(torch::Tensor x_student, torch::Tensor x_teacher,
   return grad_x;
 }
 
+// How this module was built (setup.py defines these): neco_loss.kernels.cpp reports them and
+// refuses a build whose source or torch differs from the installed ones.
+#ifndef NECO_BUILD_FLAGS
+#define NECO_BUILD_FLAGS "unknown"
+#endif
+#ifndef NECO_TORCH_VERSION
+#define NECO_TORCH_VERSION "unknown"
+#endif
+#ifndef NECO_SOURCE_SHA256
+#define NECO_SOURCE_SHA256 "unknown"
+#endif
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.attr("BUILD_FLAGS") = NECO_BUILD_FLAGS;
+  m.attr("TORCH_VERSION") = NECO_TORCH_VERSION;
+  m.attr("SOURCE_SHA256") = NECO_SOURCE_SHA256;
   m.def("sort_forward", &sort_forward, "soft sorting network, forward (CPU)");
   m.def("sort_backward", &sort_backward, "soft sorting network, backward (CPU)");
   m.def("sort_ce_forward", &sort_ce_forward, "fused student/teacher sort + CE, forward (CPU)");
