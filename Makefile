@@ -11,7 +11,7 @@ demo: setup
 	$(PY) -m neco_loss.cli demo
 
 test: setup
-	$(PY) -m pytest -q -m "not docs"
+	$(PY) -m pytest -q -m "not docs" --durations=30
 
 # Every command of README.md and docs/*.md that runs here, verbatim (~30 min on 2 cores).
 test-docs: setup

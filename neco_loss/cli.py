@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from neco_loss.extras import install_hint
+
 # What a user can fix from the message alone: printed as one line, no traceback.
 USER_ERRORS = (ValueError, TypeError, OSError, KeyError)
 
@@ -203,9 +205,17 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as error:
         if debug:
             raise
-        from neco_loss.training.trainer import TrainingStoppedError
-
-        known = isinstance(error, (*USER_ERRORS, TrainingStoppedError))
+        missing = error.name if isinstance(error, ModuleNotFoundError) else None
+        hint = install_hint(missing) if missing else None
+        if missing and hint:
+            raise SystemExit(
+                f"error: neco {' '.join(argv[:1])} needs {missing.split('.')[0]!r}, which is not "
+                f"installed: {hint}"
+            ) from None
+        # A run stopped on purpose can only come from the trainer, hence only once imported.
+        trainer = sys.modules.get("neco_loss.training.trainer")
+        stopped = (trainer.TrainingStoppedError,) if trainer is not None else ()
+        known = isinstance(error, (*USER_ERRORS, *stopped))
         message = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
         if not known:
             message = f"{type(error).__name__}: {message} (neco --debug ... shows the traceback)"
@@ -332,7 +342,7 @@ def _run(argv: list[str]) -> None:
         "--search",
         default="torch",
         choices=["torch", "scann"],
-        help="in-context neighbour search (scann: pip install scann)",
+        help='in-context neighbour search (scann: pip install "neco-loss[scann]")',
     )
     evaluation.add_argument(
         "--output", type=Path, default=Path("outputs/eval"), help="tables and figures go here"

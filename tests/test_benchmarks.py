@@ -59,3 +59,15 @@ def test_sorting_benchmark_compares_the_backends(tmp_path):
     assert [row[3] for row in rows] == ["native", "diffsort"]
     assert abs(float(rows[1][-1].rstrip(" |"))) < 1e-4  # the same loss as native
     assert (tmp_path / "sorting.md").is_file()
+
+
+def test_kernel_builds_benchmark_times_every_build_this_cpu_runs(tmp_path):
+    from neco_loss.kernels import cpp
+
+    rows = table_rows(
+        "kernel_builds.py",
+        *["--sizes", "16", "--rows", "64", "--repeats", "1", "--output", str(tmp_path / "k.md")],
+    )
+    assert [row[2] for row in rows] == cpp.runnable_builds()
+    assert min(float(row[-1].rstrip("x |")) for row in rows) == 1.0
+    assert (tmp_path / "k.md").read_text().count("| 16 | 64 |") == len(rows)

@@ -39,6 +39,13 @@ SOURCE = Path(__file__).parent / "csrc" / "soft_sort.cpp"
 REQUIRE_KERNEL = "NECO_REQUIRE_KERNEL"  # set to 1: a kernel that cannot be loaded is an error
 # The CPU features of setup.py's AVX-512 build (-march=x86-64-v4), as /proc/cpuinfo names them.
 AVX512_FEATURES = frozenset({"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"})
+BUILDS = {
+    "avx512": "neco_loss.kernels._soft_sort_avx512",
+    "portable": "neco_loss.kernels._soft_sort",
+}
+# Set to a key of BUILDS: load that build only (benchmarks/kernel_builds.py; debugging). The
+# AVX-512 build on a CPU without AVX-512 stops the process with an illegal instruction.
+FORCE_BUILD = "NECO_KERNEL_BUILD"
 REBUILD = (
     "rebuild it with a C++ compiler: `pip install --no-build-isolation --force-reinstall "
     "--no-deps neco-loss` (in a checkout: `make setup`, or `pip install --no-build-isolation "
@@ -61,12 +68,37 @@ def _cpu_features() -> frozenset[str]:
     return frozenset()
 
 
-def candidate_modules() -> list[str]:
-    """The compiled modules this CPU can run, best first (``setup.py`` builds them)."""
-    portable = "neco_loss.kernels._soft_sort"
+def runnable_builds() -> list[str]:
+    """The builds (keys of ``BUILDS``) this CPU runs, best first, installed or not."""
     if AVX512_FEATURES <= _cpu_features():
-        return ["neco_loss.kernels._soft_sort_avx512", portable]
-    return [portable]
+        return ["avx512", "portable"]
+    return ["portable"]
+
+
+def candidate_modules() -> list[str]:
+    """The compiled modules to try loading, best first (``setup.py`` builds them).
+
+    Raises:
+        ValueError: If ``NECO_KERNEL_BUILD`` names no build.
+
+    """
+    forced = os.environ.get(FORCE_BUILD, "")
+    if forced:
+        if forced not in BUILDS:
+            raise ValueError(f"{FORCE_BUILD} must be one of {sorted(BUILDS)} but is {forced!r}.")
+        return [BUILDS[forced]]
+    return [BUILDS[build] for build in runnable_builds()]
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else the machine type."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _why_unusable(module: ModuleType) -> str | None:
@@ -125,20 +157,12 @@ def cpu_kernels() -> ModuleType | None:
 def build_info() -> str:
     """Which compiled module runs, its build flags and torch, and this CPU (for reports)."""
     kernels = cpu_kernels()
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    avx512 = "AVX-512" if AVX512_FEATURES <= _cpu_features() else "no AVX-512"
+    cpu = f"CPU: {cpu_name()} ({'AVX-512' if 'avx512' in runnable_builds() else 'no AVX-512'})"
     if kernels is None:
-        return f"no compiled kernel (PyTorch fallback); CPU: {model} ({avx512})"
+        return f"no compiled kernel (PyTorch fallback); {cpu}"
     return (
         f"{kernels.__name__} built with `{kernels.BUILD_FLAGS}` for torch "
-        f"{kernels.TORCH_VERSION}; CPU: {model} ({avx512})"
+        f"{kernels.TORCH_VERSION}; {cpu}"
     )
 
 

@@ -10,14 +10,13 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import json
 import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from neco_loss import assets
 from neco_loss.checks import check_choice
@@ -201,7 +200,7 @@ def config_keys_help() -> str:
             default = item.default_factory()
         else:
             default = item.default
-        shown = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...")
+        shown = _flow_text(default)
         flag = f"{flag_name(item.name)} {type_name(hints[item.name])}"
         rows.append(f"  {flag}  (default: {shown.strip()})")
         text = described.get(item.name, "").replace("``", "")
@@ -209,6 +208,19 @@ def config_keys_help() -> str:
             textwrap.fill(text, width=88, initial_indent=" " * 6, subsequent_indent=" " * 6)
         )
     return "\n".join(rows)
+
+
+def _flow_text(value: Any) -> str:
+    """A default as YAML flow text for ``--help``.
+
+    JSON (which YAML reads the same) when pyyaml is not installed, so that ``neco --help``
+    works with the core install alone.
+    """
+    try:
+        import yaml
+    except ModuleNotFoundError:
+        return json.dumps(value)
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...")
 
 
 def flag_name(key: str) -> str:
@@ -312,6 +324,8 @@ def build_config(
         TypeError: For values of the wrong type.
 
     """
+    import yaml  # the [train] extra; imported here so that `neco --help` needs only the core
+
     data = dict(data or {})
     overrides = list(overrides or [])
     if len(overrides) % 2:
@@ -338,6 +352,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainCo
         ValueError: If it is not a YAML mapping, or for unknown keys.
 
     """
+    import yaml
+
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist.")

@@ -26,7 +26,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import yaml
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -446,14 +445,20 @@ class Trainer:
             "rng": {"criterion": generator.get_state() if generator is not None else None},
         }
 
+    def _write_config(self) -> None:
+        """``config.yaml`` in ``output_dir`` (created): what the run is, for ``--resume``."""
+        import yaml  # the [train] extra: imported here so that `neco --help` needs the core only
+
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        (self.output_dir / "config.yaml").write_text(yaml.safe_dump(self.config.to_dict()))
+
     def save(self) -> Path:
         """Write the checkpoint, the backbone weights and the config into ``output_dir``.
 
         Process 0 writes; the others wait for it, so that every process can resume from it.
         """
         if self.rank == 0:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "config.yaml").write_text(yaml.safe_dump(self.config.to_dict()))
+            self._write_config()
             save_atomic(self.state(), self.output_dir / LAST)
             save_atomic(self.student.backbone.vit.state_dict(), self.output_dir / BACKBONE_FILE)
             backbones.save_native(self.student.backbone.vit, self.output_dir)  # transformers
@@ -543,8 +548,7 @@ class Trainer:
         end = self.total_steps if stop_at is None else min(stop_at, self.total_steps)
         main = self.rank == 0
         if main:  # before the first step: a failed run still says what it was
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "config.yaml").write_text(yaml.safe_dump(self.config.to_dict()))
+            self._write_config()
             (self.output_dir / STOP_NOTE).unlink(missing_ok=True)
             if self.step == 0:  # a fresh run lists its own skipped images
                 (self.output_dir / SKIP_LOG).unlink(missing_ok=True)
