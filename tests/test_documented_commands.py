@@ -27,6 +27,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "tests/test_benchmarks.py::test_sorting_benchmark_compares_the_backends",
     ),
     "make lint": (VERBATIM, DOCS + "test_make_lint"),
+    ".venv/bin/python benchmarks/kernel_builds.py": (
+        SMALLER,
+        "tests/test_benchmarks.py::test_kernel_builds_benchmark_times_every_build_this_cpu_runs",
+    ),
     "neco check-sorter examples.sorters.neural_sort:neural_sort --n 1..16 --max-examples 20": (
         VERBATIM,
         "tests/test_check_sorter_cli.py",
