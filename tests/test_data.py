@@ -1,8 +1,11 @@
 """SyntheticScenes, NeCoMultiCrop boxes, ImageFolder."""
 
 import math
+import struct
 import warnings
+import zlib
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -141,6 +144,41 @@ class TestImageFolder:
         assert len(folder.skipped) == 2
         assert {"broken.jpg", "truncated.png"} == {path.name for path in folder.skipped}
         assert any("truncated.png" in str(warning.message) for warning in caught)
+
+    @pytest.mark.parametrize("side", [20000, 9000], ids=["PIL-refuses", "over-MAX_PIXELS"])
+    def test_a_decompression_bomb_costs_one_image(self, tmp_path, side):
+        """A header-only PNG of side x side pixels is skipped before decoding, like a broken
+        file: 20000 px PIL refuses (DecompressionBombError, not an OSError); 9000 px (81 M)
+        is under PIL's limit but over ours."""
+
+        def chunk(kind: bytes, data: bytes) -> bytes:
+            crc = struct.pack(">I", zlib.crc32(kind + data))
+            return struct.pack(">I", len(data)) + kind + data + crc
+
+        header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+        (tmp_path / "bomb.png").write_bytes(
+            b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+        )
+        Image.new("RGB", (8, 6), color=(9, 9, 9)).save(tmp_path / "good.png")
+        folder = ImageFolder(tmp_path, skip_log=tmp_path / "skipped.txt")
+        images = [folder[i] for i in range(len(folder))]
+        assert [image.getpixel((0, 0)) for image in images] == [(9, 9, 9), (9, 9, 9)]
+        assert [path.name for path in folder.skipped] == ["bomb.png"]
+        path, reason = (tmp_path / "skipped.txt").read_text().strip().split("\t")
+        assert path == str(tmp_path / "bomb.png")
+        assert ("decompression bomb" if side == 20000 else "more than MAX_PIXELS") in reason
+
+    @pytest.mark.parametrize("mode", ["I;16", "I"])
+    def test_16_bit_images_are_scaled_not_clipped(self, tmp_path, mode):
+        ramp = np.linspace(0, 65535, 64 * 16).reshape(16, 64).astype(np.uint16)
+        image = Image.fromarray(ramp if mode == "I;16" else ramp.astype(np.int32))
+        assert image.mode == mode
+        image.save(tmp_path / "ramp.png" if mode == "I;16" else tmp_path / "ramp.tif")
+        (converted,) = [ImageFolder(tmp_path)[0]]
+        grey = np.asarray(converted)[..., 0].astype(np.float64)
+        assert converted.mode == "RGB"
+        assert (grey == 255).mean() < 0.01  # convert("RGB") made 99.5% of it 255
+        np.testing.assert_allclose(grey, ramp / 257, atol=0.5 + 1e-9)
 
     def test_errors(self, tmp_path):
         with pytest.raises(FileNotFoundError, match="does not exist"):

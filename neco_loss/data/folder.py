@@ -5,17 +5,42 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+import numpy as np
+from PIL import Image
 from torch.utils.data import Dataset
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+# Larger images are skipped before they are decoded: 8192 x 8192 (RGB: 192 MiB decoded, before
+# the crops of a step copy it). PIL's own limit (89.5 megapixels warns, 179 raises) would let
+# one such file stop a run or, below it, take memory for every worker that reads it.
+MAX_PIXELS = 8192 * 8192
+
+
+def rgb(image: Image.Image) -> Image.Image:
+    """``image`` as 8-bit RGB; 16- and 32-bit grey (``I;16``, ``I``, ``F``) scaled, not clipped.
+
+    ``Image.convert("RGB")`` clips such images at 255: a 16-bit photo turns almost white.
+    16-bit values are divided by 257 (65535 -> 255); 32-bit integer and float images, whose
+    range is not fixed, are scaled from their minimum to their maximum.
+    """
+    if image.mode.startswith("I;16"):
+        grey = np.asarray(image).astype(np.float64) / 257.0
+    elif image.mode in ("I", "F"):
+        values = np.asarray(image).astype(np.float64)
+        low, high = float(values.min()), float(values.max())
+        grey = (values - low) * (255.0 / (high - low)) if high > low else values * 0.0
+    else:
+        return image.convert("RGB")
+    return Image.fromarray(np.rint(grey).astype(np.uint8)).convert("RGB")
 
 
 class ImageFolder(Dataset):
     """All images below ``root`` (any depth), as RGB PIL images; no labels.
 
-    A file that cannot be decoded is skipped (once per file) and counted in ``skipped``; the
-    next readable image is returned in its place. Each skip is a warning, or, with
+    A file that cannot be decoded (whatever the decoder raises), or that has more than
+    ``MAX_PIXELS`` pixels (a decompression bomb, say), is skipped (once per file) and counted
+    in ``skipped``; the next readable image is returned in its place. 16-bit images are scaled
+    to 8 bits (``rgb``). Each skip is a warning, or, with
     ``skip_log``, a line ``path<TAB>error`` appended to that file (which DataLoader worker
     processes share), so that a run can report them once at its end (``skipped_files``).
 
@@ -61,9 +86,17 @@ class ImageFolder(Dataset):
             if path in self.skipped:
                 continue
             try:
-                with Image.open(path) as image:
-                    return image.convert("RGB")
-            except (OSError, UnidentifiedImageError, ValueError) as error:
+                with Image.open(path) as image:  # reads the header only
+                    width, height = image.size
+                    if width * height > MAX_PIXELS:
+                        raise ValueError(
+                            f"{width} x {height} pixels, more than MAX_PIXELS = {MAX_PIXELS} "
+                            "(neco_loss.data.folder)"
+                        )
+                    return rgb(image)
+            # One file's decoding error, whatever its type (PIL raises OSError, ValueError,
+            # SyntaxError, DecompressionBombError, struct.error, ...), costs that file only.
+            except Exception as error:
                 self.skipped.add(path)
                 if self.skip_log is None:
                     warnings.warn(f"skipping unreadable image {path}: {error}", stacklevel=2)
