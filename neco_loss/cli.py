@@ -30,7 +30,7 @@ def _backbone(checkpoint: Path, config_path: Path | None) -> Any:
     if not checkpoint.exists():
         raise SystemExit(f"error: --checkpoint {checkpoint}: no such run folder or weights file.")
     if (checkpoint / HF_FOLDER).is_dir():  # a transformers run: its save_pretrained folder
-        return DenseViT(str(checkpoint / HF_FOLDER)).eval()
+        return _finite_weights(DenseViT(str(checkpoint / HF_FOLDER)).eval(), checkpoint)
     weights = checkpoint
     if checkpoint.is_dir():  # a run's output_dir
         weights, config_path = checkpoint / "backbone.pt", config_path or checkpoint / "config.yaml"
@@ -44,9 +44,31 @@ def _backbone(checkpoint: Path, config_path: Path | None) -> Any:
             raise SystemExit(f"error: {path} does not exist (from --checkpoint {checkpoint}).")
     config = load_config(config_path)
     try:
-        return DenseViT(config.model, checkpoint=weights, **config.model_kwargs).eval()
+        model = DenseViT(config.model, checkpoint=weights, **config.model_kwargs).eval()
     except ValueError as error:  # a truncated or foreign weights file, named by the message
         raise SystemExit(f"error: {error}") from None
+    return _finite_weights(model, checkpoint)
+
+
+def _finite_weights(model: Any, checkpoint: Path) -> Any:
+    """``model`` if all its weights are finite.
+
+    Raises:
+        SystemExit: Naming the checkpoint and the count: a diverged run's scores would be
+            those of garbage features.
+
+    """
+    import torch
+
+    tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+    bad = sum(int((~torch.isfinite(tensor)).sum()) for tensor in tensors)
+    if bad:
+        total = sum(tensor.numel() for tensor in tensors)
+        raise SystemExit(
+            f"error: --checkpoint {checkpoint}: {bad} of its {total} weights are NaN or "
+            "infinite; there is nothing to score."
+        )
+    return model
 
 
 def _backbone_names(checkpoints: list[Path], names: list[str] | None) -> list[str]:

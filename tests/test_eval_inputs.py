@@ -85,3 +85,37 @@ def test_cuda_without_cuda_is_one_line(tmp_path):
         result.stderr
     )
     assert "Traceback" not in result.stderr
+
+
+def test_non_finite_weights_are_refused_not_scored(run, tmp_path):
+    """A diverged run's weights (NaN) get one line naming the checkpoint, never an mIoU."""
+    poisoned = tmp_path / "poisoned"
+    shutil.copytree(run, poisoned)
+    weights = torch.load(poisoned / "backbone.pt", weights_only=True)
+    first = next(key for key, value in weights.items() if value.is_floating_point())
+    weights[first] = torch.full_like(weights[first], float("nan"))
+    torch.save(weights, poisoned / "backbone.pt")
+    with pytest.raises(SystemExit, match=f"--checkpoint {poisoned}: .* NaN or infinite"):
+        main(["eval", "in-context", "--checkpoint", str(poisoned), *SIZES])
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_non_finite_features_are_refused_not_scored(tmp_path):
+    from neco_loss.evaluation.datasets import NUM_CLASSES
+    from neco_loss.evaluation.suite import evaluate, evaluation_splits
+
+    train_set, val_set = evaluation_splits("synthetic", None, 32, 4, 3, "train", "val")
+
+    def features(images):
+        return torch.full((len(images), 8, 4, 4), float("inf"))
+
+    with pytest.raises(ValueError, match="backbone 'inf' gives non-finite features"):
+        evaluate(
+            {"inf": features},
+            train_set,
+            val_set,
+            NUM_CLASSES["synthetic"],
+            ["in-context"],
+            tmp_path,
+            progress=False,
+        )

@@ -123,7 +123,7 @@ def evaluate(
         ``{backbone: {metric: value}}``.
 
     Raises:
-        ValueError: For an unknown protocol.
+        ValueError: For an unknown protocol, or a backbone whose features are not finite.
 
     """
     unknown = sorted(set(protocols) - set(PROTOCOLS))
@@ -135,7 +135,8 @@ def evaluate(
     masks = torch.stack([val_set[i][1] for i in range(shown)])
     results: dict[str, dict[str, float]] = {}
     pictures: dict[str, dict[str, Tensor]] = {protocol: {} for protocol in protocols}
-    for name, features in backbones.items():
+    for name, unchecked in backbones.items():
+        features = _finite(name, unchecked)
         row: dict[str, float] = {}
         if "in-context" in protocols:
             result = in_context_miou(
@@ -219,6 +220,26 @@ def evaluate(
         parameters["search"] = search
     write_results(results, output, {**(context or {}), **parameters})
     return results
+
+
+def _finite(name: str, features: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    """``features`` that raise instead of returning NaN or Inf (no score of garbage).
+
+    Raises:
+        ValueError: On the first batch whose features are not all finite, naming the backbone.
+
+    """
+
+    def checked(images: Tensor) -> Tensor:
+        maps = features(images)
+        if not torch.isfinite(maps).all():
+            raise ValueError(
+                f"backbone {name!r} gives non-finite features (NaN or Inf) on the evaluation "
+                "images; there is nothing to score."
+            )
+        return maps
+
+    return checked
 
 
 def _slug(name: str) -> str:
