@@ -18,6 +18,7 @@ names the module whose input feeds the last block's attention (for
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,10 @@ from torch import Tensor, nn
 HF_PREFIX = "hf:"  # model names that HuggingFace transformers builds
 HUB_PREFIX = "hub:"  # "hub:REPO:ENTRY", e.g. hub:facebookresearch/dinov2:dinov2_vits14_reg
 HF_FOLDER = "backbone_hf"  # save_pretrained folder of a transformers backbone in a run's output
+# "1" allows models that run code of theirs (a torch.hub repo's hubconf.py, a transformers
+# folder's Python files). `neco --trust-remote-code` sets it for one command; the CLI clears it
+# otherwise, so that no config file, run folder or shell profile can allow it.
+TRUST_REMOTE_CODE = "NECO_TRUST_REMOTE_CODE"
 
 
 @dataclass(frozen=True)
@@ -84,15 +89,19 @@ def build(name: str, pretrained: bool, **model_kwargs: Any) -> nn.Module:
 
     Raises:
         OSError: If a transformers model is neither a local folder nor reachable.
+        PermissionError: If the model would run code of its own (``hub:``, or
+            ``trust_remote_code``) and ``NECO_TRUST_REMOTE_CODE`` is not ``1``.
 
     """
+    _check_code_allowed(name, model_kwargs)
     folder = Path(name).expanduser()
     if name.startswith(HF_PREFIX) or (folder.is_dir() and (folder / "config.json").is_file()):
         from transformers import AutoModel
 
         source = name.removeprefix(HF_PREFIX)
+        options = {"attn_implementation": "sdpa", "trust_remote_code": False, **model_kwargs}
         try:
-            return AutoModel.from_pretrained(source, attn_implementation="sdpa", **model_kwargs)
+            return AutoModel.from_pretrained(source, **options)
         except OSError as error:  # not a folder, not cached, and no way to download it
             reason = str(error).strip().splitlines()[0]
             raise OSError(
@@ -103,12 +112,34 @@ def build(name: str, pretrained: bool, **model_kwargs: Any) -> nn.Module:
         import torch
 
         repo, _, entry = name.removeprefix(HUB_PREFIX).rpartition(":")
-        return torch.hub.load(repo, entry, **model_kwargs)
+        # Allowed by _check_code_allowed: trusted explicitly rather than by torch's prompt.
+        return torch.hub.load(repo, entry, trust_repo=True, **model_kwargs)
     import timm
 
     return timm.create_model(
         name, pretrained=pretrained, dynamic_img_size=True, num_classes=0, **model_kwargs
     )
+
+
+def _check_code_allowed(name: str, model_kwargs: dict[str, Any]) -> None:
+    """Refuse a model that runs code of its own unless the command line allowed it.
+
+    Raises:
+        PermissionError: Naming what would run and the flag that allows it.
+
+    """
+    if name.startswith(HUB_PREFIX):
+        repo = name.removeprefix(HUB_PREFIX).rpartition(":")[0]
+        what = f"model {name!r} runs the hubconf.py of {repo!r}"
+    elif model_kwargs.get("trust_remote_code"):
+        what = f"model_kwargs trust_remote_code runs the Python files of {name!r}"
+    else:
+        return
+    if os.environ.get(TRUST_REMOTE_CODE) != "1":
+        raise PermissionError(
+            f"{what}; no config file or run folder can allow that: pass --trust-remote-code "
+            "to this neco command (each time) if you trust it."
+        )
 
 
 def patch_size(model: Any) -> int:

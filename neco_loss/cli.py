@@ -6,10 +6,12 @@ demo, train, eval, ablate, testbed-backbone, make-images, sort-demo, check-sorte
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
+from neco_loss.backbones import TRUST_REMOTE_CODE
 from neco_loss.extras import install_hint
 
 # What a user can fix from the message alone: printed as one line, no traceback.
@@ -212,12 +214,18 @@ def _check_sorters(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``neco`` command: errors as one ``error:`` line, exit status 1.
 
-    ``--debug`` (anywhere on the line) shows the traceback instead.
+    ``--debug`` (anywhere on the line) shows the traceback instead. ``--trust-remote-code``
+    (anywhere on the line) lets the model of this command run code of its own.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     if debug:
         argv.remove("--debug")
+    # Only this command line can let a model run code of its own (neco_loss.backbones).
+    os.environ.pop(TRUST_REMOTE_CODE, None)
+    if "--trust-remote-code" in argv:
+        argv.remove("--trust-remote-code")
+        os.environ[TRUST_REMOTE_CODE] = "1"
     try:
         _run(argv)
     except SystemExit:  # SystemExit("error: ..."): Python prints it to stderr, exit status 1
@@ -242,6 +250,8 @@ def main(argv: list[str] | None = None) -> None:
         if not known:
             message = f"{type(error).__name__}: {message} (neco --debug ... shows the traceback)"
         raise SystemExit(f"error: {message}") from None
+    finally:
+        os.environ.pop(TRUST_REMOTE_CODE, None)  # the flag was for this command only
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -254,7 +264,11 @@ def _run(argv: list[str]) -> None:
 
     parser = argparse.ArgumentParser(
         prog="neco",
-        description="NeCo post-pretraining tools. Add --debug to any command for tracebacks.",
+        description=(
+            "NeCo post-pretraining tools. Add --debug to any command for tracebacks, and "
+            "--trust-remote-code to let its model run code of its own (a hub: repo's "
+            "hubconf.py, transformers' trust_remote_code): no config or run folder can."
+        ),
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
