@@ -27,6 +27,7 @@ from neco_loss.training.trainer import (
     BACKBONE_FILE,
     SKIP_LOG,
     STOP_NOTE,
+    STOP_SIGNALS,
     TrainingStoppedError,
     TrainResult,
     finished_run,
@@ -39,21 +40,21 @@ def _backend(config: TrainConfig) -> str:
 
 
 def init_process_group(backend: str, **options: Any) -> None:
-    """``torch.distributed.init_process_group`` with SIGTERM blocked in the threads it starts.
+    """``torch.distributed.init_process_group`` with the stop signals blocked in its threads.
 
-    A SIGTERM (preemption, ``kill``) that the kernel delivers to one of the process group's
-    communication threads interrupts its socket calls and aborts the process ("terminate
-    called without an active exception"). Blocked there, it reaches the main thread, where
-    the trainer turns it into a stop every process agrees on.
+    A SIGTERM (preemption, ``kill``) or SIGINT that the kernel delivers to one of the process
+    group's communication threads interrupts its socket calls and aborts the process
+    ("terminate called without an active exception"). Blocked there, it reaches the main
+    thread, where the trainer turns it into a stop every process agrees on.
     """
     if threading.current_thread() is not threading.main_thread():
         dist.init_process_group(backend, **options)
         return
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # inherited by new threads
+    signal.pthread_sigmask(signal.SIG_BLOCK, set(STOP_SIGNALS))  # inherited by new threads
     try:
         dist.init_process_group(backend, **options)
     finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, set(STOP_SIGNALS))
 
 
 def _free_port() -> int:
@@ -124,19 +125,51 @@ def launch(
             f"devices={config.devices} but this machine has {torch.cuda.device_count()} GPUs."
         )
     (config.output_dir_path / STOP_NOTE).unlink(missing_ok=True)  # a new note is this run's
+    arguments = (config.devices, _free_port(), config.to_dict(), resume, progress, overwrite)
+    context = mp.start_processes(_worker, arguments, config.devices, join=False)
+    forwarding = ForwardStopSignals(context.processes)
     try:
-        mp.spawn(
-            _worker,
-            nprocs=config.devices,
-            join=True,
-            args=(config.devices, _free_port(), config.to_dict(), resume, progress, overwrite),
-        )
+        while not context.join():
+            pass
     except ProcessException:
         note = config.output_dir_path / STOP_NOTE
         if not note.exists():  # not a stop the processes agreed on: the raw error
             raise
         text = note.read_text().strip()  # what every process said
-        if text.startswith("SIGTERM"):
+        if text.startswith(tuple(STOP_SIGNALS.values())):
             raise SystemExit(text) from None
         raise TrainingStoppedError(text) from None
+    finally:
+        forwarding.restore()
     return _result(config)
+
+
+class ForwardStopSignals:
+    """In the parent of ``--devices N``: SIGTERM or SIGINT to it is sent on to every process.
+
+    Each process then stops after the same step with one checkpoint (``StopOnSignals``), and
+    the parent reports their stop, so that signalling the parent (as a job scheduler or a
+    shell does) saves the run like signalling a process does. Installed in the main thread
+    only; a signal to the whole process group reaches the processes twice, which is harmless.
+
+    Args:
+        processes: The started processes (``multiprocessing.Process``).
+
+    """
+
+    def __init__(self, processes: list[Any]) -> None:
+        self.processes = processes
+        self.previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for number in STOP_SIGNALS:
+                self.previous[number] = signal.signal(number, self._forward)
+
+    def _forward(self, signum: int, frame: Any) -> None:
+        for process in self.processes:
+            if process.is_alive():
+                os.kill(process.pid, signal.SIGTERM)
+
+    def restore(self) -> None:
+        """Reinstall the previous handlers."""
+        for number, previous in self.previous.items():
+            signal.signal(number, previous)

@@ -519,7 +519,7 @@ class Trainer:
                 batch_size=self.config.batch_size,
                 sampler=self.sampler,
                 num_workers=self.config.num_workers,
-                worker_init_fn=unblock_sigterm,
+                worker_init_fn=unblock_stop_signals,
                 drop_last=True,
                 pin_memory=self.device.type == "cuda",
             )
@@ -529,10 +529,10 @@ class Trainer:
         """Train until ``total_steps`` (or ``stop_at``), logging metrics, writing checkpoints.
 
         With several processes, process 0 logs, shows the progress bar and writes files. Every
-        reason to stop (SIGTERM, a data error, NaN/Inf features or loss, no overlapping crop
-        pair) is agreed by all processes at the same point of a step, so that they all stop at
-        the same step, write one checkpoint (the weights after the last completed step) and exit
-        with the same message; ``stopped.txt`` in ``output_dir`` says why.
+        reason to stop (SIGTERM or SIGINT, a data error, NaN/Inf features or loss, no
+        overlapping crop pair) is agreed by all processes at the same point of a step, so that
+        they all stop at the same step, write one checkpoint (the weights after the last
+        completed step) and exit with the same message; ``stopped.txt`` in ``output_dir`` says why.
 
         Args:
             stop_at: Pause after this step (schedules still span ``total_steps``); a later
@@ -540,7 +540,7 @@ class Trainer:
 
         Raises:
             TrainingStoppedError: When a process hit a data error or NaN/Inf values.
-            SystemExit: After SIGTERM, once the checkpoint is written.
+            SystemExit: After SIGTERM or SIGINT, once the checkpoint is written.
 
         """
         from tqdm.auto import tqdm
@@ -563,19 +563,19 @@ class Trainer:
         )
         last_loss = math.nan
         batches = self._batches()
-        stop = StopOnSigterm()
-        signalled = False
+        stop = StopOnSignals()
+        signalled: str | None = None  # the signal names every process agreed to stop on
         try:
             while self.step < end:
                 batch, data_error = _next_batch(batches)
-                signal_reason = "SIGTERM" if stop.requested else None
-                agreed = self._agreed_reasons({"signal": signal_reason, "data": data_error})
+                agreed = self._agreed_reasons({"signal": stop.requested, "data": data_error})
                 if "data" in agreed:
                     raise TrainingStoppedError(
                         f"step {self.step + 1}: " + "; ".join(agreed["data"])
                     )
-                if agreed:  # SIGTERM on some process: every process stops here
-                    signalled = True
+                if agreed:  # a signal to some process: every process stops here
+                    names = {reason.rsplit(": ", 1)[-1] for reason in agreed["signal"]}
+                    signalled = "/".join(sorted(names))
                     break
                 assert batch is not None
                 views, boxes = batch
@@ -607,7 +607,8 @@ class Trainer:
             stop.restore()
             if log is not None:
                 log.close()
-        message = f"SIGTERM: stopped after step {self.step}; checkpoint {self.output_dir / LAST}"
+        checkpoint_path = self.output_dir / LAST
+        message = f"{signalled}: stopped after step {self.step}; checkpoint {checkpoint_path}"
         if signalled:  # the note before save()'s barrier, as above
             self._note(message + "; continue with --resume.")
         checkpoint = self.save()
@@ -642,65 +643,80 @@ class TrainingStoppedError(RuntimeError):
     """A process could not go on (data error, NaN/Inf); every process raises it at one step."""
 
 
-class StopOnSigterm:
-    """Turns SIGTERM (cluster preemption, ``kill``) into a request to stop after this step.
+STOP_SIGNALS = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT"}
+"""Signals that stop a run after its step, with a checkpoint: preemption and ``kill`` (SIGTERM),
+Ctrl-C and torch's parent-death signal to the processes of ``--devices N`` (SIGINT)."""
 
-    The loop then saves a checkpoint and exits; ``--resume`` continues exactly. Only installed
-    in the main thread (signal handlers cannot be set elsewhere).
+
+class StopOnSignals:
+    """Turns SIGTERM and SIGINT into a request to stop after this step.
+
+    The loop then saves a checkpoint and exits; ``--resume`` continues exactly (more signals
+    while it does so change nothing: SIGKILL ends a run at once, without a checkpoint). Only
+    installed in the main thread (signal handlers cannot be set elsewhere); installing replaces
+    an inherited "ignore" (a background job's SIGINT), so that the processes of ``--devices N``
+    take torch's parent-death SIGINT and never outlive the parent that started them.
 
     The kernel delivers a process-directed signal to any thread that does not block it, and a
-    SIGTERM delivered to one of gloo's communication threads interrupts its socket calls and
+    signal delivered to one of gloo's communication threads interrupts its socket calls and
     aborts the process ("terminate called without an active exception"). So, while installed,
-    SIGTERM is blocked in the main thread, and in every thread started from then on (threads
-    inherit the mask), and one thread takes it with ``sigtimedwait``: no communication thread
-    started during training can receive it (those of ``init_process_group`` block it too, see
-    ``neco_loss.training.distributed``). Threads started earlier that leave it unblocked get
-    the Python handler, which makes the same request.
+    both signals are blocked in the main thread, and in every thread started from then on
+    (threads inherit the mask), and one thread takes them with ``sigtimedwait``: no
+    communication thread started during training can receive them (those of
+    ``init_process_group`` block them too, see ``neco_loss.training.distributed``). Threads
+    started earlier that leave them unblocked get the Python handler, which makes the same
+    request.
+
+    Attributes:
+        requested: The name of the first signal received (``"SIGTERM"``), else ``None``.
+
     """
 
     WAIT_S = 0.2  # how often the waiting thread checks whether it should end
 
     def __init__(self) -> None:
-        self.requested = False
-        self.previous: Any = None
+        self.requested: str | None = None
+        self.previous: dict[int, Any] = {}
         self._mask: set[int | signal.Signals] | None = None
         self._done = threading.Event()
         self._waiter: threading.Thread | None = None
         if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGTERM, self._request)
-            self._mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-            self._waiter = threading.Thread(target=self._wait, name="neco-sigterm", daemon=True)
+            for number in STOP_SIGNALS:
+                self.previous[number] = signal.signal(number, self._request)
+            self._mask = signal.pthread_sigmask(signal.SIG_BLOCK, set(STOP_SIGNALS))
+            self._waiter = threading.Thread(target=self._wait, name="neco-signals", daemon=True)
             self._waiter.start()  # after the block: it inherits it, as sigtimedwait needs
 
     def _request(self, signum: int, frame: Any) -> None:
-        self.requested = True
+        self.requested = self.requested or STOP_SIGNALS[signal.Signals(signum)]
 
     def _wait(self) -> None:
         while not self._done.is_set():
-            if signal.sigtimedwait({signal.SIGTERM}, self.WAIT_S) is not None:
-                self.requested = True
+            info = signal.sigtimedwait(set(STOP_SIGNALS), self.WAIT_S)
+            if info is not None:
+                self._request(info.si_signo, None)
 
     def restore(self) -> None:
-        """Stop waiting, unblock SIGTERM and reinstall the previous handler.
+        """Stop waiting, unblock the signals and reinstall the previous handlers.
 
-        A SIGTERM still pending is delivered on unblocking, to this object's handler.
+        A signal still pending is delivered on unblocking, to this object's handler.
         """
         if self._waiter is not None:
             self._done.set()
             self._waiter.join()
         if self._mask is not None:
             signal.pthread_sigmask(signal.SIG_SETMASK, self._mask)
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)
+        for number, previous in self.previous.items():
+            signal.signal(number, previous)
 
 
-def unblock_sigterm(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: SIGTERM unblocked in a worker.
+def unblock_stop_signals(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: SIGTERM and SIGINT unblocked in a worker.
 
-    Workers forked during training inherit ``StopOnSigterm``'s blocked SIGTERM; unblocked,
+    Workers forked during training inherit ``StopOnSignals``'s blocked signals; unblocked,
     ``kill`` still ends them.
     """
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, set(STOP_SIGNALS))
 
 
 class MetricsLog:
@@ -798,12 +814,20 @@ def finished_run(config: TrainConfig, resume: bool, overwrite: bool) -> TrainRes
         this config (nothing is to be written then); else ``None``.
 
     Raises:
-        FileExistsError: If ``output_dir`` holds a checkpoint and neither ``resume`` nor
+        FileExistsError: If ``output_dir`` holds a checkpoint, or metrics without one (a run
+            in progress, or stopped before its first checkpoint), and neither ``resume`` nor
             ``overwrite`` is set: a new run would overwrite it.
 
     """
     output = config.output_dir_path
     checkpoint = output / LAST
+    metrics = output / "metrics.csv"
+    if metrics.exists() and not checkpoint.exists() and not overwrite:
+        raise FileExistsError(
+            f"{output} holds a run without a checkpoint ({metrics.name} but no {LAST}): one in "
+            "progress, or one stopped before its first checkpoint. Pass --overwrite to start "
+            "afresh there, or choose another --output-dir."
+        )
     if checkpoint.exists() and not (resume or overwrite):
         try:
             step = str(load_checkpoint(checkpoint)["step"])
