@@ -48,7 +48,7 @@ def test_fault_sigterm_on_one_process(tmp_path):
     assert stopped[0]["message"] == stopped[1]["message"]
     assert stopped[0]["message"].startswith(f"SIGTERM: stopped after step {FAULT_STEP}")
     assert load_checkpoint(tmp_path / "run" / LAST)["step"] == FAULT_STEP
-    assert list((tmp_path / "run").glob("*.pt.tmp")) == []
+    assert list((tmp_path / "run").glob("*.tmp")) == []
 
     resumed = run("resume", tmp_path / "run", tmp_path / "r2")
     assert [r["step"] for r in resumed] == [STEPS, STEPS]

@@ -1,25 +1,71 @@
-"""Atomic, code-free checkpoints of a training run."""
+"""Atomic, code-free checkpoints of a training run, and the lock of its folder."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
 LAST = "checkpoint_last.pt"
+LOCK = ".neco-train.lock"  # in output_dir, held while a run writes there (run_lock)
 
 
 def save_atomic(state: dict[str, Any], path: Path) -> None:
     """Write ``state`` to ``path`` through a temporary file and a rename.
 
-    A crash mid-write leaves the previous file intact.
+    The temporary file has a name of its own (``mkstemp``: created exclusively, so a file or
+    link planted at a predictable name is neither followed nor overwritten). A crash mid-write
+    leaves the previous file intact; a failed write removes the partial file.
+
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    torch.save(state, temporary)
-    os.replace(temporary, path)
+    handle, name = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    temporary = Path(name)
+    try:
+        os.fchmod(handle, 0o644)  # mkstemp makes it private; a checkpoint is as any file
+        with os.fdopen(handle, "wb") as file:
+            torch.save(state, file)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def run_lock(output_dir: Path) -> Iterator[None]:
+    """Hold ``output_dir``'s lock while a run writes there; released on any exit.
+
+    An exclusive ``flock`` on ``output_dir/.neco-train.lock`` (the kernel drops it when the
+    process ends, however it ends, so a killed run never leaves the folder locked).
+
+    Raises:
+        FileExistsError: At once, if another process holds it (its pid, from the file, named).
+
+    """
+    import fcntl  # POSIX; imported here so that the rest of the trainer imports anywhere
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path = output_dir / LOCK
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(descriptor, 32).decode(errors="replace").strip() or "unknown"
+            raise FileExistsError(
+                f"{output_dir} is in use by another neco train (process {holder}): wait for "
+                "it to end, or choose another --output-dir."
+            ) from None
+        os.ftruncate(descriptor, 0)
+        os.write(descriptor, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        os.close(descriptor)  # releases the lock
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

@@ -8,6 +8,7 @@ Every process trains on its slice of each global batch, the student is wrapped i
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import signal
@@ -21,7 +22,7 @@ import torch.multiprocessing as mp
 from torch.multiprocessing.spawn import ProcessException
 
 from neco_loss.data.folder import skipped_files
-from neco_loss.training.checkpoint import LAST, load_checkpoint
+from neco_loss.training.checkpoint import LAST, load_checkpoint, run_lock
 from neco_loss.training.config import TrainConfig
 from neco_loss.training.trainer import (
     BACKBONE_FILE,
@@ -99,24 +100,35 @@ def launch(
 ) -> TrainResult:
     """Train on ``config.devices`` processes (or as one process of a ``torchrun`` job).
 
-    Arguments as ``neco_loss.training.train``.
+    Arguments as ``neco_loss.training.train``. The run holds ``output_dir``'s lock
+    (``run_lock``) while it runs: the process that started it here, or process 0 of a
+    ``torchrun`` job.
 
     Returns:
         The run's outputs (from process 0's files when several processes ran here).
 
     Raises:
         ValueError: If more CUDA devices are asked for than this machine has.
-        FileExistsError: As ``train``, before any process starts.
+        FileExistsError: As ``train``, before any process starts; also when another run
+            writes to ``output_dir``.
 
     """
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        init_process_group(_backend(config), init_method="env://")  # torchrun
-        try:
+    torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
+    first = not torchrun or os.environ.get("RANK", "0") == "0"
+    with run_lock(config.output_dir_path) if first else contextlib.nullcontext():
+        if torchrun:
+            init_process_group(_backend(config), init_method="env://")
+            try:
+                return train(config, resume=resume, progress=progress, overwrite=overwrite)
+            finally:
+                dist.destroy_process_group()
+        if config.devices == 1:
             return train(config, resume=resume, progress=progress, overwrite=overwrite)
-        finally:
-            dist.destroy_process_group()
-    if config.devices == 1:
-        return train(config, resume=resume, progress=progress, overwrite=overwrite)
+        return _spawn(config, resume, progress, overwrite)
+
+
+def _spawn(config: TrainConfig, resume: bool, progress: bool, overwrite: bool) -> TrainResult:
+    """Start ``config.devices`` processes here, forward stop signals to them, report."""
     finished = finished_run(config, resume, overwrite)
     if finished is not None:
         return finished

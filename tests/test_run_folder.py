@@ -1,0 +1,81 @@
+"""One run per output folder, and checkpoint writes that cannot be redirected or left half."""
+
+import os
+import pickle
+import signal
+import threading
+
+import pytest
+import torch
+
+from neco_loss.training.checkpoint import LAST, LOCK, run_lock, save_atomic
+from tests.test_stop_signals import TIMEOUT, neco_train, wait_for_steps, write_config
+
+
+@pytest.mark.slow
+def test_a_second_run_into_a_folder_in_use_fails_at_once(tmp_path):
+    config, output = write_config(tmp_path, "run", 1)
+    first = neco_train(config, "--max-steps", "2000")
+    try:
+        wait_for_steps(output, first)
+        for flags in ([], ["--overwrite"], ["--resume"]):
+            second = neco_train(config, *flags)
+            assert second.wait(TIMEOUT) == 1
+            error = second.stderr.read().strip()
+            assert error == (
+                f"error: {output} is in use by another neco train (process {first.pid}): wait "
+                "for it to end, or choose another --output-dir."
+            )
+        assert first.poll() is None  # untouched, still training
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(TIMEOUT)
+    after = neco_train(config, "--overwrite", "--max-steps", "1")  # the kernel freed the lock
+    assert after.wait(TIMEOUT) == 0, after.stderr.read()
+
+
+def test_the_lock_is_released_on_any_exit(tmp_path):
+    with pytest.raises(RuntimeError, match="inside"), run_lock(tmp_path):
+        with pytest.raises(FileExistsError, match=f"process {os.getpid()}"):
+            with run_lock(tmp_path):
+                pass
+        raise RuntimeError("inside")
+    with run_lock(tmp_path):  # free again
+        assert (tmp_path / LOCK).read_text() == f"{os.getpid()}\n"
+
+
+def test_a_link_planted_at_the_old_temporary_name_is_not_followed(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (tmp_path / f"{LAST}.tmp").symlink_to(victim)  # the name the checkpoint used to take
+    save_atomic({"step": 1}, tmp_path / LAST)
+    assert victim.read_text() == "precious"
+    assert torch.load(tmp_path / LAST, weights_only=True) == {"step": 1}
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(
+        [LAST, f"{LAST}.tmp", "victim.txt"]
+    )
+    assert (tmp_path / LAST).stat().st_mode & 0o777 == 0o644
+
+
+def test_concurrent_and_failed_writes(tmp_path):
+    path = tmp_path / LAST
+    errors: list[BaseException] = []
+
+    def write(value: int) -> None:
+        try:
+            for _ in range(20):
+                save_atomic({"step": value}, path)
+        except BaseException as error:  # collected: the test fails on any
+            errors.append(error)
+
+    threads = [threading.Thread(target=write, args=(value,)) for value in (1, 2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert torch.load(path, weights_only=True)["step"] in (1, 2)
+    with pytest.raises((pickle.PicklingError, AttributeError)):  # a lambda: fails half-way
+        save_atomic({"step": 3, "bad": lambda: None}, path)
+    assert torch.load(path, weights_only=True)["step"] in (1, 2)  # the previous file is kept
+    assert [p.name for p in tmp_path.iterdir()] == [LAST]  # no partial file left
