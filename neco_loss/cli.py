@@ -52,6 +52,30 @@ def _backbone(checkpoint: Path, config_path: Path | None) -> Any:
     return _finite_weights(model, checkpoint)
 
 
+def _trained_step(checkpoint: Path) -> int | None:
+    """The step a run folder's weights are from (``None`` for a weights file).
+
+    Warns in one line when the run is unfinished (a ``stopped.txt``, or fewer steps than its
+    schedule): its scores are those of a partly trained backbone.
+    """
+    from neco_loss.training.checkpoint import LAST, load_checkpoint
+    from neco_loss.training.trainer import STOP_NOTE
+
+    if not (checkpoint / LAST).is_file():
+        return None
+    state = load_checkpoint(checkpoint / LAST)
+    step, total = int(state["step"]), int(state.get("total_steps", state["step"]))
+    note = checkpoint / STOP_NOTE
+    if note.is_file() or step < total:
+        why = f": {note.read_text().strip().splitlines()[0]}" if note.is_file() else ""
+        print(
+            f"warning: --checkpoint {checkpoint} is an unfinished run, step {step} of {total}"
+            f"{why}; scoring it as it is.",
+            file=sys.stderr,
+        )
+    return step
+
+
 def _finite_weights(model: Any, checkpoint: Path) -> Any:
     """``model`` if all its weights are finite.
 
@@ -134,6 +158,9 @@ def _evaluate(args: argparse.Namespace) -> None:
         "splits": f"{args.train_split} / {args.val_split}",
         "image_size": size,
         "checkpoints": {name: str(path) for name, path in zip(names, args.checkpoint, strict=True)},
+        "steps": {
+            name: _trained_step(path) for name, path in zip(names, args.checkpoint, strict=True)
+        },
     }
     evaluate(
         features,

@@ -1,6 +1,7 @@
 """``neco eval`` and ``neco train`` inputs: missing or corrupt files named, one name per
 backbone, a CUDA request without CUDA answered in one line."""
 
+import json
 import shutil
 import subprocess
 import sys
@@ -119,3 +120,17 @@ def test_non_finite_features_are_refused_not_scored(tmp_path):
             tmp_path,
             progress=False,
         )
+
+
+def test_eval_says_which_step_it_scored_and_warns_on_unfinished_runs(run, tmp_path, capsys):
+    output = tmp_path / "eval"
+    main(["eval", "in-context", "--checkpoint", str(run), "--output", str(output), *SIZES])
+    assert "warning:" not in capsys.readouterr().err  # a finished run
+    context = json.loads((output / "results.json").read_text())["context"]
+    assert context["steps"] == {"out": 1}
+    (run / "stopped.txt").write_text("SIGINT: stopped after step 1; checkpoint ...\n")
+    main(["eval", "in-context", "--checkpoint", str(run), "--output", str(output), *SIZES])
+    assert capsys.readouterr().err.splitlines()[0] == (
+        f"warning: --checkpoint {run} is an unfinished run, step 1 of 1: SIGINT: stopped after "
+        "step 1; checkpoint ...; scoring it as it is."
+    )
