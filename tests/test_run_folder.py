@@ -18,8 +18,8 @@ def test_a_second_run_into_a_folder_in_use_fails_at_once(tmp_path):
     first = neco_train(config, "--max-steps", "2000")
     try:
         wait_for_steps(output, first)
-        for flags in ([], ["--overwrite"], ["--resume"]):
-            second = neco_train(config, *flags)
+        seconds = [neco_train(config, *flags) for flags in ([], ["--overwrite"], ["--resume"])]
+        for second in seconds:  # started together: the suite waits for one start-up, not three
             assert second.wait(TIMEOUT) == 1
             error = second.stderr.read().strip()
             assert error == (
