@@ -41,10 +41,12 @@ def run_lock(output_dir: Path) -> Iterator[None]:
     """Hold ``output_dir``'s lock while a run writes there; released on any exit.
 
     An exclusive ``flock`` on ``output_dir/.neco-train.lock`` (the kernel drops it when the
-    process ends, however it ends, so a killed run never leaves the folder locked).
+    process ends, however it ends, so a killed run never leaves the folder locked). The file is
+    created once and never written: a refused run touches nothing in the folder.
 
     Raises:
-        FileExistsError: At once, if another process holds it (its pid, from the file, named).
+        FileExistsError: At once, if another process holds it (its pid named, from
+            ``/proc/locks``, where there is one).
 
     """
     import fcntl  # POSIX; imported here so that the rest of the trainer imports anywhere
@@ -56,16 +58,27 @@ def run_lock(output_dir: Path) -> Iterator[None]:
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.read(descriptor, 32).decode(errors="replace").strip() or "unknown"
             raise FileExistsError(
-                f"{output_dir} is in use by another neco train (process {holder}): wait for "
-                "it to end, or choose another --output-dir."
+                f"{output_dir} is in use by another neco train (process "
+                f"{_lock_holder(os.fstat(descriptor).st_ino)}): wait for it to end, or choose "
+                "another --output-dir."
             ) from None
-        os.ftruncate(descriptor, 0)
-        os.write(descriptor, f"{os.getpid()}\n".encode())
         yield
     finally:
         os.close(descriptor)  # releases the lock
+
+
+def _lock_holder(inode: int) -> str:
+    """The pid holding a ``flock`` on the file with this inode (Linux), else ``unknown``."""
+    try:
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return "unknown"
+    for line in lines:  # "1: FLOCK  ADVISORY  WRITE 1234 fd:01:5678 0 EOF"
+        fields = line.split()
+        if len(fields) > 5 and fields[1] == "FLOCK" and fields[5].endswith(f":{inode}"):
+            return fields[4]
+    return "unknown"
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
