@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import shutil
 import signal
 import subprocess
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -153,6 +155,44 @@ def test_lightly_examples(command):
 
 def test_make_lint():
     shell("make lint", ROOT)
+
+
+def test_a_wheel_carries_the_compiled_kernel(tmp_path):
+    """The README's wheel command compiles the kernel into the wheel; installed elsewhere, it
+    loads from there with no compiler and no checkout on the path."""
+    wheels = ROOT / "outputs" / "wheels"
+    shutil.rmtree(wheels, ignore_errors=True)
+    shell("pip wheel --no-build-isolation --no-deps -w outputs/wheels .", ROOT)
+    (wheel,) = wheels.glob("neco_loss-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    modules = ["_soft_sort", "_soft_sort_avx512"] if x86 else ["_soft_sort"]
+    assert sorted(n.split("/")[-1].split(".")[0] for n in names if n.endswith(".so")) == modules
+    assert "neco_loss/kernels/csrc/soft_sort.cpp" in names
+    site = tmp_path / "site"
+    python = str(ROOT / ".venv" / "bin" / "python")
+    subprocess.run(
+        [python, "-m", "pip", "install", "--no-deps", "--target", str(site), str(wheel)],
+        check=True,
+        capture_output=True,
+    )
+    check = (
+        "from neco_loss.kernels.cpp import cpu_kernels; import torch; "
+        "from neco_loss import soft_permutation; soft_permutation(torch.randn(2, 9)); "
+        "print(cpu_kernels().__file__)"
+    )
+    environment = {
+        **os.environ,
+        "PYTHONPATH": str(site),
+        "CXX": "/nonexistent/g++",
+        "NECO_REQUIRE_KERNEL": "1",
+    }
+    loaded = subprocess.run(
+        [python, "-c", check], cwd=tmp_path, env=environment, capture_output=True, text=True
+    )
+    assert loaded.returncode == 0, loaded.stderr[-2000:]
+    assert Path(loaded.stdout.strip()).is_relative_to(site)
 
 
 def test_dataset_figure():

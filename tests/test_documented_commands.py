@@ -27,6 +27,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "tests/test_benchmarks.py::test_sorting_benchmark_compares_the_backends",
     ),
     "make lint": (VERBATIM, DOCS + "test_make_lint"),
+    "pip wheel --no-build-isolation --no-deps -w outputs/wheels .": (
+        VERBATIM,
+        DOCS + "test_a_wheel_carries_the_compiled_kernel",
+    ),
     ".venv/bin/python benchmarks/kernel_builds.py": (
         SMALLER,
         "tests/test_benchmarks.py::test_kernel_builds_benchmark_times_every_build_this_cpu_runs",
