@@ -62,7 +62,7 @@ def wait_for_steps(output: Path, process: subprocess.Popen, steps: int = 2) -> N
     while logged_steps(output) < steps:
         assert process.poll() is None, process.stderr.read() if process.stderr else ""
         assert time.monotonic() < deadline, "the run did not start"
-        time.sleep(0.05)
+        time.sleep(0.01)
 
 
 def alive(pid: int) -> bool:
