@@ -57,15 +57,20 @@ class KernelBuildError(RuntimeError):
     """No usable compiled kernel (raised when ``NECO_REQUIRE_KERNEL=1``)."""
 
 
-def _cpu_features() -> frozenset[str]:
-    """The CPU's instruction-set flags from ``/proc/cpuinfo`` (empty where there is none)."""
+def _cpuinfo(*keys: str) -> str | None:
+    """The value of the first ``/proc/cpuinfo`` line starting with one of ``keys``, if any."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return frozenset(line.split(":", 1)[1].split())
+            if line.startswith(keys):
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return frozenset()
+    return None
+
+
+def _cpu_features() -> frozenset[str]:
+    """The CPU's instruction-set flags (empty where ``/proc/cpuinfo`` has none)."""
+    return frozenset((_cpuinfo("flags", "Features") or "").split())
 
 
 def runnable_builds() -> list[str]:
@@ -92,13 +97,7 @@ def candidate_modules() -> list[str]:
 
 def cpu_name() -> str:
     """The CPU's model name (``/proc/cpuinfo``), else the machine type."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def _why_unusable(module: ModuleType) -> str | None:
