@@ -63,7 +63,7 @@ def _trained_step(checkpoint: Path) -> int | None:
 
     if not (checkpoint / LAST).is_file():
         return None
-    state = load_checkpoint(checkpoint / LAST)
+    state = load_checkpoint(checkpoint / LAST, mmap=True)  # the step only: nothing else read
     step, total = int(state["step"]), int(state.get("total_steps", state["step"]))
     note = checkpoint / STOP_NOTE
     if note.is_file() or step < total:

@@ -81,8 +81,13 @@ def _lock_holder(inode: int) -> str:
     return "unknown"
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
+def load_checkpoint(path: Path, mmap: bool = False) -> dict[str, Any]:
     """Load a checkpoint with ``weights_only=True`` (no code runs from the file).
+
+    Args:
+        path: The checkpoint file.
+        mmap: Map the tensors instead of reading them (for a look at the step: a real run's
+            checkpoint holds gigabytes of weights and optimizer state).
 
     Raises:
         FileNotFoundError: If there is no checkpoint.
@@ -92,7 +97,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path} to resume from.")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as error:  # torch raises many types for a damaged or foreign file
         raise ValueError(f"checkpoint {path} cannot be read ({error}).") from error
     required = {"step", "student", "teacher", "optimizer", "criterion", "config", "rng"}
