@@ -18,11 +18,10 @@ from __future__ import annotations
 import copy
 import json
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
-import yaml
 
 from neco_loss.evaluation.datasets import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES
 from neco_loss.evaluation.suite import evaluate, evaluation_splits, run_context
@@ -30,6 +29,7 @@ from neco_loss.models import DenseViT
 from neco_loss.statistics import CONFIDENCE, MeanInterval, mean_interval, paired_change
 from neco_loss.training import TrainConfig, build_config
 from neco_loss.training.checkpoint import LAST
+from neco_loss.training.config import read_yaml
 from neco_loss.training.distributed import launch
 
 EVALUATION_DEFAULTS: dict[str, Any] = {
@@ -123,7 +123,7 @@ def load_ablation(path: Path) -> Ablation:
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"ablation file {path} does not exist.")
-    spec = yaml.safe_load(path.read_text()) or {}
+    spec = read_yaml(path.read_text(), f"ablation file {path}") or {}
     unknown = sorted(set(spec) - set(ABLATION_KEYS))
     if unknown or "base" not in spec or not spec.get("variants"):
         raise ValueError(
@@ -135,7 +135,7 @@ def load_ablation(path: Path) -> Ablation:
         base_path = (path.parent / base).expanduser()
         if not base_path.is_file():
             raise FileNotFoundError(f"base config {base_path} of {path} does not exist.")
-        base = yaml.safe_load(base_path.read_text()) or {}
+        base = read_yaml(base_path.read_text(), f"base config {base_path}") or {}
     evaluation = merge(EVALUATION_DEFAULTS, spec.get("evaluation") or {})
     unknown = sorted(set(evaluation) - set(EVALUATION_DEFAULTS))
     if unknown:
@@ -145,7 +145,9 @@ def load_ablation(path: Path) -> Ablation:
         raise ValueError(
             f"'evaluation.split' of {path} must be 'val' or 'test' but is {evaluation['split']!r}."
         )
-    variants = {name: changes or {} for name, changes in spec["variants"].items()}
+    variants = {
+        _variant_name(name, path): changes or {} for name, changes in spec["variants"].items()
+    }
     ablation = Ablation(base, variants, evaluation)
     if "seeds" in spec:
         ablation.seeds = _check_seeds(spec["seeds"], f"'seeds' of {path}")
@@ -163,6 +165,24 @@ def load_ablation(path: Path) -> Ablation:
             )
         ablation.reference = spec["reference"]
     return ablation
+
+
+def _variant_name(name: Any, path: Path) -> str:
+    """A variant's name if it stays inside the output folder (it names ``OUTPUT/<name>``).
+
+    ``100/1000`` (a sub-folder) is fine; an absolute path, ``..`` or an empty name are not.
+
+    Raises:
+        ValueError: Naming the variant and the file.
+
+    """
+    parts = PurePosixPath(str(name)).parts
+    if not isinstance(name, str) or not parts or parts[0] == "/" or ".." in parts:
+        raise ValueError(
+            f"variant name {name!r} of {path} must be a relative name without '..': each "
+            "variant trains into OUTPUT/<name>, inside the ablation's output folder."
+        )
+    return name
 
 
 def _run_configs(

@@ -8,6 +8,8 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor
 
+MISMATCHES_SHOWN = 3  # error_cause: the first of torch's "size mismatch for ..." lines
+
 
 def check_choice(value: str, name: str, choices: Iterable[str]) -> str:
     """Return ``value`` if it is one of ``choices``.
@@ -89,3 +91,26 @@ def all_finite(tensors: Iterable[Tensor]) -> bool:
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Dtype to compute in: float32 for half types (too coarse for Q), else ``dtype``."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def error_cause(error: BaseException) -> str:
+    """An exception's message as one line that keeps its cause, for ``error:`` lines.
+
+    torch's ``weights_only`` load errors put their cause on a later line, after advice that
+    does not apply to a tool that loads tensors only: the advice is dropped, the cause kept.
+    Other messages keep every line, joined; of a long list of size mismatches, the first few.
+    """
+    text = str(error).replace("\x1b[1m", "").replace("\x1b[0m", "")  # torch's bold
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if lines and lines[0].startswith("Weights only load failed"):
+        advice = ("(1)", "(2)", "Check the documentation")
+        cause = [line.removeprefix("WeightsUnpickler error:").strip() for line in lines[1:]]
+        cause = [line for line in cause if not line.startswith(advice)]
+        objects = "it holds objects other than tensors, which no weights file needs"
+        return f"Weights only load failed: {objects}: {' '.join(cause)}"
+    mismatches = [line for line in lines if line.startswith("size mismatch for")]
+    if len(mismatches) > MISMATCHES_SHOWN:  # torch lists every tensor of a wrong-sized model
+        more = len(mismatches) - MISMATCHES_SHOWN
+        lines = [line for line in lines if line not in mismatches[MISMATCHES_SHOWN:]]
+        lines.append(f"(and {more} more size mismatches)")
+    return " ".join(lines) or type(error).__name__

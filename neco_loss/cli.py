@@ -6,13 +6,16 @@ demo, train, eval, ablate, testbed-backbone, make-images, sort-demo, check-sorte
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
 from neco_loss.backbones import TRUST_REMOTE_CODE
 from neco_loss.extras import install_hint
+from neco_loss.progress import plural, silence_library_bars
 
 # What a user can fix from the message alone: printed as one line, no traceback.
 USER_ERRORS = (ValueError, TypeError, OSError, KeyError)
@@ -253,6 +256,10 @@ def main(argv: list[str] | None = None) -> None:
     if "--trust-remote-code" in argv:
         argv.remove("--trust-remote-code")
         os.environ[TRUST_REMOTE_CODE] = "1"
+    if "--quiet" in argv:
+        silence_library_bars()
+    show_warning = warnings.showwarning
+    warnings.showwarning = _warning_line
     try:
         _run(argv)
     except SystemExit:  # SystemExit("error: ..."): Python prints it to stderr, exit status 1
@@ -279,6 +286,37 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: {message}") from None
     finally:
         os.environ.pop(TRUST_REMOTE_CODE, None)  # the flag was for this command only
+        warnings.showwarning = show_warning
+
+
+def _warning_line(
+    message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any
+) -> None:
+    """Show a warning as one ``warning:`` line on stderr, as errors are one ``error:`` line."""
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def _check_option_typos(extra: list[str], parser: argparse.ArgumentParser) -> None:
+    """Refuse an unknown option that is a typo of one of the command's own options.
+
+    ``train`` and ``ablate`` pass unknown ``--key value`` pairs on as config overrides; a typo
+    of a config key is named by the config (``unknown config key``), a typo of ``--resume``
+    would only be "overrides must come in pairs".
+
+    Raises:
+        ValueError: ``unknown option --resum (did you mean '--resume'?)``.
+
+    """
+    from neco_loss.training.config import TrainConfig, did_you_mean, flag_name
+
+    keys = {flag_name(item.name) for item in dataclasses.fields(TrainConfig)}
+    options = [flag for flag in parser._option_string_actions if flag.startswith("--")]
+    for token in extra:
+        head = token.split("=")[0].split(".")[0]
+        if token.startswith("--") and head not in keys:
+            suggestion = did_you_mean(token.split("=")[0], options)
+            if suggestion:
+                raise ValueError(f"unknown option {token}{suggestion}")
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -498,6 +536,7 @@ def _run(argv: list[str]) -> None:
     args, extra = parser.parse_known_args(argv)
     if extra and args.command not in ("train", "ablate"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    _check_option_typos(extra, commands.choices[args.command])
     if args.command == "demo":
         from neco_loss.demo import run_demo
 
@@ -520,7 +559,7 @@ def _run(argv: list[str]) -> None:
             print(f"already finished at step {result.steps}; nothing to do ({result.output_dir})")
         else:
             print(
-                f"trained {result.steps} steps, last loss {result.last_loss:.4f}; "
+                f"trained {plural(result.steps, 'step')}, last loss {result.last_loss:.4f}; "
                 f"checkpoint {result.checkpoint}, backbone weights {result.backbone}"
             )
             if result.skipped:

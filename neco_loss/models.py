@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from neco_loss import assets, backbones
+from neco_loss.checks import error_cause
 from neco_loss.schedules import cosine
 
 DINOV2_REGISTERS = "vit_small_patch14_reg4_dinov2"  # reference configs: dinov2-reg ViT-S/14
@@ -51,8 +52,7 @@ def load_state_dict(path: str | Path) -> dict[str, Tensor]:
     try:
         content = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for a damaged or foreign file
-        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error)
-        raise ValueError(f"checkpoint {path} cannot be read ({reason}).") from error
+        raise ValueError(f"checkpoint {path} cannot be read ({error_cause(error)}).") from error
     for key in ("model", "state_dict"):
         if isinstance(content, dict) and isinstance(content.get(key), dict):
             content = content[key]
@@ -65,10 +65,15 @@ def load_weights(model: nn.Module, checkpoint: str | Path) -> None:
     """Load a local checkpoint (see ``load_state_dict``) into ``model``; extra keys are ignored.
 
     Raises:
-        ValueError: If the checkpoint lacks weights of the model.
+        ValueError: If the checkpoint lacks weights of the model, or holds weights of other
+            shapes (torch's list of mismatches kept, on one line).
 
     """
-    missing, unexpected = model.load_state_dict(load_state_dict(checkpoint), strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(load_state_dict(checkpoint), strict=False)
+    except RuntimeError as error:  # "Error(s) in loading ...:" then one line per mismatch
+        cause = error_cause(error)
+        raise ValueError(f"checkpoint {checkpoint} does not fit the model: {cause}") from None
     if missing:
         raise ValueError(
             f"checkpoint {checkpoint} lacks {len(missing)} weights of the model, e.g. "

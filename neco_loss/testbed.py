@@ -31,6 +31,7 @@ from neco_loss import assets
 from neco_loss.data import NeCoMultiCrop, SyntheticScenes
 from neco_loss.geometry import align_checked_pair, crop_extent
 from neco_loss.models import DenseViT
+from neco_loss.progress import progress_bar
 from neco_loss.schedules import cosine
 
 SHIPPED_NAME = "testbed"  # neco_loss.assets.SHIPPED: weights: testbed
@@ -166,7 +167,6 @@ def pretrain_testbed(
 
     """
     from lightly.loss import VICRegLoss
-    from tqdm.auto import tqdm
 
     from neco_loss.training.trainer import MultiCropDataset
 
@@ -193,7 +193,7 @@ def pretrain_testbed(
     criterion = VICRegLoss()
     losses: list[float] = []
     start = time.perf_counter()
-    bar = tqdm(total=settings.steps, desc="testbed pretraining", disable=not progress)
+    bar = progress_bar(total=settings.steps, desc="testbed pretraining", enabled=progress)
     while len(losses) < settings.steps:
         for views, boxes in loader:
             step = len(losses)
@@ -219,7 +219,7 @@ def pretrain_testbed(
             optimizer.step()
             losses.append(float(loss.detach()))
             bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
     bar.close()
     output.mkdir(parents=True, exist_ok=True)
     weights = output / assets.SHIPPED[SHIPPED_NAME][0]

@@ -223,6 +223,7 @@ def test_a_run_reports_skipped_images_once_at_its_end(tmp_path, capsys):
     for name in ("bad1.jpg", "bad2.png"):
         (images / name).write_bytes(b"not an image")
     settings = {**TINY, "dataset": str(images), "train_images": None, "batch_size": 2}
+    settings.pop("image_size")  # synthetic scenes only: a folder's run would warn it is ignored
     settings.update(max_steps=4, num_workers=2, output_dir=str(tmp_path / "run"))
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(settings))

@@ -23,6 +23,7 @@ from neco_loss.geometry import intersection_area
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CROP_RATIO = (3 / 4, 4 / 3)  # torchvision RandomResizedCrop default, as the reference
+BLUR_KERNEL = 9  # the reference's GaussianBlur(kernel_size=9)
 
 
 def photometric_augmentation(
@@ -32,14 +33,12 @@ def photometric_augmentation(
     jitter = v2.ColorJitter(
         0.8 * jitter_strength, 0.8 * jitter_strength, 0.8 * jitter_strength, 0.2 * jitter_strength
     )
+    sigma = (0.1 * blur_strength, 2.0 * blur_strength)
     return v2.Compose(
         [
             v2.RandomApply([jitter], p=0.8),
             v2.RandomGrayscale(p=0.2),
-            v2.RandomApply(
-                [v2.GaussianBlur(kernel_size=9, sigma=(0.1 * blur_strength, 2.0 * blur_strength))],
-                p=0.5,
-            ),
+            v2.RandomApply([v2.GaussianBlur(BLUR_KERNEL, sigma=sigma)], p=0.5),
         ]
     )
 
@@ -181,9 +180,11 @@ class NeCoMultiCrop:
         jitter_strength: float = 1.0,
         blur_strength: float = 1.0,
     ) -> None:
+        # The blur's 9-pixel kernel pads by 4 with reflection, which needs crops of 5 pixels.
+        smallest = BLUR_KERNEL // 2 + 1 if photometric else 1
         for name, value in (("global_size", global_size), ("local_size", local_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1 but is {value!r}.")
+            if isinstance(value, bool) or not isinstance(value, int) or value < smallest:
+                raise ValueError(f"{name} must be an int >= {smallest} but is {value!r}.")
         if num_global < 1 or num_local < 0:
             raise ValueError(
                 f"need num_global >= 1 and num_local >= 0 but got {num_global}, {num_local}."

@@ -22,6 +22,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from neco_loss.evaluation.miou import ConfusionMatrix
+from neco_loss.progress import progress_bar
 
 NEIGHBOURS = 30  # hummingbird: num_neighbour 30
 TEMPERATURE = 0.02  # hummingbird: nn_params temperature 0.02
@@ -80,10 +81,8 @@ def _batches(
     dataset: SegmentationDataset, batch_size: int, desc: str, progress: bool
 ) -> Iterable[tuple[Tensor, Tensor]]:
     """``(images, masks)`` batches in order, with a progress bar when asked."""
-    from tqdm.auto import tqdm
-
     loader: DataLoader[Any] = DataLoader(dataset, batch_size=batch_size)  # type: ignore[arg-type]
-    yield from tqdm(loader, desc=desc, disable=not progress, total=len(loader))
+    yield from progress_bar(loader, desc=desc, enabled=progress, total=len(loader))
 
 
 def _unit_tokens(feature_map: Tensor) -> Tensor:

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from neco_loss.evaluation.in_context import SegmentationDataset, _batches
 from neco_loss.evaluation.miou import ConfusionMatrix
+from neco_loss.progress import progress_bar
 
 TRAIN_MASK_SIZE = 100  # paper appendix: masks at 100 x 100 for training
 LEARNING_RATE = 0.01
@@ -85,8 +86,6 @@ def linear_segmentation_miou(
         ``LinearResult``.
 
     """
-    from tqdm.auto import tqdm
-
     train_maps, train_masks = _extract(features, train_set, batch_size, TRAIN_MASK_SIZE, progress)
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -98,7 +97,7 @@ def linear_segmentation_miou(
         optimizer, step_size=max(1, 2 * epochs // 3), gamma=0.1
     )
     ignore = -100 if ignore_index is None else ignore_index
-    for _ in tqdm(range(epochs), desc="linear: training", disable=not progress):
+    for _ in progress_bar(range(epochs), desc="linear: training", enabled=progress):
         order = torch.randperm(len(train_maps), generator=generator)
         for start in range(0, len(order), batch_size):
             index = order[start : start + batch_size]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from collections.abc import Iterator
@@ -10,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from neco_loss.checks import error_cause
 
 LAST = "checkpoint_last.pt"
 LOCK = ".neco-train.lock"  # in output_dir, held while a run writes there (run_lock)
@@ -22,18 +25,41 @@ def save_atomic(state: dict[str, Any], path: Path) -> None:
     link planted at a predictable name is neither followed nor overwritten). A crash mid-write
     leaves the previous file intact; a failed write removes the partial file.
 
+    Raises:
+        OSError: ``no space left on FOLDER ...`` when the disk (or quota) is full; the previous
+            file is kept.
+
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, name = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     temporary = Path(name)
     try:
         os.fchmod(handle, 0o644)  # mkstemp makes it private; a checkpoint is as any file
+        # A Python file object, not a path: Python's writes raise OSError(ENOSPC), which torch's
+        # zip writer then hides behind its own "unexpected pos ..." on closing.
         with os.fdopen(handle, "wb") as file:
             torch.save(state, file)
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         temporary.unlink(missing_ok=True)
-        raise
+        full = _disk_full(error)
+        if full is None:
+            raise
+        kept = f"the previous {path.name} is kept" if path.exists() else "no earlier one exists"
+        raise OSError(
+            full.errno,
+            f"no space left on {path.parent} to write {path.name} ({kept}; the partial file "
+            "was removed): free some space, then continue with --resume.",
+        ) from error
+
+
+def _disk_full(error: BaseException | None) -> OSError | None:
+    """The "disk or quota full" ``OSError`` in ``error``'s chain of causes, if any."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
 
 
 @contextlib.contextmanager
@@ -99,7 +125,7 @@ def load_checkpoint(path: Path, mmap: bool = False) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as error:  # torch raises many types for a damaged or foreign file
-        raise ValueError(f"checkpoint {path} cannot be read ({error}).") from error
+        raise ValueError(f"checkpoint {path} cannot be read ({error_cause(error)}).") from error
     required = {"step", "student", "teacher", "optimizer", "criterion", "config", "rng"}
     if not isinstance(state, dict) or not required <= set(state):
         raise ValueError(f"{path} is not a neco train checkpoint (needs keys {sorted(required)}).")

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import inspect
 import json
+import math
 import textwrap
 import types
 import typing
@@ -20,11 +22,18 @@ from typing import Any
 
 from neco_loss import assets
 from neco_loss.checks import check_choice
+from neco_loss.data import NeCoMultiCrop
 from neco_loss.loss import NeCoLoss
 from neco_loss.models import REFERENCE_MOMENTUM, TEACHERS
 
 # NeCoLoss arguments the trainer sets itself: not config keys under ``loss:``.
 TRAINER_LOSS_ARGUMENTS = ("seed", "gather", "compute_stats")
+# Keys that only the built-in synthetic scenes read; a folder of images has its own.
+SYNTHETIC_KEYS = ("image_size", "train_images")
+
+# Numbers the optimiser and schedules multiply: a learning rate of 1e39 is inf in float32.
+NON_NEGATIVE = ("lr_backbone", "lr_head", "final_lr", "weight_decay", "weight_decay_end")
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 @dataclass
@@ -144,6 +153,7 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1 but is {getattr(self, name)}.")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1 or null but is {self.max_steps}.")
+        _check_numbers(self)
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]' but is {self.device!r}.")
         check_choice(self.teacher, "teacher", TEACHERS)
@@ -171,6 +181,65 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain data, as YAML writes it."""
         return dataclasses.asdict(self)
+
+
+def ignored_keys(config: TrainConfig) -> list[str]:
+    """Keys set to other than their defaults that this config's dataset does not read."""
+    if config.dataset == "synthetic":
+        return []
+    return [
+        item.name
+        for item in dataclasses.fields(TrainConfig)
+        if item.name in SYNTHETIC_KEYS and getattr(config, item.name) != item.default
+    ]
+
+
+def multicrop_transform(config: TrainConfig) -> NeCoMultiCrop:
+    """The multi-crop transform a config describes."""
+    return NeCoMultiCrop(
+        config.global_size,
+        config.local_size,
+        config.num_global,
+        config.num_local,
+        tuple(config.global_scale),
+        tuple(config.local_scale),
+        config.min_overlap,
+        config.flip,
+        jitter_strength=config.jitter_strength,
+        blur_strength=config.blur_strength,
+    )
+
+
+def _check_numbers(config: TrainConfig) -> None:
+    """Raise for numbers out of range, naming the key and its flag, when the config is read."""
+    hints = typing.get_type_hints(TrainConfig)
+    for item in dataclasses.fields(config):
+        value = getattr(config, item.name)
+        numbers = value if isinstance(value, list) else [value]
+        if hints[item.name] in (float, float | None, list[float]) and not all(
+            math.isfinite(v) and abs(v) <= FLOAT32_MAX for v in numbers if v is not None
+        ):
+            raise ValueError(
+                f"config key {item.name!r} ({flag_name(item.name)}) must be finite and within "
+                f"float32's range (|x| <= 3.4e38) but is {value!r}."
+            )
+    for name in NON_NEGATIVE + ("checkpoint_every", "num_workers"):
+        _check_range(config, name, 0, math.inf)
+    for name in ("momentum", "momentum_end"):
+        _check_range(config, name, 0, 1)
+    if config.grad_clip is not None and config.grad_clip <= 0:
+        raise ValueError(f"grad_clip (--grad-clip) must be > 0 or null but is {config.grad_clip}.")
+    try:
+        multicrop_transform(config)
+    except ValueError as error:
+        raise ValueError(f"crops: {error}") from None
+
+
+def _check_range(config: TrainConfig, name: str, low: float, high: float) -> None:
+    value = getattr(config, name)
+    if not low <= value <= high:
+        bounds = f">= {low}" if high == math.inf else f"in [{low}, {high}]"
+        raise ValueError(f"{name} ({flag_name(name)}) must be {bounds} but is {value}.")
 
 
 def config_keys_help() -> str:
@@ -324,8 +393,6 @@ def build_config(
         TypeError: For values of the wrong type.
 
     """
-    import yaml  # the [train] extra; imported here so that `neco --help` needs only the core
-
     data = dict(data or {})
     overrides = list(overrides or [])
     if len(overrides) % 2:
@@ -333,7 +400,7 @@ def build_config(
     for flag, text in zip(overrides[::2], overrides[1::2], strict=True):
         if not flag.startswith("--"):
             raise ValueError(f"override {flag!r} must start with '--'.")
-        _apply(data, flag[2:].replace("-", "_"), yaml.safe_load(text))
+        _apply(data, flag[2:].replace("-", "_"), read_yaml(text, flag))
     valid = [item.name for item in dataclasses.fields(TrainConfig)]
     for key in data:
         if key not in valid:
@@ -344,6 +411,54 @@ def build_config(
     return TrainConfig(**data)
 
 
+@functools.cache
+def _loader_without_aliases() -> type:
+    """PyYAML's safe loader, refusing aliases (``*name``, ``<<: *name``).
+
+    Aliases are how a few hundred bytes of YAML become gigabytes (a "billion laughs"): a
+    config never needs them.
+    """
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self.check_event(yaml.AliasEvent):
+                event = self.peek_event()
+                raise yaml.composer.ComposerError(
+                    None,
+                    None,
+                    f"YAML aliases (*{event.anchor}) are not allowed in a config; write the "
+                    "values out",
+                    event.start_mark,
+                )
+            return super().compose_node(parent, index)
+
+    return Loader
+
+
+def read_yaml(text: str, source: str) -> Any:
+    """Parse YAML text safely (no tags that build objects, no aliases).
+
+    Args:
+        text: The YAML text.
+        source: What it is, for errors (a file name, ``--key``).
+
+    Raises:
+        ValueError: ``SOURCE line L, column C: problem`` for a syntax error or an alias.
+
+    """
+    import yaml  # the [train] extra; imported here so that `neco --help` needs only the core
+
+    try:
+        return yaml.load(text, Loader=_loader_without_aliases())  # noqa: S506 (a SafeLoader)
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ValueError(f"{source}{where}: {error.problem}.") from None
+    except yaml.YAMLError as error:
+        raise ValueError(f"{source}: {error}") from None
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
     """Read a YAML config (safe loader) and apply overrides; see ``build_config``.
 
@@ -352,12 +467,10 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainCo
         ValueError: If it is not a YAML mapping, or for unknown keys.
 
     """
-    import yaml
-
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist.")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = read_yaml(path.read_text(), f"config file {path}") or {}
     if not isinstance(data, dict):
         raise ValueError(f"config file {path} must hold a mapping of keys to values.")
     return build_config(data, overrides)

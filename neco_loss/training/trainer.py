@@ -19,6 +19,7 @@ import math
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,10 +45,11 @@ from neco_loss.models import (
     momentum_at,
     recording_cls_attention,
 )
+from neco_loss.progress import progress_bar
 from neco_loss.references import all_gather
 from neco_loss.schedules import cosine
 from neco_loss.training.checkpoint import LAST, load_checkpoint, save_atomic
-from neco_loss.training.config import TrainConfig
+from neco_loss.training.config import TrainConfig, ignored_keys, multicrop_transform
 
 BACKBONE_FILE = "backbone.pt"  # the student backbone's weights, loadable by DenseViT(checkpoint=)
 STOP_NOTE = "stopped.txt"  # why a run stopped early (removed when it runs again)
@@ -207,22 +209,6 @@ def training_images(config: TrainConfig) -> Any:
     return ImageFolder(config.dataset, skip_log=config.output_dir_path / SKIP_LOG)
 
 
-def multicrop_transform(config: TrainConfig) -> NeCoMultiCrop:
-    """The multi-crop transform a config describes."""
-    return NeCoMultiCrop(
-        config.global_size,
-        config.local_size,
-        config.num_global,
-        config.num_local,
-        tuple(config.global_scale),
-        tuple(config.local_scale),
-        config.min_overlap,
-        config.flip,
-        jitter_strength=config.jitter_strength,
-        blur_strength=config.blur_strength,
-    )
-
-
 def _device(config: TrainConfig, rank: int = 0) -> torch.device:
     """The process's device: with several processes on CUDA, GPU ``rank`` of this machine."""
     name = config.device
@@ -288,6 +274,13 @@ class Trainer:
             self.teacher, self.teacher.module.get_submodule("backbone.vit")
         )
         gather = all_gather if self.world > 1 else None
+        for name in ("global_size", "local_size"):
+            if getattr(config, name) < backbone.patch_size:
+                raise ValueError(
+                    f"{name} (--{name.replace('_', '-')}) is {getattr(config, name)} px, smaller "
+                    f"than one patch of the model ({backbone.patch_size} px): a crop must hold "
+                    "at least one patch (reference: 224 and 98 at patch 14)."
+                )
         # patch_size + crop_sizes: boxes in the reference code's frame for any crop size
         loss_options = {"patch_size": backbone.patch_size, **config.loss}
         self.criterion = NeCoLoss(seed=config.seed, gather=gather, **loss_options)
@@ -310,6 +303,21 @@ class Trainer:
         self.steps_per_epoch = self.sampler.batches_per_epoch
         epochs_steps = config.epochs * self.steps_per_epoch
         self.total_steps = min(config.max_steps or epochs_steps, epochs_steps)
+        if self.rank == 0 and ignored_keys(config):
+            warnings.warn(
+                f"{' and '.join(ignored_keys(config))} (for the built-in synthetic scenes "
+                f"only) ignored: every image below {config.dataset} is used, at its own size.",
+                UserWarning,
+                stacklevel=2,
+            )
+        if self.rank == 0 and config.max_steps is not None and config.max_steps > epochs_steps:
+            warnings.warn(
+                f"max_steps {config.max_steps} is more than epochs x steps per epoch = "
+                f"{config.epochs} x {self.steps_per_epoch} = {epochs_steps}: the run stops "
+                f"after {epochs_steps} steps (raise --epochs to train {config.max_steps}).",
+                UserWarning,
+                stacklevel=2,
+            )
         self.step = 0
         self.autocast = config.precision == "bf16" or (
             config.precision == "auto" and self.device.type == "cuda"
@@ -339,8 +347,9 @@ class Trainer:
         foreground = None
         if attention is not None:
             foreground = [foreground_masks(view_attention) for view_attention in attention]
-        finite = all_finite(student_maps + teacher_maps)
-        features = None if finite else f"the model produced NaN/Inf features{ADVICE}"
+        features = None
+        if not all_finite(student_maps + teacher_maps):
+            features = f"the model produced NaN/Inf features{self._nonfinite_cause()}"
         # Agreed before the loss, whose reference gather is a collective every process enters.
         self._stop_if_any({"features": features})
         try:
@@ -367,6 +376,22 @@ class Trainer:
             dist.all_reduce(value)
             value /= self.world
         return float(value)
+
+    def _nonfinite_cause(self) -> str:
+        """Why features are NaN/Inf: the weights the run started from, or training's advice."""
+        broken = [
+            name
+            for model, prefix in ((self.student, "student."), (self.teacher, "teacher."))
+            for name, weight in model.state_dict().items()
+            if weight.is_floating_point() and not bool(torch.isfinite(weight).all())
+        ]
+        if not broken or self.step > 0:
+            return ADVICE
+        source = f" ({self.config.weights})" if self.config.weights else ""
+        return (
+            f": the starting weights{source} hold NaN/Inf values, in {len(broken)} tensors, "
+            f"e.g. {broken[:3]}; start from finite weights"
+        )
 
     def _forward(
         self, views: list[Tensor]
@@ -459,9 +484,11 @@ class Trainer:
         """
         if self.rank == 0:
             self._write_config()
-            save_atomic(self.state(), self.output_dir / LAST)
+            # The weights first: a kill between the two files leaves backbone.pt ahead of the
+            # checkpoint, never behind it (a resume rewrites both).
             save_atomic(self.student.backbone.vit.state_dict(), self.output_dir / BACKBONE_FILE)
             backbones.save_native(self.student.backbone.vit, self.output_dir)  # transformers
+            save_atomic(self.state(), self.output_dir / LAST)
         if self.world > 1:
             dist.barrier()
         return self.output_dir / LAST
@@ -543,8 +570,6 @@ class Trainer:
             SystemExit: After SIGTERM or SIGINT, once the checkpoint is written.
 
         """
-        from tqdm.auto import tqdm
-
         end = self.total_steps if stop_at is None else min(stop_at, self.total_steps)
         main = self.rank == 0
         if main:  # before the first step: a failed run still says what it was
@@ -554,12 +579,12 @@ class Trainer:
                 (self.output_dir / SKIP_LOG).unlink(missing_ok=True)
         self.student.train()
         log = MetricsLog(self.output_dir / "metrics.csv", self.step) if main else None
-        bar = tqdm(
+        bar = progress_bar(
             total=self.total_steps,
             initial=self.step,
             desc="neco train",
             unit="step",
-            disable=not (self.progress and main),
+            enabled=self.progress and main,
         )
         last_loss = math.nan
         batches = self._batches()
@@ -585,7 +610,7 @@ class Trainer:
                 speed = self.config.batch_size * self.world / (time.perf_counter() - start)
                 self.step += 1
                 bar.update(1)
-                bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{speed:.1f}")
+                bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{speed:.1f}", refresh=False)
                 if log is not None and logs_this_step:
                     stats = self.criterion.last_stats
                     assert stats is not None
