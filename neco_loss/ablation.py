@@ -28,9 +28,9 @@ from neco_loss.evaluation.suite import evaluate, evaluation_splits, run_context
 from neco_loss.models import DenseViT
 from neco_loss.statistics import CONFIDENCE, MeanInterval, mean_interval, paired_change
 from neco_loss.training import TrainConfig, build_config
-from neco_loss.training.checkpoint import LAST
-from neco_loss.training.config import read_yaml
 from neco_loss.training.distributed import launch
+from neco_loss.training.run_folder import LAST
+from neco_loss.yaml_files import read_yaml
 
 EVALUATION_DEFAULTS: dict[str, Any] = {
     "dataset": "synthetic",

@@ -61,8 +61,7 @@ def _trained_step(checkpoint: Path) -> int | None:
     Warns in one line when the run is unfinished (a ``stopped.txt``, or fewer steps than its
     schedule): its scores are those of a partly trained backbone.
     """
-    from neco_loss.training.checkpoint import LAST, load_checkpoint
-    from neco_loss.training.trainer import STOP_NOTE
+    from neco_loss.training.run_folder import LAST, STOP_NOTE, load_checkpoint
 
     if not (checkpoint / LAST).is_file():
         return None
@@ -277,8 +276,8 @@ def main(argv: list[str] | None = None) -> None:
                 f"installed: {hint}"
             ) from None
         # A run stopped on purpose can only come from the trainer, hence only once imported.
-        trainer = sys.modules.get("neco_loss.training.trainer")
-        stopped = (trainer.TrainingStoppedError,) if trainer is not None else ()
+        agreement = sys.modules.get("neco_loss.training.agreement")
+        stopped = (agreement.TrainingStoppedError,) if agreement is not None else ()
         known = isinstance(error, (*USER_ERRORS, *stopped))
         message = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
         if not known:
@@ -325,7 +324,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
 
 def _run(argv: list[str]) -> None:
     from neco_loss.testbed import PretrainSettings
-    from neco_loss.training.config import config_keys_help
+    from neco_loss.training.config_help import config_keys_help
 
     parser = argparse.ArgumentParser(
         prog="neco",
@@ -549,7 +548,7 @@ def _run(argv: list[str]) -> None:
     elif args.command == "train":
         from neco_loss.training import load_config
         from neco_loss.training.distributed import launch
-        from neco_loss.training.trainer import SKIP_LOG
+        from neco_loss.training.run_folder import SKIP_LOG
 
         config = load_config(args.config, extra)
         result = launch(

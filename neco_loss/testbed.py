@@ -168,7 +168,7 @@ def pretrain_testbed(
     """
     from lightly.loss import VICRegLoss
 
-    from neco_loss.training.trainer import MultiCropDataset
+    from neco_loss.data.feeding import MultiCropDataset
 
     settings = settings or PretrainSettings()
     torch.manual_seed(settings.seed)

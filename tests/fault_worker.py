@@ -22,8 +22,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from neco_loss.training import TrainConfig, Trainer
+from neco_loss.training.agreement import TrainingStoppedError
 from neco_loss.training.distributed import init_process_group
-from neco_loss.training.trainer import TrainingStoppedError
 
 FAULT_STEP = 3
 

@@ -16,7 +16,7 @@ from neco_loss.loss import NeCoLoss
 from neco_loss.models import DenseViT
 from neco_loss.statistics import MeanInterval, mean_interval, paired_change
 from neco_loss.training import build_config
-from neco_loss.training.trainer import build_backbone
+from neco_loss.training.assembly import build_backbone
 from tests.test_training import TINY
 
 ABLATIONS = sorted((Path(__file__).parents[1] / "examples" / "ablations").glob("*.yaml"))

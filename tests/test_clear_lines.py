@@ -24,8 +24,8 @@ from neco_loss.models import DenseViT
 from neco_loss.progress import plural
 from neco_loss.training import Trainer, build_config, load_config
 from neco_loss.training import trainer as trainer_module
-from neco_loss.training.checkpoint import LAST, load_checkpoint
-from neco_loss.training.trainer import BACKBONE_FILE, TrainingStoppedError
+from neco_loss.training.agreement import TrainingStoppedError
+from neco_loss.training.run_folder import BACKBONE_FILE, LAST, load_checkpoint
 from tests.test_cli_errors import error_line
 from tests.test_training import TINY, tiny_config
 
@@ -44,7 +44,7 @@ DISK_FULL = textwrap.dedent(
     import sys
     from pathlib import Path
     import torch
-    from neco_loss.training.checkpoint import save_atomic
+    from neco_loss.training.run_folder import save_atomic
     folder = Path(sys.argv[1])
     save_atomic({"step": 1}, folder / "checkpoint_last.pt")
     try:

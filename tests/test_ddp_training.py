@@ -5,8 +5,8 @@ import csv
 import torch
 
 from neco_loss.training import Trainer, build_config
-from neco_loss.training.checkpoint import LAST, load_checkpoint
 from neco_loss.training.distributed import launch
+from neco_loss.training.run_folder import LAST, load_checkpoint
 from tests.test_training import TINY
 
 

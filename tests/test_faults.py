@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-from neco_loss.training.checkpoint import LAST, load_checkpoint
-from neco_loss.training.trainer import ADVICE, STOP_NOTE
+from neco_loss.training.run_folder import LAST, STOP_NOTE, load_checkpoint
+from neco_loss.training.trainer import ADVICE
 from tests.fault_worker import FAULT_STEP
 from tests.test_training import TINY
 

@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from neco_loss.training import Trainer, build_config
-from neco_loss.training.checkpoint import LAST, load_checkpoint
+from neco_loss.training.run_folder import LAST, load_checkpoint
 from tests.test_training import TINY
 
 STEPS = 30

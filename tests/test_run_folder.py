@@ -8,7 +8,7 @@ import threading
 import pytest
 import torch
 
-from neco_loss.training.checkpoint import LAST, LOCK, run_lock, save_atomic
+from neco_loss.training.run_folder import LAST, LOCK, run_lock, save_atomic
 from tests.test_stop_signals import TIMEOUT, neco_train, wait_for_steps, write_config
 
 

@@ -10,8 +10,8 @@ import yaml
 
 from neco_loss.cli import main
 from neco_loss.training import Trainer
-from neco_loss.training.checkpoint import LAST, load_checkpoint
-from neco_loss.training.trainer import STOP_NOTE, TrainingStoppedError
+from neco_loss.training.agreement import TrainingStoppedError
+from neco_loss.training.run_folder import LAST, STOP_NOTE, load_checkpoint
 from tests.test_training import TINY, crash_before_step, tiny_config
 
 

@@ -20,8 +20,7 @@ import pytest
 import torch
 import yaml
 
-from neco_loss.training.checkpoint import LAST, load_checkpoint
-from neco_loss.training.trainer import STOP_NOTE
+from neco_loss.training.run_folder import LAST, STOP_NOTE, load_checkpoint
 from tests.test_training import TINY
 
 STEPS = 12

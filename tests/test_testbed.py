@@ -12,7 +12,7 @@ from neco_loss.evaluation import in_context_miou
 from neco_loss.evaluation.datasets import Normalized
 from neco_loss.testbed import PretrainSettings, pretrain_testbed
 from neco_loss.training import build_config
-from neco_loss.training.trainer import build_backbone
+from neco_loss.training.assembly import build_backbone
 
 # In-context mIoU on the fixed split below (memory: 64 train images, queries: 32 val images,
 # dataset seed 7). Measured on this project's CPU: shipped backbone 0.3118, random

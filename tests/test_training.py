@@ -5,7 +5,7 @@ import torch
 import yaml
 
 from neco_loss.training import Trainer, build_config, load_config, train
-from neco_loss.training.checkpoint import LAST, load_checkpoint
+from neco_loss.training.run_folder import LAST, load_checkpoint
 
 TINY = {
     "model_kwargs": {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2},

@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import functools
 import inspect
-import json
 import math
-import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,6 +22,7 @@ from neco_loss.checks import check_choice
 from neco_loss.data import NeCoMultiCrop
 from neco_loss.loss import NeCoLoss
 from neco_loss.models import REFERENCE_MOMENTUM, TEACHERS
+from neco_loss.yaml_files import read_yaml
 
 # NeCoLoss arguments the trainer sets itself: not config keys under ``loss:``.
 TRAINER_LOSS_ARGUMENTS = ("seed", "gather", "compute_stats")
@@ -242,56 +240,6 @@ def _check_range(config: TrainConfig, name: str, low: float, high: float) -> Non
         raise ValueError(f"{name} ({flag_name(name)}) must be {bounds} but is {value}.")
 
 
-def config_keys_help() -> str:
-    """Every ``TrainConfig`` key as ``--key TYPE (default: X)`` and its docstring line.
-
-    Generated from the dataclass and its docstring's ``Attributes`` (nothing written twice).
-    """
-    described: dict[str, str] = {}
-    name = ""
-    lines = (TrainConfig.__doc__ or "").split("Attributes:")[1].splitlines()
-    for line in lines:
-        text = line.strip()
-        head, colon, rest = text.partition(": ")
-        if (
-            colon
-            and head.isidentifier()
-            and line.startswith(" " * 8)
-            and not line.startswith(" " * 9)
-        ):
-            name, described[head] = head, rest
-        elif text and name:
-            described[name] += " " + text
-    hints = typing.get_type_hints(TrainConfig)
-    rows = []
-    for item in dataclasses.fields(TrainConfig):
-        if item.default_factory is not dataclasses.MISSING:
-            default = item.default_factory()
-        else:
-            default = item.default
-        shown = _flow_text(default)
-        flag = f"{flag_name(item.name)} {type_name(hints[item.name])}"
-        rows.append(f"  {flag}  (default: {shown.strip()})")
-        text = described.get(item.name, "").replace("``", "")
-        rows.append(
-            textwrap.fill(text, width=88, initial_indent=" " * 6, subsequent_indent=" " * 6)
-        )
-    return "\n".join(rows)
-
-
-def _flow_text(value: Any) -> str:
-    """A default as YAML flow text for ``--help``.
-
-    JSON (which YAML reads the same) when pyyaml is not installed, so that ``neco --help``
-    works with the core install alone.
-    """
-    try:
-        import yaml
-    except ModuleNotFoundError:
-        return json.dumps(value)
-    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...")
-
-
 def flag_name(key: str) -> str:
     """The command-line flag of a config key: ``batch_size`` -> ``--batch-size``."""
     return "--" + key.replace("_", "-")
@@ -409,54 +357,6 @@ def build_config(
                 "type and default: neco train --help."
             )
     return TrainConfig(**data)
-
-
-@functools.cache
-def _loader_without_aliases() -> type:
-    """PyYAML's safe loader, refusing aliases (``*name``, ``<<: *name``).
-
-    Aliases are how a few hundred bytes of YAML become gigabytes (a "billion laughs"): a
-    config never needs them.
-    """
-    import yaml
-
-    class Loader(yaml.SafeLoader):
-        def compose_node(self, parent: Any, index: Any) -> Any:
-            if self.check_event(yaml.AliasEvent):
-                event = self.peek_event()
-                raise yaml.composer.ComposerError(
-                    None,
-                    None,
-                    f"YAML aliases (*{event.anchor}) are not allowed in a config; write the "
-                    "values out",
-                    event.start_mark,
-                )
-            return super().compose_node(parent, index)
-
-    return Loader
-
-
-def read_yaml(text: str, source: str) -> Any:
-    """Parse YAML text safely (no tags that build objects, no aliases).
-
-    Args:
-        text: The YAML text.
-        source: What it is, for errors (a file name, ``--key``).
-
-    Raises:
-        ValueError: ``SOURCE line L, column C: problem`` for a syntax error or an alias.
-
-    """
-    import yaml  # the [train] extra; imported here so that `neco --help` needs only the core
-
-    try:
-        return yaml.load(text, Loader=_loader_without_aliases())  # noqa: S506 (a SafeLoader)
-    except yaml.MarkedYAMLError as error:
-        mark = error.problem_mark
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        raise ValueError(f"{source}{where}: {error.problem}.") from None
-    except yaml.YAMLError as error:
-        raise ValueError(f"{source}: {error}") from None
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:

@@ -22,18 +22,20 @@ import torch.multiprocessing as mp
 from torch.multiprocessing.spawn import ProcessException
 
 from neco_loss.data.folder import skipped_files
-from neco_loss.training.checkpoint import LAST, load_checkpoint, run_lock
+from neco_loss.training.agreement import TrainingStoppedError
 from neco_loss.training.config import TrainConfig
-from neco_loss.training.trainer import (
+from neco_loss.training.run_folder import (
     BACKBONE_FILE,
+    LAST,
     SKIP_LOG,
     STOP_NOTE,
-    STOP_SIGNALS,
-    TrainingStoppedError,
     TrainResult,
     finished_run,
-    train,
+    load_checkpoint,
+    run_lock,
 )
+from neco_loss.training.signals import STOP_SIGNALS, ForwardStopSignals
+from neco_loss.training.trainer import train
 
 
 def _backend(config: TrainConfig) -> str:
@@ -154,34 +156,3 @@ def _spawn(config: TrainConfig, resume: bool, progress: bool, overwrite: bool) -
     finally:
         forwarding.restore()
     return _result(config)
-
-
-class ForwardStopSignals:
-    """In the parent of ``--devices N``: SIGTERM or SIGINT to it is sent on to every process.
-
-    Each process then stops after the same step with one checkpoint (``StopOnSignals``), and
-    the parent reports their stop, so that signalling the parent (as a job scheduler or a
-    shell does) saves the run like signalling a process does. Installed in the main thread
-    only; a signal to the whole process group reaches the processes twice, which is harmless.
-
-    Args:
-        processes: The started processes (``multiprocessing.Process``).
-
-    """
-
-    def __init__(self, processes: list[Any]) -> None:
-        self.processes = processes
-        self.previous: dict[int, Any] = {}
-        if threading.current_thread() is threading.main_thread():
-            for number in STOP_SIGNALS:
-                self.previous[number] = signal.signal(number, self._forward)
-
-    def _forward(self, signum: int, frame: Any) -> None:
-        for process in self.processes:
-            if process.is_alive():
-                os.kill(process.pid, signal.SIGTERM)
-
-    def restore(self) -> None:
-        """Reinstall the previous handlers."""
-        for number, previous in self.previous.items():
-            signal.signal(number, previous)
