@@ -77,7 +77,7 @@ def patch_label_histograms(
     return (pooled / total).flatten(2).transpose(1, 2)
 
 
-def _batches(
+def segmentation_batches(
     dataset: SegmentationDataset, batch_size: int, desc: str, progress: bool
 ) -> Iterable[tuple[Tensor, Tensor]]:
     """``(images, masks)`` batches in order, with a progress bar when asked."""
@@ -85,7 +85,7 @@ def _batches(
     yield from progress_bar(loader, desc=desc, enabled=progress, total=len(loader))
 
 
-def _unit_tokens(feature_map: Tensor) -> Tensor:
+def unit_tokens(feature_map: Tensor) -> Tensor:
     """``(B, h * w, D)`` L2-normalised float32 tokens on the CPU of ``(B, D, h, w)`` maps."""
     return F.normalize(feature_map.flatten(2).transpose(1, 2).float(), dim=-1).cpu()
 
@@ -110,10 +110,10 @@ def build_memory(
     generator = torch.Generator().manual_seed(seed)
     per_image = None if memory_size is None else max(1, memory_size // len(dataset))
     keys, labels = [], []
-    for images, masks in _batches(dataset, batch_size, "memory bank", progress):
+    for images, masks in segmentation_batches(dataset, batch_size, "memory bank", progress):
         feature_map = features(images)
         grid = (feature_map.shape[2], feature_map.shape[3])
-        tokens = _unit_tokens(feature_map)
+        tokens = unit_tokens(feature_map)
         histograms = patch_label_histograms(masks, grid, num_classes, ignore_index)
         if per_image is not None and per_image < tokens.shape[1]:
             chosen = torch.rand(tokens.shape[:2], generator=generator).argsort(1)[:, :per_image]
@@ -224,10 +224,10 @@ def in_context_miou(
     )
     confusion = ConfusionMatrix(num_classes, ignore_index)
     kept: list[Tensor] = []
-    for images, masks in _batches(val_set, batch_size, "in-context eval", progress):
+    for images, masks in segmentation_batches(val_set, batch_size, "in-context eval", progress):
         feature_map = features(images)
         batch, _, height, width = feature_map.shape
-        queries = _unit_tokens(feature_map)
+        queries = unit_tokens(feature_map)
         scores = predict_patches(queries.flatten(0, 1), keys, labels, k, temperature, search)
         scores = scores.view(batch, height, width, num_classes).permute(0, 3, 1, 2)
         upsampled = F.interpolate(

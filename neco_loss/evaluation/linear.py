@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
-from neco_loss.evaluation.in_context import SegmentationDataset, _batches
+from neco_loss.evaluation.in_context import SegmentationDataset, segmentation_batches
 from neco_loss.evaluation.miou import ConfusionMatrix
 from neco_loss.progress import progress_bar
 
@@ -45,7 +45,9 @@ def _extract(
     progress: bool,
 ) -> tuple[Tensor, Tensor]:
     maps, masks = [], []
-    for images, batch_masks in _batches(dataset, batch_size, "linear: features", progress):
+    for images, batch_masks in segmentation_batches(
+        dataset, batch_size, "linear: features", progress
+    ):
         maps.append(features(images).float().cpu())
         if mask_size is not None:
             batch_masks = F.interpolate(
@@ -115,7 +117,9 @@ def linear_segmentation_miou(
     confusion = ConfusionMatrix(num_classes, ignore_index)
     kept: list[Tensor] = []
     with torch.no_grad():
-        for images, masks in _batches(val_set, batch_size, "linear: validation", progress):
+        for images, masks in segmentation_batches(
+            val_set, batch_size, "linear: validation", progress
+        ):
             logits = head(features(images).float().cpu())
             logits = F.interpolate(
                 logits, size=masks.shape[-2:], mode="bilinear", align_corners=False

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor
 
-from neco_loss.evaluation.in_context import SegmentationDataset, _batches, _unit_tokens
+from neco_loss.evaluation.in_context import SegmentationDataset, segmentation_batches, unit_tokens
 from neco_loss.evaluation.miou import ConfusionMatrix
 
 KMEANS_ITERATIONS = 20
@@ -68,10 +68,12 @@ def overclustering_miou(
     import faiss
 
     tokens, masks = [], []
-    for images, batch_masks in _batches(dataset, batch_size, "overclustering features", progress):
+    for images, batch_masks in segmentation_batches(
+        dataset, batch_size, "overclustering features", progress
+    ):
         feature_map = features(images)
         grid = feature_map.shape[2:]
-        tokens.append(_unit_tokens(feature_map))
+        tokens.append(unit_tokens(feature_map))
         masks.append(batch_masks)
     all_tokens = torch.cat(tokens)  # (n, h * w, D)
     all_masks = torch.cat(masks)  # (n, H, W)

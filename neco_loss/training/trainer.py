@@ -30,7 +30,7 @@ from neco_loss.data.feeding import EpochSampler, MultiCropDataset
 from neco_loss.data.folder import skipped_files
 from neco_loss.foreground import foreground_masks
 from neco_loss.loss import NeCoLoss
-from neco_loss.models import DenseEncoder, EMATeacher, ProjectionHead, momentum_at
+from neco_loss.models import DenseEncoder, DenseViT, EMATeacher, ProjectionHead, momentum_at
 from neco_loss.progress import progress_bar
 from neco_loss.references import all_gather
 from neco_loss.schedules import cosine
@@ -97,7 +97,7 @@ class Trainer:
             config.precision == "auto" and self.device.type == "cuda"
         )
 
-    def _build_models(self, backbone: nn.Module) -> None:
+    def _build_models(self, backbone: DenseViT) -> None:
         """The student, its EMA teacher, their multi-view encoders and the optimizer."""
         config = self.config
         head = ProjectionHead(backbone.embed_dim, config.head_hidden_dim, config.head_out_dim)
