@@ -311,9 +311,9 @@ def _check_option_typos(extra: list[str], parser: argparse.ArgumentParser) -> No
     keys = {flag_name(item.name) for item in dataclasses.fields(TrainConfig)}
     options = [flag for flag in parser._option_string_actions if flag.startswith("--")]
     for token in extra:
-        head = token.split("=")[0].split(".")[0]
-        if token.startswith("--") and head not in keys:
-            suggestion = did_you_mean(token.split("=")[0], options)
+        flag = token.split("=")[0]
+        if token.startswith("--") and flag.split(".")[0] not in keys:
+            suggestion = did_you_mean(flag, options)
             if suggestion:
                 raise ValueError(f"unknown option {token}{suggestion}")
 

@@ -146,9 +146,10 @@ def schedule_length(config: TrainConfig, steps_per_epoch: int, announce: bool = 
     sets keys its dataset does not read (``image_size``/``train_images`` with a folder).
     """
     epochs_steps = config.epochs * steps_per_epoch
-    if announce and ignored_keys(config):
+    ignored = ignored_keys(config)
+    if announce and ignored:
         warnings.warn(
-            f"{' and '.join(ignored_keys(config))} (for the built-in synthetic scenes "
+            f"{' and '.join(ignored)} (for the built-in synthetic scenes "
             f"only) ignored: every image below {config.dataset} is used, at its own size.",
             UserWarning,
             stacklevel=3,

@@ -186,13 +186,15 @@ class Trainer:
 
     def _nonfinite_cause(self) -> str:
         """Why features are NaN/Inf: the weights the run started from, or training's advice."""
+        if self.step > 0:  # the weights were finite when the run started
+            return ADVICE
+        # The teacher is a copy of the student before the first step: the student says it all.
         broken = [
             name
-            for model, prefix in ((self.student, "student."), (self.teacher, "teacher."))
-            for name, weight in model.state_dict().items()
+            for name, weight in self.student.state_dict().items()
             if weight.is_floating_point() and not bool(torch.isfinite(weight).all())
         ]
-        if not broken or self.step > 0:
+        if not broken:
             return ADVICE
         source = f" ({self.config.weights})" if self.config.weights else ""
         return (
@@ -362,14 +364,13 @@ class Trainer:
         Process 0 writes the config (a failed run still says what it was) and removes an old
         stop note, and returns the metrics log; the other processes return ``None``.
         """
+        self.student.train()
         if self.rank != 0:
-            self.student.train()
             return None
         write_config(self.config)
         (self.output_dir / STOP_NOTE).unlink(missing_ok=True)
         if self.step == 0:  # a fresh run lists its own skipped images
             (self.output_dir / SKIP_LOG).unlink(missing_ok=True)
-        self.student.train()
         return MetricsLog(self.output_dir / "metrics.csv", self.step)
 
     def _logged_step(
