@@ -8,7 +8,7 @@ setup:
 	@bash scripts/setup.sh
 
 demo: setup
-	$(PY) -m neco_loss.cli demo
+	$(PY) -m neco_loss.app.cli demo
 
 test: setup
 	$(PY) -m pytest -q -m "not docs" --durations=30

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor
 
+from neco_loss.app.demo import EVAL_IMAGES, EVAL_TRAIN_IMAGES
 from neco_loss.data import SyntheticScenes
-from neco_loss.demo import EVAL_IMAGES, EVAL_TRAIN_IMAGES
 from neco_loss.evaluation import in_context_miou
 from neco_loss.evaluation.datasets import Normalized
 from neco_loss.evaluation.in_context import patch_label_histograms

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -64,3 +66,42 @@ def spearman(scores_a: Tensor, scores_b: Tensor) -> Tensor:
 def permutation_entropy(q: Tensor) -> Tensor:
     """``(rows,)`` mean over elements of the entropy over ranks of ``q (rows, n, n)``."""
     return -(q * q.clamp_min(torch.finfo(q.dtype).tiny).log()).sum(dim=-1).mean(dim=-1)
+
+
+class ComparedRows(Protocol):
+    """Sorted rows of one ``R`` (``neco_loss.functional.NeCoTerms``)."""
+
+    per_row: Tensor
+    student_scores: Tensor
+    teacher_scores: Tensor
+
+    def teacher_entropy(self) -> Tensor:
+        """``(rows,)`` entropy of each row of ``Q_t``."""
+        ...
+
+
+def loss_stats(
+    loss: Tensor,
+    terms: Sequence[ComparedRows],
+    valid_pairs: int,
+    total_pairs: int,
+    queue_full: bool | None,
+) -> NeCoStats:
+    """``NeCoStats`` of one ``NeCoLoss`` call from its sorted rows (means over all rows)."""
+    with torch.no_grad():
+        rows = sum(len(term.per_row) for term in terms)
+        references = sum(term.student_scores.numel() for term in terms)
+        agreement = sum(
+            float(spearman(term.student_scores.detach(), term.teacher_scores).sum())
+            for term in terms
+        )
+        entropy = sum(float(term.teacher_entropy().sum()) for term in terms)
+    return NeCoStats(
+        loss=float(loss.detach()),
+        valid_pairs=valid_pairs,
+        total_pairs=total_pairs,
+        num_references=references / rows,
+        rank_agreement=agreement / rows,
+        teacher_entropy=entropy / rows,
+        queue_full=queue_full,
+    )

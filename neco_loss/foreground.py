@@ -62,35 +62,6 @@ def foreground_masks(
     return _drop_small_components(kept.reshape(batch, height, width))
 
 
-def teacher_foreground(
-    records: list[Tensor], teacher_maps: list[Tensor], teacher: str
-) -> list[Tensor]:
-    """Foreground of each teacher view, from the CLS attention recorded during a step.
-
-    The reference code thresholds the attention of the forward that made the teacher maps.
-
-    Args:
-        records: ``(B, heads, h * w)`` per forward of the ViT that made the teacher maps, in
-            call order (``neco_loss.models.recording_cls_attention``), one forward per view:
-            for ``teacher="ema"`` the teacher's forwards of the ``C`` global views; for
-            ``"student"`` the student's forwards of all views, then of the global views again
-            (the teacher maps' are the last ``C``); for ``"student_detached"`` the student's
-            forwards, global views first.
-        teacher_maps: The ``C`` teacher maps ``(B, D, h, w)``.
-        teacher: ``"ema"``, ``"student"`` or ``"student_detached"`` (``neco_loss.models.TEACHERS``).
-
-    Returns:
-        ``C`` masks ``(B, h, w)`` bool.
-
-    """
-    count = len(teacher_maps)
-    made_teacher = records[:count] if teacher == "student_detached" else records[-count:]
-    return [
-        foreground_masks(record.unflatten(-1, tuple(teacher_map.shape[2:])))
-        for record, teacher_map in zip(made_teacher, teacher_maps, strict=True)
-    ]
-
-
 def _drop_small_components(mask: Tensor) -> Tensor:
     """``(B, h, w)`` bool without its 8-connected components of 1 or 2 patches.
 

@@ -40,14 +40,23 @@ REFERENCE_STEEPNESS = 100.0  # reference configs: student_steepness = teacher_st
 class SortOptions:
     """How scores become soft permutations and how those are compared.
 
+    The one declaration of the sort options: ``neco_loss``, ``NeCoLoss`` and the training
+    config take the same names with these defaults (the reference code's).
+
     Attributes:
-        network: Sorting network name (``neco_loss.sorting.NETWORKS``).
-        steepness: ``(student, teacher)`` inverse temperatures, or one value for both.
-        relaxation: Swap-probability name (``neco_loss.sorting.RELAXATIONS``).
-        backend: Sorting backend name (``neco_loss.sorting.BACKENDS``).
-        loss: ``"ce"``, ``"l1"`` or ``"l2"`` (see ``permutation_loss``).
-        direction: CE direction (see ``permutation_loss``).
-        top_k: Compare only the ``k`` nearest-neighbour ranks, or ``None`` for all.
+        network: Sorting network (``neco_loss.sorting.NETWORKS``: ``"bitonic"``,
+            ``"bitonic_padded"``, ``"odd_even"``).
+        steepness: ``(student, teacher)`` inverse temperatures, or one value for both
+            (reference configs: 100, 100).
+        relaxation: Swap-probability name (``neco_loss.sorting.RELAXATIONS``; ``"cauchy"`` is
+            diffsort 0.2.0's default).
+        backend: Sorting backend name (``neco_loss.sorting.BACKENDS``: ``"native"``,
+            ``"native-python"``, ``"diffsort"``, ``"torchsort"``).
+        loss: ``"ce"`` (reference), ``"l1"`` or ``"l2"`` (see ``permutation_loss``).
+        direction: CE direction: ``"teacher_to_student"`` (reference code),
+            ``"student_to_teacher"`` or ``"both"`` (the paper's formula); CE only.
+        top_k: Compare only the ``k`` nearest-neighbour ranks (the highest ranks, since
+            similarities are sorted ascending; the paper's Table 9a), or ``None`` for all.
         epsilon: Clamp of probabilities before their log (``None``: the dtype's smallest
             normal, exact above it; see ``neco_loss.permutation_losses.EPSILON``).
 
@@ -276,20 +285,20 @@ def check_features(student: Tensor, teacher: Tensor, references: Tensor) -> None
         )
 
 
-def neco_loss(
+def neco_loss(  # noqa: D417 (the sort options are documented once, in SortOptions)
     student: Tensor,
     teacher: Tensor,
     references: Tensor,
     *,
-    network: str = "bitonic",
-    steepness: float | tuple[float, float] = (REFERENCE_STEEPNESS, REFERENCE_STEEPNESS),
-    relaxation: str = "cauchy",
-    backend: str = "native",
+    network: str = SortOptions.network,
+    steepness: float | tuple[float, float] = SortOptions.steepness,
+    relaxation: str = SortOptions.relaxation,
+    backend: str = SortOptions.backend,
     similarity: str = "cosine",
-    loss: str = "ce",
-    direction: str = "teacher_to_student",
-    top_k: int | None = None,
-    epsilon: float | None = EPSILON,
+    loss: str = SortOptions.loss,
+    direction: str = SortOptions.direction,
+    top_k: int | None = SortOptions.top_k,
+    epsilon: float | None = SortOptions.epsilon,
 ) -> Tensor:
     """NeCo loss of aligned student and teacher patches against reference patches.
 
@@ -302,18 +311,9 @@ def neco_loss(
         teacher: ``(B, N, D)`` teacher features (no gradient flows into them).
         references: ``(B, R, D)`` per-image or ``(R, D)`` shared reference features (no
             gradient flows into them).
-        network: Sorting network (``"bitonic"``, ``"bitonic_padded"``, ``"odd_even"``).
-        steepness: ``(student, teacher)`` steepness, or one value for both.
-        relaxation: Swap probability (``"cauchy"`` is diffsort 0.2.0's default).
-        backend: ``"native"``, ``"diffsort"`` or ``"torchsort"``.
         similarity: ``"cosine"`` or ``"euclidean"`` (see ``similarity_scores``).
-        loss: ``"ce"``, ``"l1"`` or ``"l2"``.
-        direction: ``"teacher_to_student"`` (reference code), ``"student_to_teacher"`` or
-            ``"both"`` (the paper's formula); CE only.
-        top_k: Compare only the ``k`` nearest-neighbour ranks (the highest ranks, since
-            similarities are sorted ascending); the paper's Table 9a.
-        epsilon: Clamp of probabilities before their log (``None``: the dtype's smallest
-            normal, exact above it; see ``neco_loss.permutation_losses.EPSILON``).
+        network, steepness, relaxation, backend, loss, direction, top_k, epsilon: The sort
+            options, each as ``SortOptions`` documents it (defaults: the reference code's).
 
     Returns:
         Scalar loss. Half-precision inputs are computed in float32; autocast is disabled inside.

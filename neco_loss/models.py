@@ -26,7 +26,6 @@ REFERENCE_MOMENTUM = 0.9995  # reference configs: momentum_teacher, EMA cosine f
 # "student", a second student forward of the global views with gradient and drop-path, as the
 # reference code runs use_teacher: False; "student_detached", the student's own global maps of
 # the same forward, detached (ours: no second forward, no gradient through the references).
-TEACHERS = ("ema", "student", "student_detached")
 
 
 def load_state_dict(path: str | Path) -> dict[str, Tensor]:

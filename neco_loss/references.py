@@ -21,16 +21,18 @@ patches they are drawn from (none from an EMA teacher; the student's in the refe
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable, Sequence
 
 import torch
-from torch import Tensor, nn
+import torch.distributed as dist
+from torch import Tensor
+
+from neco_loss.checks import check_choice
+from neco_loss.reference_queue import DEFAULT_QUEUE_LENGTH, ReferenceQueue, cpu_randperm
 
 REFERENCE_STRATEGIES = ("per_image", "fraction", "count", "queue")
 REFERENCE_IMAGES = ("any", "intra", "inter")
 REFERENCE_SOURCES = ("teacher", "student")
-DEFAULT_QUEUE_LENGTH = 8192  # reference DINOv2 configs: queue_length: 8192
-QUEUE_PUSH_PER_IMAGE = 10  # reference code update_queue: min(bs * 10, queue_length) per step
 
 
 def all_gather(tensor: Tensor) -> tuple[Tensor, ...]:
@@ -43,11 +45,6 @@ def all_gather(tensor: Tensor) -> tuple[Tensor, ...]:
     parts = [torch.empty_like(tensor) for _ in range(torch.distributed.get_world_size())]
     torch.distributed.all_gather(parts, tensor)
     return tuple(parts)
-
-
-def _randperm(n: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
-    """``torch.randperm`` drawn on the CPU (seeded by a CPU generator) and moved to ``device``."""
-    return torch.randperm(n, generator=generator).to(device)
 
 
 def per_image_references(
@@ -93,7 +90,7 @@ def per_image_references(
             + "); use fewer references or a larger batch."
         )
     if images == "any":
-        return flat[_randperm(batch * patches, generator, pool.device)[: batch * count]].view(
+        return flat[cpu_randperm(batch * patches, generator, pool.device)[: batch * count]].view(
             batch, count, -1
         )
     owner = torch.arange(batch, device=pool.device).repeat_interleave(patches)  # (B * N,)
@@ -125,7 +122,7 @@ def shared_references(pool: Tensor, count: int, generator: torch.Generator | Non
             f"cannot draw {count} references from {flat.shape[0]} patches "
             f"({pool.shape[0]} images x {pool.shape[1]}); use fewer references or a larger batch."
         )
-    return flat[_randperm(flat.shape[0], generator, pool.device)[:count]]
+    return flat[cpu_randperm(flat.shape[0], generator, pool.device)[:count]]
 
 
 def fraction_count(fraction: float, batch: int, patches: int, images: str = "any") -> int:
@@ -138,105 +135,190 @@ def fraction_count(fraction: float, batch: int, patches: int, images: str = "any
     return max(1, round(fraction * candidates))
 
 
-class ReferenceQueue(nn.Module):
-    """FIFO queues of tokens, one per teacher view (reference code: ``NeCo.queue``).
+class ReferencePolicy:
+    """Where every query's references come from: the strategy, its queue, its draws.
 
-    Each step ``push`` adds ``min(10 * B, length)`` random tokens of a view, newest first; the
-    fill counter counts rows actually written (the reference code's grew twice as fast). The
-    buffers are created at the first push and are part of ``state_dict``, so runs resume with
-    their queue.
+    ``NeCoLoss`` owns one; its arguments are the loss's reference options (see ``NeCoLoss``).
+    The policy holds the queue (``references="queue"``), the private generator of the draws
+    (``seed``) and the cross-process ``gather``, and gathers at most once per pair.
 
-    Args:
-        length: Tokens per queue (reference DINOv2 configs: 8192).
+    Raises:
+        ValueError: For an unknown strategy, image or source choice, a fraction or count that
+            does not fit the strategy, or a queue with images other than ``"any"``.
 
     """
 
-    tokens: Tensor
-    filled: Tensor
-
-    def __init__(self, length: int = DEFAULT_QUEUE_LENGTH) -> None:
-        super().__init__()
-        if isinstance(length, bool) or not isinstance(length, int) or length < 1:
-            raise ValueError(f"queue_length must be an int >= 1 but is {length!r}.")
-        self.length = length
-        self.register_buffer("tokens", torch.empty(0, length, 0))  # (views, length, D)
-        self.register_buffer("filled", torch.zeros(0, dtype=torch.long))  # (views,)
-        self._filled_on_host: list[int] = []  # ``filled`` read without a device sync
-
-    def is_full(self, view: int) -> bool:
-        """Whether queue ``view`` exists and holds ``length`` tokens."""
-        return view < len(self._filled_on_host) and self._filled_on_host[view] == self.length
+    def __init__(
+        self,
+        strategy: str = "per_image",
+        roi_size: int = 7,
+        *,
+        fraction: float | None = None,
+        count: int | None = None,
+        queue_length: int = DEFAULT_QUEUE_LENGTH,
+        images: str = "any",
+        source: str = "teacher",
+        seed: int | None = None,
+        gather: Callable[[Tensor], Sequence[Tensor]] | None = None,
+    ) -> None:
+        check_choice(strategy, "references", REFERENCE_STRATEGIES)
+        check_choice(images, "reference_images", REFERENCE_IMAGES)
+        check_choice(source, "reference_source", REFERENCE_SOURCES)
+        if strategy == "queue" and images != "any":
+            raise ValueError(
+                f"reference_images={images!r} needs references from the batch; the "
+                "queue mixes images: use references='per_image', 'fraction' or 'count'."
+            )
+        self.strategy = strategy
+        self.fraction = _check_fraction(strategy, fraction)
+        self.count = _check_count(strategy, count, roi_size)
+        self.images = images
+        self.source = source
+        self.queue = ReferenceQueue(queue_length) if strategy == "queue" else None
+        self.generator = None if seed is None else torch.Generator().manual_seed(seed)
+        self.gather = gather
 
     def push(
         self,
-        view: int,
-        tokens: Tensor,
-        views: int,
-        generator: torch.Generator | None = None,
-        keep: Tensor | None = None,
+        student_maps: Sequence[Tensor],
+        teacher_maps: Sequence[Tensor],
+        selected: list[Tensor] | None,
     ) -> None:
-        """Add a random subset of a view's tokens to its queue.
+        """Queue every teacher view's tokens (reference: before the loss of the step)."""
+        if self.queue is None:
+            return
+        source_maps = teacher_maps if self.source == "teacher" else student_maps
+        for view in range(len(teacher_maps)):
+            tokens = source_maps[view].flatten(2).transpose(1, 2).detach()  # (B, h * w, D)
+            keep = None if selected is None else selected[view].flatten(1)  # (B, h * w)
+            if self.gather is not None:  # every process queues every process's tokens
+                tokens = torch.cat(list(self.gather(tokens.contiguous())))
+            self.queue.push(view, tokens, len(teacher_maps), self.generator, keep)
 
-        Args:
-            view: Index of the teacher view, ``0 <= view < views``.
-            tokens: ``(B, M, D)`` tokens (detached here).
-            views: Number of teacher views (queues), fixed at the first push.
-            generator: CPU generator, or ``None`` for the global RNG.
-            keep: ``(B, M)`` bool: queue only these tokens (reference ``update_queue`` with
-                ``loss_mask: fg/bg``).
+    def is_queued(self, teacher_view: int) -> bool:
+        """Whether the references of ``teacher_view`` come from its full queue."""
+        return self.queue is not None and self.queue.is_full(teacher_view)
+
+    def pool(self, teacher: Tensor, student: Tensor) -> Tensor:
+        """The aligned patches references are drawn from (``reference_source``).
+
+        Teacher patches keep their gradient, if any: the reference code's ``use_teacher:
+        False`` ablation passes a second student forward as the teacher, and its references
+        carry gradient; an EMA teacher has none. Student patches are detached.
+        """
+        return teacher if self.source == "teacher" else student.detach()
+
+    def reference_count(self, batch: int, patches: int) -> int:
+        """``R`` per query for ``batch`` images of ``patches`` aligned patches each."""
+        if self.strategy == "fraction":
+            assert self.fraction is not None  # set by the constructor
+            return fraction_count(self.fraction, batch, patches, self.images)
+        return self.count or patches
+
+    def draw(self, teacher_view: int, pool: Tensor, keep: Tensor | None = None) -> Tensor:
+        """References for a pool ``(B, N, D)`` of valid images: ``(B, R, D)`` or ``(R, D)``.
+
+        ``keep`` ``(B, N)`` restricts batch draws to the patches ``loss_mask`` selects.
+        """
+        batch, patches, _ = pool.shape
+        count = self.reference_count(batch, patches)
+        if self.is_queued(teacher_view):
+            assert self.queue is not None  # is_queued
+            return self.queue.sample(teacher_view, batch, count, self.generator).to(pool.dtype)
+        if self.strategy in ("per_image", "queue"):  # the queue falls back to per_image
+            return per_image_references(pool, patches, self.images, self.generator, keep)
+        if self.images == "any":
+            return shared_references(pool, count, self.generator)
+        return per_image_references(pool, count, self.images, self.generator)
+
+    def check_gathered_shapes(
+        self, batch: int, patches: int, dim: int, device: torch.device
+    ) -> None:
+        """Once per call with ``gather``: every process must draw from pools of one shape.
 
         Raises:
-            ValueError: If ``views`` or ``D`` differ from those of earlier pushes.
+            ValueError: If the processes' ``(B, N, D)`` differ (unequal per-process batches).
 
         """
-        batch = tokens.shape[0]
-        tokens = tokens.detach().flatten(0, 1)  # (B * M, D)
-        if keep is not None:
-            tokens = tokens[keep.flatten()]
-        if self.tokens.shape[0] == 0:
-            self.tokens = tokens.new_zeros(views, self.length, tokens.shape[1])
-            self.filled = torch.zeros(views, dtype=torch.long, device=tokens.device)
-            self._filled_on_host = [0] * views
-        if self.tokens.shape[0] != views or self.tokens.shape[2] != tokens.shape[1]:
+        if self.gather is None:
+            return
+        shape = torch.tensor([batch, patches, dim], device=device)
+        shapes = torch.stack(list(self.gather(shape)))
+        if not bool((shapes == shape).all()):
             raise ValueError(
-                f"the queue holds {self.tokens.shape[0]} views of dimension "
-                f"{self.tokens.shape[2]} but was given view {view} of {views} with dimension "
-                f"{tokens.shape[1]}."
+                "gather needs the same (B, N, D) on every process but got "
+                f"{shapes.tolist()}; use equal per-process batches (drop_last=True)."
             )
-        count = min(QUEUE_PUSH_PER_IMAGE * batch, self.length, tokens.shape[0])
-        chosen = tokens[_randperm(tokens.shape[0], generator, tokens.device)[:count]]
-        queue = self.tokens[view]  # (length, D), a view into the buffer
-        queue[count:] = queue[: self.length - count].clone()
-        queue[:count] = chosen.to(queue.dtype)
-        self._filled_on_host[view] = min(self._filled_on_host[view] + count, self.length)
-        self.filled[view] = self._filled_on_host[view]
 
-    def sample(
-        self, view: int, batch: int, count: int, generator: torch.Generator | None = None
-    ) -> Tensor:
-        """Draw ``count`` references per image from a full queue, disjoint across images.
+    def draw_gathered(self, teacher_view: int, pool: Tensor, valid: Tensor) -> Tensor:
+        """References of this process's valid images when drawing across processes.
 
-        Returns:
-            ``(batch, count, D)`` references.
+        They are drawn for the valid images of every process, as one process would draw them
+        for the whole batch, and this process keeps its images': ``(B_valid, R, D)`` or
+        ``(R, D)``. One gather: the pool with each image's validity as an extra channel (the
+        shapes were checked once per call, ``check_gathered_shapes``).
+        """
+        assert self.gather is not None  # only called with gather
+        flags = valid.to(pool.dtype)[:, None, None].expand(-1, pool.shape[1], 1)
+        gathered = torch.cat(list(self.gather(torch.cat([pool, flags], dim=2).contiguous())))
+        pools, valids = gathered[..., :-1], gathered[:, 0, -1].bool()  # (world * B, N, D)
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        counts = valids.view(-1, len(valid)).sum(dim=1)  # valid images per process
+        offset, mine = int(counts[:rank].sum()), int(counts[rank])
+        references = self.draw(teacher_view, pools[valids])
+        return references if references.dim() == 2 else references[offset : offset + mine]
+
+    def check_batch(self, batch: int, patches: int) -> None:
+        """Raise if a batch of ``batch`` images of ``patches`` aligned patches cannot feed it.
 
         Raises:
-            ValueError: If the queue is not full or holds fewer than ``batch * count`` tokens.
+            ValueError: If the strategy needs more candidate patches than such a batch has, or
+                the queue is shorter than one step's draw.
 
         """
-        if not self.is_full(view):
-            raise ValueError(f"queue {view} is not full yet; check is_full first.")
-        if batch * count > self.length:
+        available = {"any": batch, "intra": 1, "inter": batch - 1}[self.images] * patches
+        count = self.reference_count(batch, patches)
+        if self.strategy != "queue" and (available < 1 or count > available):
             raise ValueError(
-                f"queue_length {self.length} is too short for {count} references x {batch} "
-                "images; use a longer queue."
+                f"references={self.strategy!r} with reference_images={self.images!r} draws "
+                f"{count} references per image, but a batch of {batch} images x {patches} "
+                f"aligned patches offers {available}; use a larger batch or fewer references."
             )
-        chosen = _randperm(self.length, generator, self.tokens.device)[: batch * count]
-        return self.tokens[view][chosen].view(batch, count, -1)
+        if self.queue is not None and batch * count > self.queue.length:
+            raise ValueError(
+                f"queue_length {self.queue.length} is shorter than one step's draw of {count} "
+                f"references x {batch} images; use a longer queue or a smaller batch."
+            )
 
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-        # The buffers' shapes are set by the first push: take them from the checkpoint.
-        for name in ("tokens", "filled"):
-            if prefix + name in state_dict:
-                setattr(self, name, torch.empty_like(state_dict[prefix + name]))
-        super()._load_from_state_dict(state_dict, prefix, *args)
-        self._filled_on_host = self.filled.tolist()
+
+def _check_fraction(references: str, fraction: float | None) -> float | None:
+    if references != "fraction":
+        if fraction is not None:
+            raise ValueError(
+                f"reference_fraction applies to references='fraction', not {references!r}."
+            )
+        return None
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)):
+        raise ValueError(
+            f"references='fraction' needs reference_fraction in (0, 1] but it is {fraction!r}."
+        )
+    if not 0 < fraction <= 1:
+        raise ValueError(f"reference_fraction must be in (0, 1] but is {fraction!r}.")
+    return float(fraction)
+
+
+def _check_count(references: str, count: int | None, roi_size: int) -> int | None:
+    if references in ("per_image", "fraction"):
+        if count is not None:
+            raise ValueError(
+                f"num_references applies to references='count' or 'queue', not {references!r} "
+                f"(per_image uses roi_size**2 = {roi_size**2}, fraction uses f * B * N)."
+            )
+        return roi_size**2 if references == "per_image" else None
+    if count is None:
+        if references == "count":
+            raise ValueError("references='count' needs num_references (an int >= 1).")
+        return roi_size**2
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"num_references must be an int >= 1 but is {count!r}.")
+    return count

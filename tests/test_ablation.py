@@ -8,13 +8,15 @@ import pytest
 import torch
 import yaml
 
-from neco_loss.ablation import BASELINE, load_ablation, merge, run_ablation
-from neco_loss.cli import main
+from neco_loss.app.ablate import run_ablation
+from neco_loss.app.ablation_file import load_ablation, merge
+from neco_loss.app.cli import main
+from neco_loss.app.experiment import BASELINE
+from neco_loss.app.statistics import MeanInterval, mean_interval, paired_change
 from neco_loss.evaluation.datasets import IGNORE_INDEX, NUM_CLASSES
 from neco_loss.evaluation.suite import evaluate, evaluation_splits
 from neco_loss.loss import NeCoLoss
 from neco_loss.models import DenseViT
-from neco_loss.statistics import MeanInterval, mean_interval, paired_change
 from neco_loss.training import build_config
 from neco_loss.training.assembly import build_backbone
 from tests.test_training import TINY

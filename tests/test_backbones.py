@@ -18,7 +18,7 @@ import yaml
 from torch import nn
 
 from neco_loss import backbones
-from neco_loss.cli import main
+from neco_loss.app.cli import main
 from neco_loss.models import DenseViT, recording_cls_attention
 from tests.test_training import TINY
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from neco_loss.cli import main
+from neco_loss.app.cli import main
 
 ROOT = Path(__file__).parents[1]
 NECO = str(Path(sys.executable).parent / "neco")

@@ -18,8 +18,8 @@ import torch
 import yaml
 from torchvision.transforms.functional import to_pil_image
 
-from neco_loss.ablation import load_ablation
-from neco_loss.cli import main
+from neco_loss.app.ablation_file import load_ablation
+from neco_loss.app.cli import main
 from neco_loss.models import DenseViT
 from neco_loss.progress import plural
 from neco_loss.training import Trainer, build_config, load_config

@@ -5,7 +5,7 @@ import json
 import pytest
 import yaml
 
-from neco_loss.cli import main
+from neco_loss.app.cli import main
 from tests.test_training import TINY
 
 
@@ -118,7 +118,7 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
 def test_tiny_cpu_recipe_is_the_demo_configuration():
     from pathlib import Path
 
-    from neco_loss.demo import DEMO_CONFIG
+    from neco_loss.app.demo import DEMO_CONFIG
     from neco_loss.training import build_config, load_config
 
     recipe = load_config(Path(__file__).parents[1] / "examples" / "recipes" / "tiny_cpu.yaml")
@@ -169,7 +169,7 @@ def test_demo_seeds_table_and_paired_interval(tmp_path):
     numbers (differences 0.02, 0.03, 0.04: mean 0.03, t(0.975, 2) * 0.01 / sqrt(3) = 0.0248)."""
     from dataclasses import asdict
 
-    from neco_loss.demo import DemoResult, run_demo_seeds
+    from neco_loss.app.demo import DemoResult, run_demo_seeds
 
     for seed, change in zip((0, 1, 2), (0.02, 0.03, 0.04), strict=True):
         result = DemoResult(seed, "test", 0.4, 0.4 + change, 0.41, 0.5, 0.5, [], [], 300, 1.0)

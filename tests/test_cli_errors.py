@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from neco_loss.cli import main
+from neco_loss.app.cli import main
 from neco_loss.training.config import TrainConfig
 
 ROOT = Path(__file__).parents[1]

@@ -11,8 +11,8 @@ import shutil
 import pytest
 import yaml
 
+from neco_loss.app.cli import main
 from neco_loss.backbones import TRUST_REMOTE_CODE, build
-from neco_loss.cli import main
 from tests.test_training import TINY
 
 

@@ -192,7 +192,7 @@ class TestImageFolder:
 
 class TestSaveScenes:
     def test_cli_writes_the_training_scenes(self, tmp_path):
-        from neco_loss.cli import main
+        from neco_loss.app.cli import main
 
         main(["make-images", str(tmp_path / "images"), "--count", "3", "--size", "48"])
         paths = sorted((tmp_path / "images").iterdir())
@@ -213,7 +213,7 @@ def test_a_run_reports_skipped_images_once_at_its_end(tmp_path, capsys):
     one summary line and a list in the run folder."""
     import yaml
 
-    from neco_loss.cli import main
+    from neco_loss.app.cli import main
     from tests.test_training import TINY
 
     images = tmp_path / "images"

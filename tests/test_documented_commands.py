@@ -62,7 +62,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "tests/test_faults.py (2 gloo processes; 8 needs 8 GPUs)",
     ),
     "torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 -m "
-    "neco_loss.cli train CONFIG.yaml": (NOT_RUN, "two machines with 8 GPUs each"),
+    "neco_loss.app.cli train CONFIG.yaml": (NOT_RUN, "two machines with 8 GPUs each"),
     "neco eval in-context --checkpoint outputs/train": (
         VERBATIM,
         DOCS + "test_a_users_run_trained_interrupted_resumed_and_evaluated",

@@ -10,7 +10,8 @@ import pytest
 import torch
 import yaml
 
-from neco_loss.cli import _backbone_names, main
+from neco_loss.app.cli import main
+from neco_loss.app.evaluate import backbone_names
 from tests.test_training import TINY
 
 
@@ -59,16 +60,16 @@ def test_weights_files_with_one_name_get_distinct_names(run, tmp_path, capsys):
     assert "| a/backbone | " in table and "| b/backbone | " in table
 
 
-def test_backbone_names(tmp_path):
+def testbackbone_names(tmp_path):
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "w.pt").touch()
     runs = [tmp_path / "run1", tmp_path / "run2"]
-    assert _backbone_names(runs, None) == ["run1", "run2"]
-    assert _backbone_names(runs, ["before", "after"]) == ["before", "after"]
+    assert backbone_names(runs, None) == ["run1", "run2"]
+    assert backbone_names(runs, ["before", "after"]) == ["before", "after"]
     with pytest.raises(SystemExit, match="give --name once per --checkpoint"):
-        _backbone_names(runs, ["only"])
+        backbone_names(runs, ["only"])
     with pytest.raises(SystemExit, match="the same name"):
-        _backbone_names(runs, ["same", "same"])
+        backbone_names(runs, ["same", "same"])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -76,7 +77,7 @@ def test_cuda_without_cuda_is_one_line(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({**TINY, "output_dir": str(tmp_path / "out")}))
     result = subprocess.run(
-        [sys.executable, "-m", "neco_loss.cli", "train", str(config), "--device", "cuda"],
+        [sys.executable, "-m", "neco_loss.app.cli", "train", str(config), "--device", "cuda"],
         capture_output=True,
         text=True,
         timeout=300,

@@ -73,7 +73,7 @@ def start_neco_without(modules: list[str], *arguments: str) -> subprocess.Popen:
     code = (
         "import sys\n"
         f"sys.modules.update(dict.fromkeys({modules!r}))  # import of each raises, as if absent\n"
-        "from neco_loss.cli import main\n"
+        "from neco_loss.app.cli import main\n"
         f"main({list(arguments)!r})\n"
     )
     return subprocess.Popen(

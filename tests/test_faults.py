@@ -77,7 +77,7 @@ def test_fault_data_error_through_neco_train_devices_2(tmp_path):
     """The launcher maps an agreed stop of its processes to one error of ``neco train``."""
     import yaml
 
-    from neco_loss.cli import main
+    from neco_loss.app.cli import main
 
     images = tmp_path / "images"
     images.mkdir()

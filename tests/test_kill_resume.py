@@ -41,7 +41,7 @@ def test_killed_run_resumes_to_identical_weights(tmp_path, signum):
     run = tmp_path / "killed"
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({**settings, "output_dir": str(run)}))
-    command = [sys.executable, "-m", "neco_loss.cli", "train", str(config), "--quiet"]
+    command = [sys.executable, "-m", "neco_loss.app.cli", "train", str(config), "--quiet"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 300
     while checkpoint_step(run / LAST) < 3 and time.time() < deadline and process.poll() is None:

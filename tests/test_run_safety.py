@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from neco_loss.cli import main
+from neco_loss.app.cli import main
 from neco_loss.training import Trainer
 from neco_loss.training.agreement import TrainingStoppedError
 from neco_loss.training.run_folder import LAST, STOP_NOTE, load_checkpoint

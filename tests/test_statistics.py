@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from scipy import stats
 
-from neco_loss.statistics import MeanInterval, mean_interval, paired_change
+from neco_loss.app.statistics import MeanInterval, mean_interval, paired_change
 
 
 def test_known_numbers():

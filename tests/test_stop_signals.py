@@ -47,7 +47,7 @@ def write_config(tmp_path: Path, name: str, devices: int) -> tuple[Path, Path]:
 
 
 def neco_train(config: Path, *flags: str, **options) -> subprocess.Popen:
-    command = [sys.executable, "-m", "neco_loss.cli", "train", str(config), "--quiet", *flags]
+    command = [sys.executable, "-m", "neco_loss.app.cli", "train", str(config), "--quiet", *flags]
     return subprocess.Popen(command, stderr=subprocess.PIPE, text=True, **options)
 
 
@@ -178,7 +178,7 @@ def test_workers_never_outlive_a_killed_parent_started_in_the_background(tmp_pat
     """A script's background job ignores SIGINT, torch's parent-death signal: the workers
     take it anyway, stop after one more step with a checkpoint, and exit."""
     config, output = write_config(tmp_path, "run", 2)
-    command = f"{sys.executable} -m neco_loss.cli train {config} --quiet & echo $!; wait"
+    command = f"{sys.executable} -m neco_loss.app.cli train {config} --quiet & echo $!; wait"
     shell = subprocess.Popen(
         ["bash", "-c", command], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from neco_loss import assets, testbed
+from neco_loss.app.testbed_backbone import PretrainSettings, pretrain_testbed
 from neco_loss.data import SyntheticScenes
 from neco_loss.evaluation import in_context_miou
 from neco_loss.evaluation.datasets import Normalized
-from neco_loss.testbed import PretrainSettings, pretrain_testbed
 from neco_loss.training import build_config
 from neco_loss.training.assembly import build_backbone
 
@@ -48,7 +48,7 @@ def test_shipped_backbone_has_dense_semantics():
 
 def test_configs_name_the_shipped_weights():
     """``weights: testbed`` (the demo's and tiny_cpu.yaml's) starts from the shipped file."""
-    from neco_loss.demo import DEMO_CONFIG
+    from neco_loss.app.demo import DEMO_CONFIG
 
     assert DEMO_CONFIG["weights"] == "testbed"
     backbone = build_backbone(build_config(DEMO_CONFIG))

@@ -7,7 +7,6 @@ AdamW over lightly's ``get_weight_decay_parameters`` (no decay on norms and bias
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from typing import Any
 
@@ -25,16 +24,9 @@ from neco_loss.integrations.lightning_steps import logs_this_step
 from torch import Tensor
 
 from neco_loss.checks import check_choice
-from neco_loss.foreground import teacher_foreground
 from neco_loss.loss import NeCoLoss
-from neco_loss.models import (
-    DINOV2_REGISTERS,
-    REFERENCE_MOMENTUM,
-    TEACHERS,
-    DenseViT,
-    ProjectionHead,
-    recording_cls_attention,
-)
+from neco_loss.models import DINOV2_REGISTERS, REFERENCE_MOMENTUM, DenseViT, ProjectionHead
+from neco_loss.teacher_step import TEACHERS, StepMaps, per_view_encoder, teacher_step
 
 
 class NeCo(pl.LightningModule):
@@ -56,7 +48,7 @@ class NeCo(pl.LightningModule):
         teacher: ``"ema"`` (reference), ``"student"`` (the reference's ``use_teacher: False``:
             a second student forward of the global views, with gradient) or
             ``"student_detached"`` (the student's own global maps, detached); see
-            ``neco_loss.models.TEACHERS``.
+            ``neco_loss.teacher_step.TEACHERS``.
         gather_distributed: Draw references from the batches of all processes with
             ``lightly.utils.dist.gather`` (default False, as lightly's losses).
         backbone_kwargs: For a backbone given by name (e.g. ``pretrained=True``).
@@ -120,14 +112,14 @@ class NeCo(pl.LightningModule):
         update_momentum(self.student_backbone, self.teacher_backbone, m=momentum)
         update_momentum(self.student_head, self.teacher_head, m=momentum)
         views, boxes = split_views_and_boxes(batch[0])
-        student_maps, teacher_maps, foreground = self.encode(views)
+        maps = self.encode(views)
         log_stats = logs_this_step(self)
         loss = self.criterion(
-            student_maps,
-            teacher_maps,
+            maps.student,
+            maps.teacher,
             boxes,
             crop_sizes=[tuple(view.shape[-2:]) for view in views],
-            foreground=foreground,
+            foreground=maps.foreground,
             compute_stats=log_stats,
         )
         self.log("train_loss", loss, prog_bar=True)
@@ -135,27 +127,19 @@ class NeCo(pl.LightningModule):
             self.log_dict(self.criterion.last_stats.as_dict())
         return loss
 
-    def encode(self, views: list[Tensor]) -> tuple[list[Tensor], list[Tensor], list[Tensor] | None]:
+    def encode(self, views: list[Tensor]) -> StepMaps:
         """Student maps, teacher maps (per ``teacher``) and the ``loss_mask`` foreground.
 
-        The foreground comes from the CLS attention of the forward that made the teacher maps
-        (the reference code thresholds the teacher's, or the second student forward's).
+        ``neco_loss.teacher_step.teacher_step``, with one forward per view.
         """
-        globals_ = views[: self.n_global_views]
-        attention = self.criterion.loss_mask != "all"
-        vit = self.teacher_backbone.vit if self.teacher == "ema" else self.student_backbone.vit
-        with contextlib.ExitStack() as stack:
-            records = stack.enter_context(recording_cls_attention(vit)) if attention else []
-            student_maps = [self.forward(view) for view in views]
-            if self.teacher == "ema":
-                teacher_maps = [self.forward_teacher(view) for view in globals_]
-            elif self.teacher == "student":
-                teacher_maps = [self.forward(view) for view in globals_]
-            else:
-                teacher_maps = [m.detach() for m in student_maps[: self.n_global_views]]
-        if not attention:
-            return student_maps, teacher_maps, None
-        return student_maps, teacher_maps, teacher_foreground(records, teacher_maps, self.teacher)
+        return teacher_step(
+            self.teacher,
+            views,
+            self.n_global_views,
+            per_view_encoder(self.forward, self.student_backbone.vit),
+            per_view_encoder(self.forward_teacher, self.teacher_backbone.vit),
+            self.criterion.loss_mask != "all",
+        )
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """AdamW; backbone and head learning rates; no decay on norms and biases."""

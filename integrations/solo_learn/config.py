@@ -13,8 +13,9 @@ from neco_loss.checks import check_choice
 from neco_loss.functional import REFERENCE_STEEPNESS
 from neco_loss.geometry import REFERENCE_ROI_SIZE
 from neco_loss.loss import NeCoLoss
-from neco_loss.models import HEAD_HIDDEN_DIM, HEAD_OUT_DIM, TEACHERS
+from neco_loss.models import HEAD_HIDDEN_DIM, HEAD_OUT_DIM
 from neco_loss.references import DEFAULT_QUEUE_LENGTH
+from neco_loss.teacher_step import TEACHERS
 
 # NeCoLoss options a solo-learn config may set, with the reference configs' values.
 LOSS_DEFAULTS: dict[str, Any] = {
@@ -43,7 +44,7 @@ METHOD_DEFAULTS: dict[str, Any] = {
     "head_lr_scale": 10.0,
     "min_overlap": 0.01,  # reference crops: overlap > 1% of the image with earlier global crops
     "gather_references": False,  # reference code: references from this process's batch only
-    "teacher": "ema",  # reference use_teacher: True; see neco_loss.models.TEACHERS
+    "teacher": "ema",  # reference use_teacher: True; see neco_loss.teacher_step.TEACHERS
 }
 DEFAULTS: dict[str, Any] = {**METHOD_DEFAULTS, **LOSS_DEFAULTS}
 _POSITIVE_INTS = ("proj_hidden_dim", "proj_output_dim")

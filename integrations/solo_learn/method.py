@@ -23,7 +23,6 @@ from solo.utils.momentum import initialize_momentum_params
 from torch import Tensor
 from torch.optim.lr_scheduler import LambdaLR
 
-from neco_loss.foreground import teacher_foreground
 from neco_loss.loss import NeCoLoss
 from neco_loss.models import (
     REFERENCE_MOMENTUM,
@@ -34,6 +33,7 @@ from neco_loss.models import (
 )
 from neco_loss.references import all_gather
 from neco_loss.schedules import warmup_cosine
+from neco_loss.teacher_step import attention_grids, teacher_step
 
 
 class NeCo(BaseMomentumMethod):
@@ -187,36 +187,83 @@ class NeCo(BaseMomentumMethod):
         """NeCo loss over all (teacher large crop, student crop) pairs + the classifier loss."""
         indexes, views, boxes, targets = _unpack(batch)
         attention = self.neco_loss.loss_mask != "all"
-        vit = self.momentum_backbone if self.teacher == "ema" else self.backbone
-        with contextlib.ExitStack() as stack:
-            records = stack.enter_context(recording_cls_attention(vit)) if attention else []
-            outs = super().training_step([indexes, views, targets], batch_idx)
-            teacher_maps = self._teacher_maps(outs, views)
+        solo_step = _SoloStep(
+            self, partial(super().training_step, [indexes, views, targets], batch_idx), attention
+        )
+        maps = teacher_step(
+            self.teacher,
+            views,
+            self.num_large_crops,
+            solo_step.student,
+            solo_step.momentum,
+            attention,
+        )
         log_stats = logs_this_step(self)
         neco = self.neco_loss(
-            outs["neco_maps"],
-            teacher_maps,
+            maps.student,
+            maps.teacher,
             boxes,
             crop_sizes=[tuple(view.shape[-2:]) for view in views],
-            foreground=teacher_foreground(records, teacher_maps, self.teacher)
-            if attention
-            else None,
+            foreground=maps.foreground,
             compute_stats=log_stats,
         )
         self.log("train_neco_loss", neco, on_epoch=True, sync_dist=True, prog_bar=True)
         if log_stats and self.neco_loss.last_stats is not None:
             self.log_dict(self.neco_loss.last_stats.as_dict())
-        return neco + outs["loss"]
+        return neco + solo_step.outs["loss"]
 
-    def _teacher_maps(self, outs: dict[str, Any], views: list[Tensor]) -> list[Tensor]:
-        """The maps the student is compared with, per ``method_kwargs.teacher``."""
-        if self.teacher == "ema":
-            return list(outs["momentum_neco_maps"])
-        if self.teacher == "student":  # the reference's use_teacher: False, a second forward
-            return [
-                self.multicrop_forward(view)["neco_maps"] for view in views[: self.num_large_crops]
+
+class _SoloStep:
+    """solo-learn's own training step as the two encoders of ``teacher_step``.
+
+    solo-learn's ``BaseMomentumMethod.training_step`` encodes every view with the student (one
+    forward per view) and the large crops with the momentum backbone, in one call: the student
+    encoder runs it (then encodes any appended global views again), and the EMA encoder returns
+    its momentum maps with the attention recorded meanwhile.
+
+    Args:
+        method: The ``NeCo`` method.
+        solo_training_step: solo-learn's step on this batch, returning its ``outs``.
+        attention: Whether the loss needs the teacher views' foreground.
+
+    """
+
+    def __init__(self, method: NeCo, solo_training_step: Any, attention: bool) -> None:
+        self.method = method
+        self.solo_training_step = solo_training_step
+        self.attention = attention
+        self.outs: dict[str, Any] = {}
+        self.momentum_records: list[Tensor] = []
+
+    def student(
+        self, views: list[Tensor], attention: bool
+    ) -> tuple[list[Tensor], list[Tensor] | None]:
+        """solo-learn's step on the batch's views, then a student forward of the rest."""
+        # The EMA teacher's attention is recorded while solo-learn runs its momentum forward.
+        record_momentum = self.attention and not attention
+        with contextlib.ExitStack() as stack:
+            own = (
+                stack.enter_context(recording_cls_attention(self.method.backbone))
+                if attention
+                else []
+            )
+            if record_momentum:
+                self.momentum_records = stack.enter_context(
+                    recording_cls_attention(self.method.momentum_backbone)
+                )
+            self.outs = self.solo_training_step()
+            maps = list(self.outs["neco_maps"])
+            maps += [
+                self.method.multicrop_forward(view)["neco_maps"] for view in views[len(maps) :]
             ]
-        return [m.detach() for m in outs["neco_maps"][: self.num_large_crops]]
+        return maps, attention_grids(own, maps) if attention else None
+
+    def momentum(
+        self, views: list[Tensor], attention: bool
+    ) -> tuple[list[Tensor], list[Tensor] | None]:
+        """The momentum maps of the large crops that solo-learn's step made."""
+        maps = list(self.outs["momentum_neco_maps"])
+        return maps, attention_grids(self.momentum_records, maps) if attention else None
 
 
 def _unpack(batch: Sequence[Any]) -> tuple[Tensor, list[Tensor], Tensor, Tensor]:

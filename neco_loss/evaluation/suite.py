@@ -19,12 +19,10 @@ from torch import Tensor
 
 from neco_loss.evaluation.datasets import segmentation_dataset
 from neco_loss.evaluation.figures import draw_retrieval, draw_segmentations
-from neco_loss.evaluation.fractions import Subset, in_context_fractions
-from neco_loss.evaluation.in_context import SegmentationDataset, in_context_miou
-from neco_loss.evaluation.linear import linear_segmentation_miou
-from neco_loss.evaluation.overclustering import overclustering_miou
+from neco_loss.evaluation.fractions import Subset
+from neco_loss.evaluation.in_context import SegmentationDataset
+from neco_loss.evaluation.protocols import PROTOCOLS, ProtocolInputs, ProtocolOutcome
 
-PROTOCOLS = ("in-context", "linear", "overclustering", "fractions")
 SHOWN_IMAGES = 6
 
 
@@ -36,11 +34,15 @@ def evaluation_splits(
     val_images: int = 0,
     train_split: str = "train",
     val_split: str = "val",
+    seed: int = 0,
 ) -> tuple[SegmentationDataset, SegmentationDataset]:
-    """Training and validation sets of a named dataset, cut to the first N images (0: all)."""
+    """Training and validation sets of a named dataset, cut to the first N images (0: all).
+
+    ``seed`` draws the ``synthetic`` scenes; real datasets have no seed.
+    """
     splits = []
     for split, limit in ((train_split, train_images), (val_split, val_images)):
-        data = segmentation_dataset(dataset, data_root, split, image_size)
+        data = segmentation_dataset(dataset, data_root, split, image_size, seed)
         splits.append(Subset(data, range(min(limit, len(data)))) if limit else data)
     return splits[0], splits[1]
 
@@ -58,6 +60,7 @@ def write_results(
     results: dict[str, dict[str, float]],
     output: Path,
     context: Mapping[str, Any] | None = None,
+    per_class: Mapping[str, Mapping[str, list[float]]] | None = None,
 ) -> tuple[Path, Path]:
     """``results.md`` (what was measured, then a table: backbones x metrics) and ``results.json``.
 
@@ -66,9 +69,11 @@ def write_results(
         output: Folder to write to.
         context: What the numbers depend on (dataset, split sizes, checkpoints, protocol
             parameters); the package version and the time are added.
+        per_class: ``{backbone: {protocol: IoU per class}}``, written to ``results.json``.
 
     Returns:
-        The two paths. ``results.json`` holds ``{"results": ..., "context": ...}``.
+        The two paths. ``results.json`` holds ``{"results": ..., "context": ...,
+        "per_class": ...}``.
 
     """
     output.mkdir(parents=True, exist_ok=True)
@@ -81,7 +86,8 @@ def write_results(
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     markdown, data = output / "results.md", output / "results.json"
     markdown.write_text("\n".join(lines) + "\n")
-    data.write_text(json.dumps({"results": results, "context": context}, indent=2, default=str))
+    written = {"results": results, "context": context, "per_class": per_class or {}}
+    data.write_text(json.dumps(written, indent=2, default=str))
     return markdown, data
 
 
@@ -100,6 +106,7 @@ def evaluate(
     progress: bool = True,
     class_names: Sequence[str] | None = None,
     context: Mapping[str, Any] | None = None,
+    seed: int = 0,
 ) -> dict[str, dict[str, float]]:
     """Score every backbone with every protocol; write the table and the pictures.
 
@@ -108,7 +115,7 @@ def evaluate(
         train_set: ``(image, mask)`` pairs: memory bank / linear training.
         val_set: ``(image, mask)`` pairs to score (overclustering uses only these).
         num_classes: Number of classes.
-        protocols: Some of ``PROTOCOLS``.
+        protocols: Names in ``PROTOCOLS``.
         output: Folder for ``results.md``, ``results.json`` and PNGs.
         ignore_index: Label left out of the scores.
         clusters: Overclustering ``K`` values besides ``num_classes``.
@@ -118,9 +125,11 @@ def evaluate(
         class_names: Names for the figures' legends.
         context: What the results depend on, written with them (``write_results``); the
             protocol parameters are added.
+        seed: Seed of the linear probe.
 
     Returns:
-        ``{backbone: {metric: value}}``.
+        ``{backbone: {metric: value}}``; ``results.json`` also holds every backbone's IoU per
+        class (``per_class``: ``{backbone: {protocol: [IoU]}}``).
 
     Raises:
         ValueError: For an unknown protocol, or a backbone whose features are not finite.
@@ -129,97 +138,92 @@ def evaluate(
     unknown = sorted(set(protocols) - set(PROTOCOLS))
     if unknown:
         raise ValueError(f"protocols must be among {list(PROTOCOLS)} but include {unknown}.")
-    counts = tuple(dict.fromkeys((num_classes, *clusters)))  # overclustering K, classes first
-    shown = min(SHOWN_IMAGES, len(val_set))
-    images = torch.stack([val_set[i][0] for i in range(shown)])
-    masks = torch.stack([val_set[i][1] for i in range(shown)])
+    protocols = [protocol for protocol in PROTOCOLS if protocol in protocols]  # table order
+    inputs = ProtocolInputs(
+        train_set,
+        val_set,
+        num_classes,
+        ignore_index,
+        min(SHOWN_IMAGES, len(val_set)),
+        tuple(dict.fromkeys((num_classes, *clusters))),  # overclustering K, classes first
+        linear_epochs,
+        search,
+        progress,
+        seed,
+    )
     results: dict[str, dict[str, float]] = {}
-    pictures: dict[str, dict[str, Tensor]] = {protocol: {} for protocol in protocols}
+    per_class: dict[str, dict[str, list[float]]] = {}
+    outcomes: dict[str, dict[str, ProtocolOutcome]] = {protocol: {} for protocol in protocols}
     for name, unchecked in backbones.items():
         features = _finite(name, unchecked)
-        row: dict[str, float] = {}
-        if "in-context" in protocols:
-            result = in_context_miou(
-                features,
-                train_set,
-                val_set,
-                num_classes,
-                ignore_index=ignore_index,
-                keep_predictions=shown,
-                search=search,
-                progress=progress,
-            )
-            row["in-context mIoU"] = result.miou
-            pictures["in-context"][name] = result.predictions
-        if "linear" in protocols:
-            linear = linear_segmentation_miou(
-                features,
-                train_set,
-                val_set,
-                num_classes,
-                epochs=linear_epochs,
-                ignore_index=ignore_index,
-                keep_predictions=shown,
-                progress=progress,
-            )
-            row["linear mIoU"] = linear.miou
-            pictures["linear"][name] = linear.predictions
-        if "overclustering" in protocols:
-            clustered = overclustering_miou(
-                features, val_set, num_classes, counts, ignore_index=ignore_index, progress=progress
-            )
-            for k, value in clustered.miou.items():
-                row[f"overclustering K={k}"] = value
-            # Clusters coloured by the class they were matched to.
-            pictures["overclustering"][f"{name} K={counts[-1]}"] = clustered.matched_maps[
-                counts[-1]
-            ][:shown]
-        if "fractions" in protocols:
-            for fraction, value in in_context_fractions(
-                features,
-                train_set,
-                val_set,
-                num_classes,
-                ignore_index=ignore_index,
-            ).items():
-                row[f"in-context 1/{round(1 / fraction)}"] = value
-        results[name] = row
+        for protocol in protocols:
+            outcomes[protocol][name] = PROTOCOLS[protocol](features, inputs)
+        results[name] = {
+            metric: value
+            for protocol in protocols
+            for metric, value in outcomes[protocol][name].scores.items()
+        }
+        per_class[name] = {
+            protocol: outcomes[protocol][name].per_class
+            for protocol in protocols
+            if outcomes[protocol][name].per_class
+        }
         draw_retrieval(features, val_set, output / f"retrieval_{_slug(name)}.png")
-    scores = {
-        "in-context": {name: row.get("in-context mIoU") for name, row in results.items()},
-        "linear": {name: row.get("linear mIoU") for name, row in results.items()},
-        "overclustering": {  # the figure shows each backbone's clusters at the largest K
-            f"{name} K={counts[-1]}": row.get(f"overclustering K={counts[-1]}")
-            for name, row in results.items()
-        },
-    }
-    for protocol, predictions in pictures.items():
-        if predictions:
-            draw_segmentations(
-                images,
-                masks,
-                predictions,
-                num_classes,
-                output / f"{protocol}.png",
-                title=f"{protocol} predictions ({len(val_set)} validation images scored)",
-                class_names=class_names,
-                scores={k: v for k, v in scores[protocol].items() if v is not None},
-            )
-    parameters = {
+    _draw_predictions(outcomes, inputs, output, class_names)
+    parameters = _parameters(protocols, inputs)
+    write_results(results, output, {**(context or {}), **parameters}, per_class)
+    return results
+
+
+def _draw_predictions(
+    outcomes: dict[str, dict[str, ProtocolOutcome]],
+    inputs: ProtocolInputs,
+    output: Path,
+    class_names: Sequence[str] | None,
+) -> None:
+    """One figure per protocol that predicts class maps: the backbones' rows side by side."""
+    images = torch.stack([inputs.val_set[i][0] for i in range(inputs.shown)])
+    masks = torch.stack([inputs.val_set[i][1] for i in range(inputs.shown)])
+    for protocol, by_backbone in outcomes.items():
+        drawn = {
+            f"{name}{outcome.figure_label}": outcome
+            for name, outcome in by_backbone.items()
+            if outcome.predictions is not None
+        }
+        if not drawn:
+            continue
+        draw_segmentations(
+            images,
+            masks,
+            {label: outcome.predictions for label, outcome in drawn.items()},
+            inputs.num_classes,
+            output / f"{protocol}.png",
+            title=f"{protocol} predictions ({len(inputs.val_set)} validation images scored)",
+            class_names=class_names,
+            scores={
+                label: outcome.figure_score
+                for label, outcome in drawn.items()
+                if outcome.figure_score is not None
+            },
+        )
+
+
+def _parameters(protocols: Sequence[str], inputs: ProtocolInputs) -> dict[str, Any]:
+    """The protocol parameters the results depend on, for ``results.json``."""
+    parameters: dict[str, Any] = {
         "protocols": list(protocols),
-        "train_images": len(train_set),
-        "val_images": len(val_set),
-        "num_classes": num_classes,
-        "ignore_index": ignore_index,
+        "train_images": len(inputs.train_set),
+        "val_images": len(inputs.val_set),
+        "num_classes": inputs.num_classes,
+        "ignore_index": inputs.ignore_index,
     }
     if "overclustering" in protocols:
-        parameters["clusters"] = list(counts)
+        parameters["clusters"] = list(inputs.clusters)
     if "linear" in protocols:
-        parameters["linear_epochs"] = linear_epochs
+        parameters["linear_epochs"] = inputs.linear_epochs
     if "in-context" in protocols or "fractions" in protocols:
-        parameters["search"] = search
-    write_results(results, output, {**(context or {}), **parameters})
-    return results
+        parameters["search"] = inputs.search
+    return parameters
 
 
 def _finite(name: str, features: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:

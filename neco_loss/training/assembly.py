@@ -39,11 +39,12 @@ class MultiViewEncoder(nn.Module):
 
     def forward(
         self, views: list[Tensor], attention: bool = False
-    ) -> list[Tensor] | tuple[list[Tensor], list[Tensor]]:
+    ) -> tuple[list[Tensor], list[Tensor] | None]:
         """``V`` views ``(B, 3, s_v, s_v)`` -> ``V`` patch maps ``(B, D, h_v, w_v)``.
 
         With ``attention``, also each view's last-block CLS attention ``(B, heads, h_v, w_v)``
-        (``neco_loss.models.recording_cls_attention``).
+        (``neco_loss.models.recording_cls_attention``), else ``None``: a
+        ``neco_loss.teacher_step.Encoder``.
         """
         maps: dict[int, Tensor] = {}
         attentions: dict[int, Tensor] = {}
@@ -62,7 +63,7 @@ class MultiViewEncoder(nn.Module):
                 attentions.update(zip(indices, grids, strict=True))
         in_order = [maps[index] for index in range(len(views))]
         if not attention:
-            return in_order
+            return in_order, None
         return in_order, [attentions[index] for index in range(len(views))]
 
 

@@ -21,7 +21,8 @@ from neco_loss import assets
 from neco_loss.checks import check_choice
 from neco_loss.data import NeCoMultiCrop
 from neco_loss.loss import NeCoLoss
-from neco_loss.models import REFERENCE_MOMENTUM, TEACHERS
+from neco_loss.models import REFERENCE_MOMENTUM
+from neco_loss.teacher_step import TEACHERS
 from neco_loss.yaml_files import read_yaml
 
 # NeCoLoss arguments the trainer sets itself: not config keys under ``loss:``.

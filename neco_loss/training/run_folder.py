@@ -145,6 +145,26 @@ def load_checkpoint(path: Path, mmap: bool = False) -> dict[str, Any]:
     return state
 
 
+# The teacher (``EMATeacher``) holds the student's ``DenseEncoder`` as ``module``: its backbone
+# weights are those under this prefix, the keys of ``backbone.pt`` after it.
+TEACHER_BACKBONE = "module.backbone.vit."
+
+
+def teacher_backbone_state(path: Path) -> dict[str, torch.Tensor]:
+    """The EMA teacher's backbone weights in checkpoint ``path``, keyed as ``backbone.pt``.
+
+    Raises:
+        FileNotFoundError, ValueError: As ``load_checkpoint``.
+
+    """
+    teacher = load_checkpoint(path)["teacher"]
+    return {
+        key.removeprefix(TEACHER_BACKBONE): value
+        for key, value in teacher.items()
+        if key.startswith(TEACHER_BACKBONE)
+    }
+
+
 @dataclass
 class TrainResult:
     """Where a run left its outputs and its last loss."""

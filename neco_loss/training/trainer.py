@@ -28,12 +28,12 @@ from neco_loss import backbones
 from neco_loss.checks import all_finite
 from neco_loss.data.feeding import EpochSampler, MultiCropDataset
 from neco_loss.data.folder import skipped_files
-from neco_loss.foreground import foreground_masks
 from neco_loss.loss import NeCoLoss
 from neco_loss.models import DenseEncoder, DenseViT, EMATeacher, ProjectionHead, momentum_at
 from neco_loss.progress import progress_bar
 from neco_loss.references import all_gather
 from neco_loss.schedules import cosine
+from neco_loss.teacher_step import teacher_step
 from neco_loss.training.agreement import TrainingStoppedError, agreed_batch, stop_if_any
 from neco_loss.training.assembly import (
     MultiViewEncoder,
@@ -150,10 +150,15 @@ class Trainer:
         views = [view.to(self.device, non_blocking=True) for view in views]
         boxes = boxes.to(self.device)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            student_maps, teacher_maps, attention = self._forward(views)
-        foreground = None
-        if attention is not None:
-            foreground = [foreground_masks(view_attention) for view_attention in attention]
+            step = teacher_step(
+                self.config.teacher,
+                views,
+                self.config.num_global,
+                self.student_views,
+                self.teacher_views,
+                self.criterion.loss_mask != "all",
+            )
+        student_maps, teacher_maps = step.student, step.teacher
         features = None
         if not all_finite(student_maps + teacher_maps):
             features = f"the model produced NaN/Inf features{self._nonfinite_cause()}"
@@ -165,7 +170,7 @@ class Trainer:
                 teacher_maps,
                 boxes,
                 crop_sizes=self.crop_sizes,
-                foreground=foreground,
+                foreground=step.foreground,
                 compute_stats=log_stats,
             )
             failure = None if bool(torch.isfinite(loss)) else f"the loss is {float(loss)}{ADVICE}"
@@ -201,34 +206,6 @@ class Trainer:
             f": the starting weights{source} hold NaN/Inf values, in {len(broken)} tensors, "
             f"e.g. {broken[:3]}; start from finite weights"
         )
-
-    def _forward(
-        self, views: list[Tensor]
-    ) -> tuple[list[Tensor], list[Tensor], list[Tensor] | None]:
-        """Student maps, teacher maps and, for a ``loss_mask``, the teacher views' attention.
-
-        ``teacher`` (the reference's ``use_teacher``): ``"ema"`` runs the EMA teacher;
-        ``"student"`` (``use_teacher: False`` as the reference code runs it) encodes the global
-        views a second time with the student, in the same forward (one per step for DDP), with
-        gradient and fresh drop-path; ``"student_detached"`` reuses the student's own global
-        maps, detached (no second forward).
-        """
-        globals_ = self.config.num_global
-        attention = self.criterion.loss_mask != "all"
-        teacher = self.config.teacher
-        inputs = views + views[:globals_] if teacher == "student" else views
-        encoded = self.student_views(inputs, attention and teacher != "ema")
-        maps, attentions = encoded if isinstance(encoded, tuple) else (encoded, None)
-        student_maps = maps[: len(views)]
-        if teacher == "ema":
-            encoded = self.teacher_views(views[:globals_], attention)
-            teacher_maps, attentions = encoded if attention else (encoded, None)
-        elif teacher == "student":
-            teacher_maps = maps[len(views) :]
-            attentions = None if attentions is None else attentions[len(views) :]
-        else:
-            teacher_maps = [m.detach() for m in maps[:globals_]]
-        return student_maps, teacher_maps, None if attentions is None else attentions[:globals_]
 
     def _stop_if_any(self, reasons: dict[str, str | None]) -> None:
         """Every process stops before step ``self.step + 1`` if any process has a reason."""

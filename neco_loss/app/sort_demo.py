@@ -6,6 +6,7 @@ diffsort (the reference code's sorter) on a NeCo-sized problem, and one loss ste
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import time
 from pathlib import Path
@@ -15,6 +16,8 @@ import torch
 from neco_loss.functional import SortOptions, soft_permutation_loss
 from neco_loss.sorting import soft_permutation
 
+NAME = "sort-demo"
+HELP = "soft sorting demo, native vs diffsort"
 DEMO_STEEPNESS = (1.0, 10.0, 100.0)
 REPEATS = 3  # timed steps after one warm-up; the median is shown
 
@@ -98,3 +101,19 @@ def demo(output: Path, rows: int, n: int) -> None:
         )
     speedup = results["diffsort"][1] / results["native"][1]
     print(f"   native is {speedup:.1f}x faster; full tables: make bench (docs/performance.md)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--output``, ``--rows``, ``--n``."""
+    parser.add_argument(
+        "--output", type=Path, default=Path("outputs/sort_demo"), help="figure folder"
+    )
+    parser.add_argument(
+        "--rows", type=int, default=3136, help="rows sorted (64 images x 49 patches)"
+    )
+    parser.add_argument("--n", type=int, default=49, help="elements per row")
+
+
+def run(args: argparse.Namespace, overrides: list[str]) -> None:
+    """The demo with the command line's sizes."""
+    demo(args.output, args.rows, args.n)

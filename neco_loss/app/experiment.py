@@ -1,0 +1,210 @@
+"""One experiment runner: train a list of variants, score each with the evaluation suite.
+
+``neco ablate`` runs it over the variants of an ablation file, ``neco demo`` over one NeCo
+run from the testbed backbone. Every ``(variant, seed)`` trains into its own folder (a
+finished one is reused, an interrupted one continued, through ``training.launch``); then the
+starting backbone (``baseline``), every run's student and, with ``teachers``, every run's EMA
+teacher are scored by ``evaluation.suite.evaluate`` on the same images, side by side.
+``experiment_report`` turns the scores into rows with intervals, paired changes and a plot.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from neco_loss.evaluation.datasets import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES
+from neco_loss.evaluation.in_context import SegmentationDataset
+from neco_loss.evaluation.suite import evaluate, evaluation_splits
+from neco_loss.models import DenseViT
+from neco_loss.training import TrainConfig
+from neco_loss.training.distributed import launch
+from neco_loss.training.run_folder import LAST, teacher_backbone_state
+
+BASELINE = "start (no NeCo)"
+TEACHER = "EMA teacher"
+
+
+@dataclass
+class Scoring:
+    """How the backbones of an experiment are scored (``neco ablate``'s ``evaluation`` keys).
+
+    Attributes:
+        dataset: ``synthetic`` or a dataset of ``evaluation.datasets`` (then ``data_root``).
+        data_root: The dataset's folder.
+        image_size: Side of the scored images; ``None``: the runs' ``image_size`` for
+            ``synthetic``, 448 px (paper) otherwise.
+        train_images: Memory bank / linear probe training images (0: all).
+        val_images: Scored images (0: all).
+        split: The split scored (``val`` or, for ``SyntheticScenes``, ``test``).
+        linear_epochs: Epochs of the linear probe.
+        protocols: Protocols of ``evaluation.suite.PROTOCOLS``.
+        seed: Seed of the ``SyntheticScenes`` images and of the linear probe.
+
+    """
+
+    dataset: str = "synthetic"
+    data_root: str | None = None
+    image_size: int | None = None
+    train_images: int = 200
+    val_images: int = 64
+    split: str = "val"
+    linear_epochs: int = 10
+    protocols: list[str] = field(default_factory=lambda: ["in-context", "linear"])
+    seed: int = 0
+
+
+@dataclass
+class Experiment:
+    """Runs to train and what to score.
+
+    Attributes:
+        runs: ``{(variant, seed): config}``, each with its own ``output_dir``.
+        scoring: How every backbone is scored.
+        baseline: Also score the starting backbone (the runs' ``weights``) as row ``BASELINE``.
+        teachers: Also score every run's EMA teacher, as row ``"<variant> EMA teacher"``.
+
+    """
+
+    runs: dict[tuple[str, int], TrainConfig]
+    scoring: Scoring
+    baseline: bool = False
+    teachers: bool = False
+
+
+@dataclass
+class ExperimentScores:
+    """The scores of an experiment's backbones.
+
+    Attributes:
+        per_run: ``{run: {metric: score}}``, runs named ``"<row> (seed N)"`` (the baseline
+            ``BASELINE``).
+        rows: ``{row: its runs in seed order}``; the baseline first when scored.
+        per_class: ``{run: {protocol: per-class IoU}}`` (``evaluation/results.json``).
+        image_size: Side of the scored images.
+        train_images: Memory bank / probe training images used.
+        val_images: Images scored.
+
+    """
+
+    per_run: dict[str, dict[str, float]]
+    rows: dict[str, list[str]]
+    per_class: dict[str, dict[str, list[float]]]
+    image_size: int
+    train_images: int
+    val_images: int
+
+
+def run_name(row: str, seed: int) -> str:
+    """The name of one seed's run of ``row`` in tables and figures."""
+    return f"{row} (seed {seed})"
+
+
+def run_experiment(experiment: Experiment, output: Path, progress: bool = True) -> ExperimentScores:
+    """Train every run, then score every backbone side by side on the same images.
+
+    Args:
+        experiment: The runs and the scoring.
+        output: The suite's tables and pictures go to ``output/evaluation``.
+        progress: Show progress bars.
+
+    Returns:
+        The scores, by run and by row.
+
+    Raises:
+        ValueError: If ``baseline`` is asked for but the runs start from no ``weights``.
+
+    """
+    first = next(iter(experiment.runs.values()))
+    backbones: dict[str, Callable[[Tensor], Tensor]] = {}
+    rows: dict[str, list[str]] = {}
+    if experiment.baseline:  # scored once: it does not depend on the training seed
+        backbones[BASELINE] = _frozen(_starting_backbone(first))
+        rows[BASELINE] = [BASELINE]
+    for (variant, seed), config in experiment.runs.items():
+        print(f"== variant {variant}, seed {seed}")
+        for row, backbone in _train(config, experiment.teachers, variant, progress).items():
+            backbones[run_name(row, seed)] = _frozen(backbone)
+            rows.setdefault(row, []).append(run_name(row, seed))
+    scoring = experiment.scoring
+    size = scoring.image_size or (first.image_size if scoring.dataset == "synthetic" else 448)
+    train_set, val_set = _scored_sets(scoring, size)
+    per_run = evaluate(
+        backbones,
+        train_set,
+        val_set,
+        NUM_CLASSES[scoring.dataset],
+        scoring.protocols,
+        output / "evaluation",
+        ignore_index=IGNORE_INDEX,
+        linear_epochs=scoring.linear_epochs,
+        progress=progress,
+        class_names=CLASS_NAMES.get(scoring.dataset),
+        seed=scoring.seed,
+    )
+    written = json.loads((output / "evaluation" / "results.json").read_text())
+    return ExperimentScores(per_run, rows, written["per_class"], size, len(train_set), len(val_set))
+
+
+def _scored_sets(scoring: Scoring, size: int) -> tuple[SegmentationDataset, SegmentationDataset]:
+    return evaluation_splits(
+        scoring.dataset,
+        scoring.data_root,
+        size,
+        scoring.train_images,
+        scoring.val_images,
+        val_split=scoring.split,
+        seed=scoring.seed,
+    )
+
+
+def _starting_backbone(config: TrainConfig) -> DenseViT:
+    """The backbone the runs start from (their ``weights``).
+
+    Raises:
+        ValueError: If the runs start from no weights file.
+
+    """
+    if config.weights is None:
+        raise ValueError(
+            "'baseline: true' scores the starting backbone, but the base config has no "
+            "'weights' (the backbone NeCo starts from)."
+        )
+    return DenseViT(config.model, checkpoint=config.weights, **config.model_kwargs)
+
+
+def _train(
+    config: TrainConfig, teachers: bool, variant: str, progress: bool
+) -> dict[str, DenseViT]:
+    """Train one run (continued or reused if its folder has a checkpoint); its backbones.
+
+    Returns:
+        ``{variant: student}``, plus ``{"<variant> EMA teacher": teacher}`` with ``teachers``.
+
+    """
+    # A run trained before (an interrupted or repeated experiment) is continued, or reused
+    # when it finished; one whose settings changed is refused by resume.
+    resume = (config.output_dir_path / LAST).exists()
+    result = launch(config, resume=resume, progress=progress)
+    trained = {variant: DenseViT(config.model, checkpoint=result.backbone, **config.model_kwargs)}
+    if teachers:
+        teacher = DenseViT(config.model, **config.model_kwargs)
+        teacher.vit.load_state_dict(teacher_backbone_state(result.checkpoint))
+        trained[f"{variant} {TEACHER}"] = teacher
+    return trained
+
+
+def _frozen(backbone: DenseViT) -> Callable[[Tensor], Tensor]:
+    """``backbone`` in eval mode as a no-grad feature function."""
+    return torch.no_grad()(backbone.eval())
+
+
+def scores_of(scores: ExperimentScores, row: str) -> list[dict[str, Any]]:
+    """Every run of ``row``: its metrics, in seed order."""
+    return [scores.per_run[run] for run in scores.rows[row]]
