@@ -88,6 +88,15 @@ def all_finite(tensors: Iterable[Tensor]) -> bool:
     return not flags or bool(torch.stack(flags).all())
 
 
+def nonfinite_tensors(state: Mapping[str, Tensor]) -> list[str]:
+    """Names of the floating tensors of ``state`` (e.g. a ``state_dict``) holding NaN or Inf."""
+    return [
+        name
+        for name, tensor in state.items()
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+    ]
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Dtype to compute in: float32 for half types (too coarse for Q), else ``dtype``."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype

@@ -303,7 +303,9 @@ def neco_loss(  # noqa: D417 (the sort options are documented once, in SortOptio
     """NeCo loss of aligned student and teacher patches against reference patches.
 
     Defaults reproduce the reference code: cosine similarity, bitonic network with Cauchy
-    relaxation at steepness 100 for both, ``-mean_{B, N, R} sum_rank Q_t log Q_s``.
+    relaxation at steepness 100 for both, ``-mean_{B, N, R} sum_rank Q_t log Q_s``. The sort
+    options ``network``, ``steepness``, ``relaxation``, ``backend``, ``loss``, ``direction``,
+    ``top_k`` and ``epsilon`` are documented once, in ``SortOptions``.
 
     Args:
         student: ``(B, N, D)`` student features; row ``n`` of image ``b`` shows the same image
@@ -312,8 +314,6 @@ def neco_loss(  # noqa: D417 (the sort options are documented once, in SortOptio
         references: ``(B, R, D)`` per-image or ``(R, D)`` shared reference features (no
             gradient flows into them).
         similarity: ``"cosine"`` or ``"euclidean"`` (see ``similarity_scores``).
-        network, steepness, relaxation, backend, loss, direction, top_k, epsilon: The sort
-            options, each as ``SortOptions`` documents it (defaults: the reference code's).
 
     Returns:
         Scalar loss. Half-precision inputs are computed in float32; autocast is disabled inside.

@@ -224,3 +224,12 @@ def align_checked_pair(
         flipped = boxes[:, 4] == 1 if boxes.shape[1] == 5 else torch.zeros_like(valid)
         aligned.append(_roi_tokens(feature_map, grid, flipped, roi_size))
     return aligned[0], aligned[1], valid
+
+
+def overlapping_pairs(boxes: Tensor, teacher_views: int) -> list[list[list[bool]]]:
+    """``[c][v][b]``: whether teacher view ``c``'s crop overlaps view ``v``'s in image ``b``.
+
+    One host transfer for all pairs, so that the pair loop needs none.
+    """
+    shared = intersect(boxes[:, :teacher_views, None], boxes[:, None, :])  # (B, C, V, 4)
+    return is_nonempty(shared).permute(1, 2, 0).tolist()

@@ -23,18 +23,14 @@ from neco_loss.functional import (
     compare_valid_scores,
     similarity_scores,
 )
-from neco_loss.geometry import REFERENCE_ROI_SIZE, align_checked_pair, intersect, is_nonempty
-from neco_loss.loss_inputs import LossInputs, check_loss_inputs
+from neco_loss.geometry import REFERENCE_ROI_SIZE, align_checked_pair, overlapping_pairs
+from neco_loss.loss_inputs import MASK_FULL, LossInputs, check_loss_inputs, check_loss_mask
 from neco_loss.permutation_losses import check_top_k
 from neco_loss.reference_queue import DEFAULT_QUEUE_LENGTH
 from neco_loss.references import ReferencePolicy
 from neco_loss.sorting.networks import sorts_every_input
 
 PERMUTATION_WARNING_BYTES = 8 * 2**30  # warn before a step whose Q_s alone exceeds 8 GiB
-LOSS_MASKS = ("all", "foreground", "background")  # reference loss_mask: all, fg, bg
-# A token is selected when its ROI-aligned 0/1 mask is >= 1 (reference: aligned_mask >= 1.0),
-# i.e. all its bilinear samples fall on the mask; 1 - 1e-6 absorbs the weights' rounding.
-MASK_FULL = 1.0 - 1e-6
 
 
 class _PairScores(NamedTuple):
@@ -56,6 +52,10 @@ class NeCoLoss(nn.Module):
     (V - 1)`` when every pair overlaps. Pairs whose crops do not overlap are left out and
     counted in ``last_stats``.
 
+    The sort options ``network``, ``steepness``, ``relaxation``, ``backend``, ``loss``,
+    ``direction``, ``top_k`` and ``epsilon`` are documented once, in
+    ``neco_loss.functional.SortOptions`` (defaults: the reference code's).
+
     Args:
         roi_size: Side of the aligned grid (reference: 7, so N = 49 patches per pair).
         references: ``"per_image"`` (reference code), ``"fraction"``, ``"count"`` or
@@ -67,9 +67,6 @@ class NeCoLoss(nn.Module):
         reference_images: ``"any"``, ``"intra"`` or ``"inter"`` (paper Table 5c).
         reference_source: ``"teacher"`` (reference code) or ``"student"`` (paper text) patches
             as references; always detached.
-        network, steepness, relaxation, backend, loss, direction, top_k, epsilon: The sort
-            options, each as ``neco_loss.functional.SortOptions`` documents it (defaults: the
-            reference code's).
         similarity: ``"cosine"`` (reference configs) or ``"euclidean"``.
         seed: Seeds a private CPU generator for the reference draws; ``None`` uses the global RNG.
         loss_mask: Which query patches the loss compares (reference ``loss_mask``): ``"all"``,
@@ -156,7 +153,7 @@ class NeCoLoss(nn.Module):
         self.roi_size = roi_size
         self.similarity = similarity
         self.compute_stats = compute_stats
-        self.loss_mask = _check_loss_mask(loss_mask, self.policy)
+        self.loss_mask = check_loss_mask(loss_mask, self.policy)
         if self.policy.count is not None:
             check_top_k(top_k, self.policy.count)
             self.options.check_size(self.policy.count)
@@ -264,7 +261,7 @@ class NeCoLoss(nn.Module):
             pair count divides the masked mean.
 
         """
-        overlaps = _overlapping_pairs(inputs.boxes, len(inputs.teacher_maps))  # [c][v][b]
+        overlaps = overlapping_pairs(inputs.boxes, len(inputs.teacher_maps))  # [c][v][b]
         if self.policy.gather is not None:
             first = inputs.student_maps[0]
             self.policy.check_gathered_shapes(
@@ -388,16 +385,10 @@ class NeCoLoss(nn.Module):
         return replace(self.options, network="bitonic_padded")
 
     def check_batch(self, batch: int) -> None:
-        """Raise before training if a batch of ``batch`` images cannot feed the references.
+        """Refuse (``ValueError``) a step of ``batch`` images that cannot feed the references.
 
-        Args:
-            batch: Images per step whose patches are candidates (all processes' with
-                ``gather``).
-
-        Raises:
-            ValueError: If the strategy needs more candidate patches than such a batch has, or
-                the queue is shorter than one step's draw.
-
+        ``batch`` counts all processes' images with ``gather``; see
+        ``ReferencePolicy.check_batch``.
         """
         self.policy.check_batch(batch, self.roi_size**2)
 
@@ -406,27 +397,3 @@ class NeCoLoss(nn.Module):
     ) -> NeCoStats:
         queue_full = None if self.queue is None else self.queue.is_full(0)
         return loss_stats(loss, terms, valid_pairs, total_pairs, queue_full)
-
-
-def _overlapping_pairs(boxes: Tensor, teacher_views: int) -> list[list[list[bool]]]:
-    """``[c][v][b]``: whether teacher view ``c``'s crop overlaps view ``v``'s in image ``b``.
-
-    One host transfer for all pairs, so that the pair loop needs none.
-    """
-    shared = intersect(boxes[:, :teacher_views, None], boxes[:, None, :])  # (B, C, V, 4)
-    return is_nonempty(shared).permute(1, 2, 0).tolist()
-
-
-def _check_loss_mask(loss_mask: str, policy: ReferencePolicy) -> str:
-    """``loss_mask`` if the reference policy draws as the reference code's masked loss does."""
-    check_choice(loss_mask, "loss_mask", LOSS_MASKS)
-    if loss_mask != "all" and (
-        policy.strategy not in ("per_image", "queue") or policy.images != "any" or policy.gather
-    ):
-        raise ValueError(
-            f"loss_mask={loss_mask!r} draws references as the reference code does: it needs "
-            "references='per_image' or 'queue', reference_images='any' and no gather, but "
-            f"got references={policy.strategy!r}, reference_images={policy.images!r}"
-            + (" and a gather." if policy.gather else ".")
-        )
-    return loss_mask

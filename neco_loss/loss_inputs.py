@@ -12,8 +12,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from neco_loss.checks import check_finite, check_float_tensor, compute_dtype
+from neco_loss.checks import check_choice, check_finite, check_float_tensor, compute_dtype
 from neco_loss.geometry import check_boxes, crop_extent
+from neco_loss.references import ReferencePolicy
+
+LOSS_MASKS = ("all", "foreground", "background")  # reference loss_mask: all, fg, bg
+# A token is selected when its ROI-aligned 0/1 mask is >= 1 (reference: aligned_mask >= 1.0),
+# i.e. all its bilinear samples fall on the mask; 1 - 1e-6 absorbs the weights' rounding.
+MASK_FULL = 1.0 - 1e-6
 
 
 @dataclass
@@ -186,3 +192,18 @@ def _check_views(
     if compute_dtype(boxes.dtype) != boxes.dtype:
         raise TypeError(f"boxes must be float32 or float64 but have dtype {boxes.dtype}.")
     return batch, views
+
+
+def check_loss_mask(loss_mask: str, policy: ReferencePolicy) -> str:
+    """``loss_mask`` if the reference policy draws as the reference code's masked loss does."""
+    check_choice(loss_mask, "loss_mask", LOSS_MASKS)
+    if loss_mask != "all" and (
+        policy.strategy not in ("per_image", "queue") or policy.images != "any" or policy.gather
+    ):
+        raise ValueError(
+            f"loss_mask={loss_mask!r} draws references as the reference code does: it needs "
+            "references='per_image' or 'queue', reference_images='any' and no gather, but "
+            f"got references={policy.strategy!r}, reference_images={policy.images!r}"
+            + (" and a gather." if policy.gather else ".")
+        )
+    return loss_mask

@@ -55,6 +55,7 @@ def teacher_step(
     student: Encoder,
     ema: Encoder,
     attention: bool,
+    masks: Callable[[Tensor], Tensor] = foreground_masks,
 ) -> StepMaps:
     """Encode the views with the student and make the teacher maps per ``teacher``.
 
@@ -66,6 +67,8 @@ def teacher_step(
             ``"student"``).
         ema: The EMA teacher's encoder (called on the global views for ``"ema"`` only).
         attention: Whether the loss needs the foreground (a ``loss_mask`` other than ``all``).
+        masks: Turns a teacher view's CLS attention ``(B, heads, h, w)`` into its foreground
+            (default: the reference code's ``foreground_masks``).
 
     Returns:
         The student maps, the teacher maps and their foreground.
@@ -84,7 +87,7 @@ def teacher_step(
     foreground = None
     if attentions is not None:  # thresholded in float32 whatever autocast the caller runs
         with torch.autocast(attentions[0].device.type, enabled=False):
-            foreground = [foreground_masks(grid) for grid in attentions[:num_global]]
+            foreground = [masks(grid) for grid in attentions[:num_global]]
     return StepMaps(maps[: len(views)], teacher_maps, foreground)
 
 

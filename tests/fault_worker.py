@@ -43,10 +43,10 @@ def inject(trainer: Trainer, scenario: str) -> None:
         original_teacher = trainer.teacher_views.forward
 
         def nan_at_fault_step(views, attention=False):
-            maps = original_teacher(views, attention)
+            maps, attentions = original_teacher(views, attention)
             if trainer.step + 1 == FAULT_STEP:
                 maps = [torch.full_like(m, float("nan")) for m in maps]
-            return maps
+            return maps, attentions
 
         trainer.teacher_views.forward = nan_at_fault_step
 

@@ -225,7 +225,7 @@ class TestTeachers:
         views, _ = next(trainer._batches())
         trainer.student.train()
         torch.manual_seed(0)
-        return trainer._forward(views)
+        return trainer.encode(views)
 
     def test_student_is_a_second_forward_with_gradient(self, tmp_path):
         student_maps, teacher_maps, attention = self.forward(tmp_path, "student")
@@ -251,7 +251,7 @@ class TestTeachers:
         trainer = Trainer(config, progress=False)
         views, _ = next(trainer._batches())
         trainer.student.train()
-        _, teacher_maps, attention = trainer._forward(views)
+        _, teacher_maps, attention = trainer.encode(views, masks=lambda grid: grid)
         assert [tuple(a.shape) for a in attention] == [(4, 2, 6, 6)] * 2
         torch.testing.assert_close(attention[0].sum(dim=(2, 3)), torch.ones(4, 2), atol=0.5, rtol=0)
         result = trainer.fit()

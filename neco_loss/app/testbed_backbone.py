@@ -131,18 +131,11 @@ def pretrain_testbed(
                 break
             for group in optimizer.param_groups:
                 group["lr"] = cosine(len(losses), settings.steps, settings.lr, 0.0)
-            maps = [
-                *backbone(torch.cat(views[: transform.num_global])).chunk(transform.num_global),
-                *backbone(torch.cat(views[transform.num_global :])).chunk(
-                    len(views) - transform.num_global
-                ),
-            ]
-            crop_sizes = [(view.shape[2], view.shape[3]) for view in views]
             loss = vicregl_loss(
                 criterion,
-                maps,
+                _maps(backbone, views, transform.num_global),
                 boxes,
-                crop_sizes,
+                [(view.shape[2], view.shape[3]) for view in views],
                 backbone.patch_size,
                 expanders,
                 transform.num_global,
@@ -156,6 +149,14 @@ def pretrain_testbed(
             bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
     bar.close()
     return _write(backbone, output, settings, losses, time.perf_counter() - start)
+
+
+def _maps(backbone: nn.Module, views: list[torch.Tensor], num_global: int) -> list[torch.Tensor]:
+    """Patch maps of every view: the global views in one forward, the local ones in another."""
+    return [
+        *backbone(torch.cat(views[:num_global])).chunk(num_global),
+        *backbone(torch.cat(views[num_global:])).chunk(len(views) - num_global),
+    ]
 
 
 def _write(

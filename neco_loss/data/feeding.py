@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from neco_loss.data.multicrop import NeCoMultiCrop
 
@@ -72,3 +72,32 @@ class EpochSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return (self.batches_per_epoch - self.start) * self.batch_size
+
+
+def batches_from(
+    dataset: MultiCropDataset,
+    sampler: EpochSampler,
+    step: int,
+    batch_size: int,
+    **loader_options: Any,
+) -> Iterator[tuple[list[Tensor], Tensor]]:
+    """``(views, boxes)`` batches from global step ``step`` on, epoch after epoch.
+
+    Args:
+        dataset: The seeded multi-crop dataset.
+        sampler: This process's sampler of it.
+        step: The first step to feed (a resumed run's).
+        batch_size: Images per process and step.
+        **loader_options: ``DataLoader`` options (workers, pinning, ``worker_init_fn``).
+
+    """
+    while True:
+        epoch, offset = divmod(step, sampler.batches_per_epoch)
+        sampler.epoch = dataset.epoch = epoch
+        sampler.start = offset
+        loader = DataLoader(
+            dataset, batch_size=batch_size, sampler=sampler, drop_last=True, **loader_options
+        )
+        for batch in loader:
+            yield batch
+            step += 1

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -93,10 +94,7 @@ def draw_segmentations(
     figure.legend(handles=handles, loc="center right", fontsize="small", title="classes")
     figure.suptitle(title)
     figure.tight_layout(rect=(0, 0, 0.85, 1))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
+    return _save(figure, path)
 
 
 @torch.no_grad()
@@ -128,15 +126,11 @@ def draw_retrieval(
     maps = torch.cat(
         [features(pictures[i : i + 16]).float().cpu() for i in range(0, len(pictures), 16)]
     )
-    count, _, height, width = maps.shape
     image_index, row, column = query
+    count, _, height, width = maps.shape
     row = height // 2 if row < 0 else row
     column = width // 2 if column < 0 else column
-    tokens = F.normalize(maps.flatten(2).transpose(1, 2), dim=-1)  # (n, h * w, D)
-    similarity = tokens @ tokens[image_index, row * width + column]  # (n, h * w)
-    similarity[image_index] = -2  # other images only
-    best, where = similarity.max(dim=1)
-    order = best.argsort(descending=True)[:neighbours]
+    order, best, where = _nearest_patches(maps, image_index, row * width + column, neighbours)
     figure, axes = plt.subplots(1, 1 + len(order), figsize=(2.0 * (1 + len(order)), 2.3))
     scale_y, scale_x = pictures.shape[2] / height, pictures.shape[3] / width
     shown = [(image_index, row * width + column, 1.0)] + [
@@ -160,7 +154,29 @@ def draw_retrieval(
         axis.set_yticks([])
     figure.suptitle(f"nearest patches of a query patch among {count} images (cosine similarity)")
     figure.tight_layout()
+    return _save(figure, path)
+
+
+def _nearest_patches(
+    maps: Tensor, image_index: int, token: int, neighbours: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The images whose best patch is nearest to the query token, in other images only.
+
+    Returns:
+        ``(order, best, where)``: the ``neighbours`` nearest images, every image's best cosine
+        similarity and the index of its best patch.
+
+    """
+    tokens = F.normalize(maps.flatten(2).transpose(1, 2), dim=-1)  # (n, h * w, D)
+    similarity = tokens @ tokens[image_index, token]  # (n, h * w)
+    similarity[image_index] = -2  # other images only
+    best, where = similarity.max(dim=1)
+    return best.argsort(descending=True)[:neighbours], best, where
+
+
+def _save(figure: Any, path: Path) -> Path:
+    """Write ``figure`` to ``path`` (its folder made) and free it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100)
-    plt.close(figure)
+    _pyplot().close(figure)
     return path

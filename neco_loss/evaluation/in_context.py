@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Protocol
 
 import torch
@@ -222,20 +223,73 @@ def in_context_miou(
         ignore_index=ignore_index,
         progress=progress,
     )
+
+    confusion, predictions = score_segmentation(
+        partial(_retrieved_scores, features, keys, labels, (k, temperature, search)),
+        val_set,
+        num_classes,
+        ignore_index=ignore_index,
+        batch_size=batch_size,
+        keep_predictions=keep_predictions,
+        description="in-context eval",
+        progress=progress,
+    )
+    return InContextResult(confusion.miou(), confusion.iou(), predictions)
+
+
+def _retrieved_scores(
+    features: FeatureFn,
+    keys: Tensor,
+    labels: Tensor,
+    search: tuple[int, float, str],
+    images: Tensor,
+) -> Tensor:
+    """Class scores ``(B, C, h, w)`` of every patch from its neighbours in the memory bank.
+
+    ``search`` is ``(k, temperature, search backend)`` of ``predict_patches``.
+    """
+    feature_map = features(images)
+    batch, _, height, width = feature_map.shape
+    queries = unit_tokens(feature_map)
+    scores = predict_patches(queries.flatten(0, 1), keys, labels, *search)
+    return scores.view(batch, height, width, labels.shape[-1]).permute(0, 3, 1, 2)
+
+
+def score_segmentation(
+    class_scores: Callable[[Tensor], Tensor],
+    val_set: SegmentationDataset,
+    num_classes: int,
+    *,
+    ignore_index: int | None,
+    batch_size: int,
+    keep_predictions: int,
+    description: str,
+    progress: bool,
+) -> tuple[ConfusionMatrix, Tensor]:
+    """Segment every scored image by the argmax of its upsampled class scores.
+
+    Args:
+        class_scores: Images ``(B, 3, H, W)`` -> class scores ``(B, C, h, w)``.
+        val_set: ``(image, mask)`` pairs to score.
+        num_classes: ``C``.
+        ignore_index: Label left out of the scores.
+        batch_size: Images per call.
+        keep_predictions: How many predicted masks to return.
+        description: Progress bar label.
+        progress: Show a progress bar.
+
+    Returns:
+        The confusion matrix and the first ``keep_predictions`` predictions ``(n, H, W)``.
+
+    """
     confusion = ConfusionMatrix(num_classes, ignore_index)
     kept: list[Tensor] = []
-    for images, masks in segmentation_batches(val_set, batch_size, "in-context eval", progress):
-        feature_map = features(images)
-        batch, _, height, width = feature_map.shape
-        queries = unit_tokens(feature_map)
-        scores = predict_patches(queries.flatten(0, 1), keys, labels, k, temperature, search)
-        scores = scores.view(batch, height, width, num_classes).permute(0, 3, 1, 2)
+    for images, masks in segmentation_batches(val_set, batch_size, description, progress):
         upsampled = F.interpolate(
-            scores, size=masks.shape[-2:], mode="bilinear", align_corners=False
+            class_scores(images), size=masks.shape[-2:], mode="bilinear", align_corners=False
         )
         prediction = upsampled.argmax(dim=1)
         confusion.update(prediction, masks)
-        if len(kept) < keep_predictions:
-            kept.extend(prediction[: keep_predictions - len(kept)])
+        kept.extend(prediction[: max(0, keep_predictions - len(kept))])
     predictions = torch.stack(kept) if kept else torch.empty(0, dtype=torch.long)
-    return InContextResult(confusion.miou(), confusion.iou(), predictions)
+    return confusion, predictions

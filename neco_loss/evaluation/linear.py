@@ -16,8 +16,11 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
-from neco_loss.evaluation.in_context import SegmentationDataset, segmentation_batches
-from neco_loss.evaluation.miou import ConfusionMatrix
+from neco_loss.evaluation.in_context import (
+    SegmentationDataset,
+    score_segmentation,
+    segmentation_batches,
+)
 from neco_loss.progress import progress_bar
 
 TRAIN_MASK_SIZE = 100  # paper appendix: masks at 100 x 100 for training
@@ -89,6 +92,34 @@ def linear_segmentation_miou(
 
     """
     train_maps, train_masks = _extract(features, train_set, batch_size, TRAIN_MASK_SIZE, progress)
+    head = _train_head(
+        train_maps, train_masks, num_classes, epochs, batch_size, ignore_index, seed, progress
+    )
+    with torch.no_grad():
+        confusion, predictions = score_segmentation(
+            lambda images: head(features(images).float().cpu()),
+            val_set,
+            num_classes,
+            ignore_index=ignore_index,
+            batch_size=batch_size,
+            keep_predictions=keep_predictions,
+            description="linear: validation",
+            progress=progress,
+        )
+    return LinearResult(confusion.miou(), confusion.iou(), head, predictions)
+
+
+def _train_head(
+    train_maps: Tensor,
+    train_masks: Tensor,
+    num_classes: int,
+    epochs: int,
+    batch_size: int,
+    ignore_index: int | None,
+    seed: int,
+    progress: bool,
+) -> nn.Conv2d:
+    """A 1x1 convolution trained with SGD (step decay at 2/3 of the epochs) on frozen maps."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     head = nn.Conv2d(train_maps.shape[1], num_classes, kernel_size=1)
@@ -114,18 +145,4 @@ def linear_segmentation_miou(
             loss.backward()
             optimizer.step()
         schedule.step()
-    confusion = ConfusionMatrix(num_classes, ignore_index)
-    kept: list[Tensor] = []
-    with torch.no_grad():
-        for images, masks in segmentation_batches(
-            val_set, batch_size, "linear: validation", progress
-        ):
-            logits = head(features(images).float().cpu())
-            logits = F.interpolate(
-                logits, size=masks.shape[-2:], mode="bilinear", align_corners=False
-            )
-            prediction = logits.argmax(dim=1)
-            confusion.update(prediction, masks)
-            kept.extend(prediction[: keep_predictions - len(kept)])
-    predictions = torch.stack(kept) if kept else torch.empty(0, dtype=torch.long)
-    return LinearResult(confusion.miou(), confusion.iou(), head, predictions)
+    return head

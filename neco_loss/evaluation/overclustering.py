@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -65,19 +66,10 @@ def overclustering_miou(
         ValueError: If some ``K`` is smaller than ``C`` or larger than the number of tokens.
 
     """
-    import faiss
+    import faiss  # before the feature pass: a missing extra fails at once
 
-    tokens, masks = [], []
-    for images, batch_masks in segmentation_batches(
-        dataset, batch_size, "overclustering features", progress
-    ):
-        feature_map = features(images)
-        grid = feature_map.shape[2:]
-        tokens.append(unit_tokens(feature_map))
-        masks.append(batch_masks)
-    all_tokens = torch.cat(tokens)  # (n, h * w, D)
-    all_masks = torch.cat(masks)  # (n, H, W)
-    flat = all_tokens.flatten(0, 1).contiguous().numpy()
+    tokens, masks, grid = _tokens_and_masks(features, dataset, batch_size, progress)
+    flat = tokens.flatten(0, 1).contiguous().numpy()
     miou: dict[int, float] = {}
     maps: dict[int, Tensor] = {}
     matched: dict[int, Tensor] = {}
@@ -89,26 +81,50 @@ def overclustering_miou(
             )
         scores = []
         for seed in seeds:
-            kmeans = faiss.Kmeans(
-                flat.shape[1],
-                k,
-                niter=KMEANS_ITERATIONS,
-                nredo=KMEANS_RESTARTS,
-                seed=seed,
-                spherical=True,
-                verbose=False,
-            )
-            kmeans.train(flat)
-            _, assignment = kmeans.index.search(flat, 1)
-            cluster_map = torch.as_tensor(assignment[:, 0]).view(len(all_masks), *grid)
+            cluster_map = _kmeans_clusters(faiss, flat, k, seed).view(len(masks), *grid)
             upsampled = F.interpolate(
-                cluster_map[:, None].float(), size=all_masks.shape[-2:], mode="nearest"
+                cluster_map[:, None].float(), size=masks.shape[-2:], mode="nearest"
             )[:, 0].long()
             confusion = ConfusionMatrix(num_classes, ignore_index, num_predictions=k)
-            confusion.update(upsampled, all_masks)
+            confusion.update(upsampled, masks)
             matching = "hungarian" if k == num_classes else "many_to_one"
             scores.append(confusion.matched(matching).miou())
             maps[k] = cluster_map
             matched[k] = confusion.assignment(matching)[cluster_map].clamp(min=0)
         miou[k] = sum(scores) / len(scores)
     return OverclusteringResult(miou, maps, matched)
+
+
+def _tokens_and_masks(
+    features: Callable[[Tensor], Tensor],
+    dataset: SegmentationDataset,
+    batch_size: int,
+    progress: bool,
+) -> tuple[Tensor, Tensor, tuple[int, ...]]:
+    """Unit patch tokens ``(n, h * w, D)``, masks ``(n, H, W)`` and the grid ``(h, w)``."""
+    tokens, masks = [], []
+    grid: tuple[int, ...] = ()
+    for images, batch_masks in segmentation_batches(
+        dataset, batch_size, "overclustering features", progress
+    ):
+        feature_map = features(images)
+        grid = tuple(feature_map.shape[2:])
+        tokens.append(unit_tokens(feature_map))
+        masks.append(batch_masks)
+    return torch.cat(tokens), torch.cat(masks), grid
+
+
+def _kmeans_clusters(faiss: Any, flat: Any, k: int, seed: int) -> Tensor:
+    """Spherical k-means (``faiss``) of ``flat`` ``(n, D)`` tokens: their clusters ``(n,)``."""
+    kmeans = faiss.Kmeans(
+        flat.shape[1],
+        k,
+        niter=KMEANS_ITERATIONS,
+        nredo=KMEANS_RESTARTS,
+        seed=seed,
+        spherical=True,
+        verbose=False,
+    )
+    kmeans.train(flat)
+    _, assignment = kmeans.index.search(flat, 1)
+    return torch.as_tensor(assignment[:, 0])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -123,8 +123,7 @@ def evaluate(
         search: In-context neighbour search, ``"torch"`` (exact) or ``"scann"``.
         progress: Show progress bars.
         class_names: Names for the figures' legends.
-        context: What the results depend on, written with them (``write_results``); the
-            protocol parameters are added.
+        context: What the results depend on (``write_results``), protocol parameters added.
         seed: Seed of the linear probe.
 
     Returns:
@@ -135,10 +134,7 @@ def evaluate(
         ValueError: For an unknown protocol, or a backbone whose features are not finite.
 
     """
-    unknown = sorted(set(protocols) - set(PROTOCOLS))
-    if unknown:
-        raise ValueError(f"protocols must be among {list(PROTOCOLS)} but include {unknown}.")
-    protocols = [protocol for protocol in PROTOCOLS if protocol in protocols]  # table order
+    protocols = _chosen(protocols)
     inputs = ProtocolInputs(
         train_set,
         val_set,
@@ -151,32 +147,59 @@ def evaluate(
         progress,
         seed,
     )
-    results: dict[str, dict[str, float]] = {}
-    per_class: dict[str, dict[str, list[float]]] = {}
-    outcomes: dict[str, dict[str, ProtocolOutcome]] = {protocol: {} for protocol in protocols}
+    outcomes = _score(backbones, protocols, inputs, output)
+    _draw_predictions(outcomes, protocols, inputs, output, class_names)
+    return _write_outcomes(outcomes, output, {**(context or {}), **_parameters(protocols, inputs)})
+
+
+def _chosen(protocols: Sequence[str]) -> list[str]:
+    """``protocols`` in table order (that of ``PROTOCOLS``); ``ValueError`` for unknown names."""
+    unknown = sorted(set(protocols) - set(PROTOCOLS))
+    if unknown:
+        raise ValueError(f"protocols must be among {list(PROTOCOLS)} but include {unknown}.")
+    return [protocol for protocol in PROTOCOLS if protocol in protocols]
+
+
+def _write_outcomes(
+    outcomes: dict[str, dict[str, ProtocolOutcome]], output: Path, context: dict[str, Any]
+) -> dict[str, dict[str, float]]:
+    """Write the scores and per-class IoUs of every backbone (``write_results``); the scores."""
+    results = {
+        name: _merged(outcome.scores for outcome in row.values()) for name, row in outcomes.items()
+    }
+    per_class = {
+        name: {
+            protocol: outcome.per_class for protocol, outcome in row.items() if outcome.per_class
+        }
+        for name, row in outcomes.items()
+    }
+    write_results(results, output, context, per_class)
+    return results
+
+
+def _merged(scores: Iterable[dict[str, float]]) -> dict[str, float]:
+    """One row of the results table: every protocol's metrics, in protocol order."""
+    return {metric: value for row in scores for metric, value in row.items()}
+
+
+def _score(
+    backbones: Mapping[str, Callable[[Tensor], Tensor]],
+    protocols: Sequence[str],
+    inputs: ProtocolInputs,
+    output: Path,
+) -> dict[str, dict[str, ProtocolOutcome]]:
+    """``{backbone: {protocol: outcome}}``; each backbone's retrieval figure on the way."""
+    outcomes = {}
     for name, unchecked in backbones.items():
         features = _finite(name, unchecked)
-        for protocol in protocols:
-            outcomes[protocol][name] = PROTOCOLS[protocol](features, inputs)
-        results[name] = {
-            metric: value
-            for protocol in protocols
-            for metric, value in outcomes[protocol][name].scores.items()
-        }
-        per_class[name] = {
-            protocol: outcomes[protocol][name].per_class
-            for protocol in protocols
-            if outcomes[protocol][name].per_class
-        }
-        draw_retrieval(features, val_set, output / f"retrieval_{_slug(name)}.png")
-    _draw_predictions(outcomes, inputs, output, class_names)
-    parameters = _parameters(protocols, inputs)
-    write_results(results, output, {**(context or {}), **parameters}, per_class)
-    return results
+        outcomes[name] = {protocol: PROTOCOLS[protocol](features, inputs) for protocol in protocols}
+        draw_retrieval(features, inputs.val_set, output / f"retrieval_{_slug(name)}.png")
+    return outcomes
 
 
 def _draw_predictions(
     outcomes: dict[str, dict[str, ProtocolOutcome]],
+    protocols: Sequence[str],
     inputs: ProtocolInputs,
     output: Path,
     class_names: Sequence[str] | None,
@@ -184,11 +207,11 @@ def _draw_predictions(
     """One figure per protocol that predicts class maps: the backbones' rows side by side."""
     images = torch.stack([inputs.val_set[i][0] for i in range(inputs.shown)])
     masks = torch.stack([inputs.val_set[i][1] for i in range(inputs.shown)])
-    for protocol, by_backbone in outcomes.items():
+    for protocol in protocols:
         drawn = {
-            f"{name}{outcome.figure_label}": outcome
-            for name, outcome in by_backbone.items()
-            if outcome.predictions is not None
+            f"{name}{row[protocol].figure_label}": row[protocol]
+            for name, row in outcomes.items()
+            if row[protocol].predictions is not None
         }
         if not drawn:
             continue

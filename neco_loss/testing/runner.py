@@ -125,36 +125,49 @@ def run_properties(
 
     """
     names = resolve_properties(properties)
+    _check_ranges(max_examples, n, steepness_range)
+    under_test = SorterUnderTest(sorter, steepness, name)
+    config = CheckConfig(
+        n[0],
+        n[1],
+        (float(steepness_range[0]), float(steepness_range[1])),
+        tuple(dtypes),
+        None if reference is None else SorterUnderTest(reference, steepness),
+        parity_atol,
+    )
+    report = SorterReport(under_test.name)
+    for property_name in names:
+        report.results.append(
+            _outcome(property_name, under_test, config, max_examples, random_seed)
+        )
+    return report
+
+
+def _outcome(
+    name: str, under_test: SorterUnderTest, config: CheckConfig, max_examples: int, seed: int
+) -> PropertyResult:
+    """One property's result: not applicable, passed, or failed with its counterexample."""
+    prop = PROPERTIES[name]
+    reason = prop.not_applicable(under_test, config)
+    if reason is not None:
+        return PropertyResult(name, "not applicable", reason)
+    try:
+        _search(prop.check, under_test, config, max_examples, seed)
+    except (PropertyViolationError, SorterCallError) as failure:
+        return PropertyResult(name, "failed", str(failure))
+    return PropertyResult(name, "passed")
+
+
+def _check_ranges(
+    max_examples: int, n: tuple[int, int], steepness_range: tuple[float, float]
+) -> None:
+    """Refuse a bad example count, size range or steepness range (``ValueError``)."""
     if isinstance(max_examples, bool) or not isinstance(max_examples, int) or max_examples < 1:
         raise ValueError(f"max_examples must be an int >= 1 but is {max_examples!r}.")
     if len(n) != 2 or not 1 <= n[0] <= n[1]:
         raise ValueError(f"n must be (min_n, max_n) with 1 <= min_n <= max_n but is {n!r}.")
     if not 0 < steepness_range[0] <= steepness_range[1]:
         raise ValueError(f"steepness_range must be (low, high), 0 < low <= high: {steepness_range}")
-    under_test = SorterUnderTest(sorter, steepness, name)
-    config = CheckConfig(
-        min_n=n[0],
-        max_n=n[1],
-        steepness_range=(float(steepness_range[0]), float(steepness_range[1])),
-        dtypes=tuple(dtypes),
-        reference=None if reference is None else SorterUnderTest(reference, steepness),
-        parity_atol=parity_atol,
-    )
-    report = SorterReport(under_test.name)
-    for property_name in names:
-        prop = PROPERTIES[property_name]
-        reason = prop.not_applicable(under_test, config)
-        if reason is not None:
-            report.results.append(PropertyResult(property_name, "not applicable", reason))
-            continue
-
-        try:
-            _search(prop.check, under_test, config, max_examples, random_seed)
-        except (PropertyViolationError, SorterCallError) as failure:
-            report.results.append(PropertyResult(property_name, "failed", str(failure)))
-        else:
-            report.results.append(PropertyResult(property_name, "passed"))
-    return report
 
 
 def _search(

@@ -35,7 +35,7 @@ from neco_loss.training.run_folder import (
     run_lock,
 )
 from neco_loss.training.signals import STOP_SIGNALS, ForwardStopSignals
-from neco_loss.training.trainer import train
+from neco_loss.training.trainer import Trainer
 
 
 def _backend(config: TrainConfig) -> str:
@@ -95,6 +95,38 @@ def _result(config: TrainConfig) -> TrainResult:
     return TrainResult(
         output, output / LAST, output / BACKBONE_FILE, step, last_loss, False, skipped
     )
+
+
+def train(
+    config: TrainConfig, resume: bool = False, progress: bool = True, overwrite: bool = False
+) -> TrainResult:
+    """Run ``neco train``: build from ``config``, optionally resume, train, save.
+
+    Args:
+        config: The run.
+        resume: Continue the run in ``output_dir`` from its checkpoint.
+        progress: Show a progress bar.
+        overwrite: Start afresh even if ``output_dir`` holds a run (its files are replaced).
+
+    Returns:
+        Paths of the outputs and the last loss; ``already_finished`` when a resumed run had
+        nothing left to do (nothing is written then).
+
+    Raises:
+        FileExistsError: If ``output_dir`` holds a run and neither ``resume`` nor
+            ``overwrite`` is set (nothing in the folder is touched).
+
+    """
+    finished = finished_run(config, resume, overwrite)
+    if finished is not None:
+        return finished
+    trainer = Trainer(config, progress=progress)
+    if resume:
+        trainer.resume()
+    elif overwrite and trainer.rank == 0:
+        for name in (LAST, BACKBONE_FILE, "metrics.csv", STOP_NOTE):
+            (config.output_dir_path / name).unlink(missing_ok=True)
+    return trainer.fit()
 
 
 def launch(

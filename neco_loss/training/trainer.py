@@ -15,25 +15,25 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 
 from neco_loss import backbones
-from neco_loss.checks import all_finite
-from neco_loss.data.feeding import EpochSampler, MultiCropDataset
+from neco_loss.checks import all_finite, nonfinite_tensors
+from neco_loss.data.feeding import EpochSampler, MultiCropDataset, batches_from
 from neco_loss.data.folder import skipped_files
+from neco_loss.foreground import foreground_masks
 from neco_loss.loss import NeCoLoss
 from neco_loss.models import DenseEncoder, DenseViT, EMATeacher, ProjectionHead, momentum_at
 from neco_loss.progress import progress_bar
 from neco_loss.references import all_gather
 from neco_loss.schedules import cosine
-from neco_loss.teacher_step import teacher_step
+from neco_loss.teacher_step import StepMaps, teacher_step
 from neco_loss.training.agreement import TrainingStoppedError, agreed_batch, stop_if_any
 from neco_loss.training.assembly import (
     MultiViewEncoder,
@@ -54,7 +54,6 @@ from neco_loss.training.run_folder import (
     MetricsLog,
     TrainResult,
     check_resumable,
-    finished_run,
     load_checkpoint,
     save_atomic,
     write_config,
@@ -149,15 +148,7 @@ class Trainer:
         torch.manual_seed((self.config.seed * 1_000_003 + self.step) * 1009 + self.rank)
         views = [view.to(self.device, non_blocking=True) for view in views]
         boxes = boxes.to(self.device)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            step = teacher_step(
-                self.config.teacher,
-                views,
-                self.config.num_global,
-                self.student_views,
-                self.teacher_views,
-                self.criterion.loss_mask != "all",
-            )
+        step = self.encode(views)
         student_maps, teacher_maps = step.student, step.teacher
         features = None
         if not all_finite(student_maps + teacher_maps):
@@ -194,11 +185,7 @@ class Trainer:
         if self.step > 0:  # the weights were finite when the run started
             return ADVICE
         # The teacher is a copy of the student before the first step: the student says it all.
-        broken = [
-            name
-            for name, weight in self.student.state_dict().items()
-            if weight.is_floating_point() and not bool(torch.isfinite(weight).all())
-        ]
+        broken = nonfinite_tensors(self.student.state_dict())
         if not broken:
             return ADVICE
         source = f" ({self.config.weights})" if self.config.weights else ""
@@ -206,6 +193,27 @@ class Trainer:
             f": the starting weights{source} hold NaN/Inf values, in {len(broken)} tensors, "
             f"e.g. {broken[:3]}; start from finite weights"
         )
+
+    def encode(
+        self, views: list[Tensor], masks: Callable[[Tensor], Tensor] = foreground_masks
+    ) -> StepMaps:
+        """The step's student and teacher maps and foreground (``teacher_step``).
+
+        Args:
+            views: ``V`` views on the device, global views first.
+            masks: Teacher attention ``(B, heads, h, w)`` -> foreground, for a ``loss_mask``.
+
+        """
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            return teacher_step(
+                self.config.teacher,
+                views,
+                self.config.num_global,
+                self.student_views,
+                self.teacher_views,
+                self.criterion.loss_mask != "all",
+                masks,
+            )
 
     def _stop_if_any(self, reasons: dict[str, str | None]) -> None:
         """Every process stops before step ``self.step + 1`` if any process has a reason."""
@@ -265,20 +273,15 @@ class Trainer:
 
     def _batches(self) -> Iterator[tuple[list[Tensor], Tensor]]:
         """Batches from the current step on, epoch after epoch."""
-        while True:
-            epoch, offset = divmod(self.step, self.steps_per_epoch)
-            self.sampler.epoch = self.dataset.epoch = epoch
-            self.sampler.start = offset
-            loader = DataLoader(
-                self.dataset,
-                batch_size=self.config.batch_size,
-                sampler=self.sampler,
-                num_workers=self.config.num_workers,
-                worker_init_fn=unblock_stop_signals,
-                drop_last=True,
-                pin_memory=self.device.type == "cuda",
-            )
-            yield from loader
+        return batches_from(
+            self.dataset,
+            self.sampler,
+            self.step,
+            self.config.batch_size,
+            num_workers=self.config.num_workers,
+            worker_init_fn=unblock_stop_signals,
+            pin_memory=self.device.type == "cuda",
+        )
 
     def fit(self, stop_at: int | None = None) -> TrainResult:
         """Train until ``total_steps`` (or ``stop_at``), logging metrics, writing checkpoints.
@@ -391,35 +394,3 @@ class Trainer:
         """Write why the run stopped to ``output_dir/stopped.txt`` (process 0)."""
         if self.rank == 0:
             (self.output_dir / STOP_NOTE).write_text(text + "\n")
-
-
-def train(
-    config: TrainConfig, resume: bool = False, progress: bool = True, overwrite: bool = False
-) -> TrainResult:
-    """Run ``neco train``: build from ``config``, optionally resume, train, save.
-
-    Args:
-        config: The run.
-        resume: Continue the run in ``output_dir`` from its checkpoint.
-        progress: Show a progress bar.
-        overwrite: Start afresh even if ``output_dir`` holds a run (its files are replaced).
-
-    Returns:
-        Paths of the outputs and the last loss; ``already_finished`` when a resumed run had
-        nothing left to do (nothing is written then).
-
-    Raises:
-        FileExistsError: If ``output_dir`` holds a run and neither ``resume`` nor
-            ``overwrite`` is set (nothing in the folder is touched).
-
-    """
-    finished = finished_run(config, resume, overwrite)
-    if finished is not None:
-        return finished
-    trainer = Trainer(config, progress=progress)
-    if resume:
-        trainer.resume()
-    elif overwrite and trainer.rank == 0:
-        for name in (LAST, BACKBONE_FILE, "metrics.csv", STOP_NOTE):
-            (config.output_dir_path / name).unlink(missing_ok=True)
-    return trainer.fit()
