@@ -1,11 +1,11 @@
-"""Install-time build of the C++ sorting kernel (``neco_loss/kernels/csrc/soft_sort.cpp``).
+"""Install-time build of the C++ sorting kernel (``neco_loss/sorting/kernels/csrc/soft_sort.cpp``).
 
 Everything else about the package is declared in ``pyproject.toml``. The kernel is compiled
 here, once, the way PyTorch C++ extensions ship (``CppExtension`` + ``BuildExtension``), into
-modules beside ``neco_loss/kernels/``; ``import neco_loss`` never compiles anything.
+modules beside ``neco_loss/sorting/kernels/``; ``import neco_loss`` never compiles anything.
 
 Two builds of the same source, chosen between at import time by the CPU
-(``neco_loss.kernels.cpp``): ``_soft_sort`` for any CPU of the architecture (no ``-march``),
+(``neco_loss.sorting.kernels.cpp``): ``_soft_sort`` for any CPU of the architecture (no ``-march``),
 and on x86-64 ``_soft_sort_avx512`` (``-march=x86-64-v4``: AVX-512, ~2.3x faster per NeCo loss
 step than the portable build; docs/performance.md). ``NECO_KERNEL_MARCH=native`` (or any
 ``-march`` value) builds one module for that target instead. The kernel's build must match the
@@ -26,8 +26,8 @@ from pathlib import Path
 
 from setuptools import setup
 
-SOURCE = "neco_loss/kernels/csrc/soft_sort.cpp"
-AVX512_SOURCE = "neco_loss/kernels/csrc/soft_sort_avx512.cpp"  # includes SOURCE
+SOURCE = "neco_loss/sorting/kernels/csrc/soft_sort.cpp"
+AVX512_SOURCE = "neco_loss/sorting/kernels/csrc/soft_sort_avx512.cpp"  # includes SOURCE
 # -ffp-contract=off: no fused multiply-adds, so that the values round as in PyTorch's kernels;
 # -fopenmp: the `omp simd` loops and at::parallel_for's OpenMP threads; -fno-wrapv undoes
 # Python's -fwrapv (defined signed overflow keeps loops from vectorising: 5% of a loss step).
@@ -64,7 +64,7 @@ def kernel_extensions() -> tuple[list, dict]:
 
     def extension(name: str, source: str, target: list[str]) -> CppExtension:
         flags = COMPILE_FLAGS + target
-        # The module reports how it was built (neco_loss.kernels.cpp.build_info) and which
+        # The module reports how it was built (neco_loss.sorting.kernels.cpp.build_info) and which
         # source and torch it was built from, so that a stale or mismatched build is not used.
         macros = {
             "NECO_BUILD_FLAGS": " ".join(flags),
@@ -72,7 +72,7 @@ def kernel_extensions() -> tuple[list, dict]:
             "NECO_SOURCE_SHA256": source_hash,
         }
         return CppExtension(
-            f"neco_loss.kernels.{name}",
+            f"neco_loss.sorting.kernels.{name}",
             [source],
             extra_compile_args=flags + [f'-D{key}="{value}"' for key, value in macros.items()],
             extra_link_args=LINK_FLAGS,

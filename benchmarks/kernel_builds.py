@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from neco_loss.functional import SortOptions, soft_permutation_loss
-from neco_loss.kernels import cpp
+from neco_loss.sorting.kernels import cpp
 
 
 def installed_builds() -> list[str]:

@@ -71,9 +71,20 @@ def permutation_entropy(q: Tensor) -> Tensor:
 class ComparedRows(Protocol):
     """Sorted rows of one ``R`` (``neco_loss.functional.NeCoTerms``)."""
 
-    per_row: Tensor
-    student_scores: Tensor
-    teacher_scores: Tensor
+    @property
+    def per_row(self) -> Tensor:
+        """``(rows,)`` loss of each row."""
+        ...
+
+    @property
+    def student_scores(self) -> Tensor:
+        """``(rows, R)`` student similarities."""
+        ...
+
+    @property
+    def teacher_scores(self) -> Tensor:
+        """``(rows, R)`` teacher similarities."""
+        ...
 
     def teacher_entropy(self) -> Tensor:
         """``(rows,)`` entropy of each row of ``Q_t``."""

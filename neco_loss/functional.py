@@ -19,17 +19,16 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor
 
-from neco_loss import kernels
 from neco_loss.checks import check_choice, check_float_tensor, check_positive_finite, compute_dtype
 from neco_loss.diagnostics import permutation_entropy
-from neco_loss.kernels import CrossEntropySettings
 from neco_loss.permutation_losses import (
     EPSILON,
     check_loss_options,
     check_top_k,
     permutation_loss,
 )
-from neco_loss.sorting import SoftSorter, get_sorter
+from neco_loss.sorting import SoftSorter, get_sorter, kernels
+from neco_loss.sorting.kernels import CrossEntropySettings
 from neco_loss.sorting.sorter import prepare_scores
 
 SIMILARITIES = ("cosine", "euclidean")

@@ -11,7 +11,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from neco_loss.checks import check_choice, check_positive_finite
-from neco_loss.kernels.cross_entropy import EPSILON, cross_entropy_over_ranks
+from neco_loss.sorting.kernels.cross_entropy import EPSILON, cross_entropy_over_ranks
 
 LOSSES = ("ce", "l1", "l2")
 DIRECTIONS = ("teacher_to_student", "student_to_teacher", "both")

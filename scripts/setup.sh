@@ -12,7 +12,7 @@ TORCH_PINS="torch==2.14.1 torchvision==0.29.1"
 EXTRAS="diffsort,torchsort,lightly,solo,eval,scann,hf,train,docs,dev"
 
 # The kernel's source and build script are inputs too: a changed kernel is rebuilt here.
-fingerprint="$(cat pyproject.toml setup.py scripts/setup.sh neco_loss/kernels/csrc/soft_sort.cpp \
+fingerprint="$(cat pyproject.toml setup.py scripts/setup.sh neco_loss/sorting/kernels/csrc/soft_sort.cpp \
     | sha256sum | cut -d' ' -f1)"
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$fingerprint" ]]; then
     exit 0
@@ -38,6 +38,6 @@ fi
 # must match the torch it runs with). Without a compiler the install still succeeds and the
 # check below warns (NECO_REQUIRE_KERNEL=1, as in CI, makes both an error).
 $PIP install --quiet --disable-pip-version-check --no-build-isolation -e ".[$EXTRAS]"
-"$VENV/bin/python" -c "from neco_loss.kernels.cpp import build_info; print('neco-loss kernel:', build_info())"
+"$VENV/bin/python" -c "from neco_loss.sorting.kernels.cpp import build_info; print('neco-loss kernel:', build_info())"
 echo "$fingerprint" >"$STAMP"
 echo "neco-loss setup: done"

@@ -47,7 +47,7 @@ def _compiled_kernel_files() -> dict[str, tuple[int, int]]:
 def pytest_sessionstart(session):
     """The kernel was built at set-up: it loads before the first test (under
     NECO_REQUIRE_KERNEL=1 a missing one stops the run here), and its files are recorded."""
-    from neco_loss.kernels.cpp import cpu_kernels
+    from neco_loss.sorting.kernels.cpp import cpu_kernels
 
     cpu_kernels()
     session.config.stash[KERNEL_FILES] = _compiled_kernel_files()

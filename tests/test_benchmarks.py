@@ -62,7 +62,7 @@ def test_sorting_benchmark_compares_the_backends(tmp_path):
 
 
 def test_kernel_builds_benchmark_times_every_build_this_cpu_runs(tmp_path):
-    from neco_loss.kernels import cpp
+    from neco_loss.sorting.kernels import cpp
 
     rows = table_rows(
         "kernel_builds.py",

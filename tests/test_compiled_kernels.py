@@ -9,10 +9,10 @@ from hypothesis import strategies as st
 from neco_loss import soft_permutation
 from neco_loss.diagnostics import permutation_entropy
 from neco_loss.functional import SortOptions, soft_permutation_loss
-from neco_loss.kernels import CrossEntropySettings
-from neco_loss.kernels.cpp import cpu_kernels, sort_cross_entropy
 from neco_loss.permutation_losses import permutation_loss
 from neco_loss.sorting import NETWORKS, RELAXATIONS
+from neco_loss.sorting.kernels import CrossEntropySettings
+from neco_loss.sorting.kernels.cpp import cpu_kernels, sort_cross_entropy
 from neco_loss.testing import score_matrices
 
 # Without the kernel (a warning said why) these tests skip; under NECO_REQUIRE_KERNEL=1 (CI)

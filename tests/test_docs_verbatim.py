@@ -169,7 +169,7 @@ def test_a_wheel_carries_the_compiled_kernel(tmp_path):
     x86 = platform.machine().lower() in ("x86_64", "amd64")
     modules = ["_soft_sort", "_soft_sort_avx512"] if x86 else ["_soft_sort"]
     assert sorted(n.split("/")[-1].split(".")[0] for n in names if n.endswith(".so")) == modules
-    assert "neco_loss/kernels/csrc/soft_sort.cpp" in names
+    assert "neco_loss/sorting/kernels/csrc/soft_sort.cpp" in names
     site = tmp_path / "site"
     python = str(ROOT / ".venv" / "bin" / "python")
     subprocess.run(
@@ -178,7 +178,7 @@ def test_a_wheel_carries_the_compiled_kernel(tmp_path):
         capture_output=True,
     )
     check = (
-        "from neco_loss.kernels.cpp import cpu_kernels; import torch; "
+        "from neco_loss.sorting.kernels.cpp import cpu_kernels; import torch; "
         "from neco_loss import soft_permutation; soft_permutation(torch.randn(2, 9)); "
         "print(cpu_kernels().__file__)"
     )

@@ -6,7 +6,7 @@ import torch
 
 from neco_loss import neco_loss, soft_permutation
 from neco_loss.functional import SortOptions, soft_permutation_loss
-from neco_loss.kernels.cpp import cpu_kernels
+from neco_loss.sorting.kernels.cpp import cpu_kernels
 
 FIRST_ORDER_BACKENDS = {
     "native": "native \\(C\\+\\+ kernel\\)" if cpu_kernels() is not None else "native-python",

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import neco_loss
-from neco_loss.kernels import cpp
+from neco_loss.sorting.kernels import cpp
 
 ROOT = Path(neco_loss.__file__).parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -31,7 +31,7 @@ LOAD = textwrap.dedent(
     with warnings.catch_warnings(record=True) as caught:
         import torch
         from neco_loss import soft_permutation
-        from neco_loss.kernels.cpp import cpu_kernels
+        from neco_loss.sorting.kernels.cpp import cpu_kernels
         x = torch.randn(3, 49, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
         native = soft_permutation(x, backend="native")
         again = soft_permutation(x, backend="native")
@@ -101,7 +101,9 @@ def build_and_install(
 
 
 def compiled_modules(site: Path) -> list[str]:
-    return sorted(path.name.split(".")[0] for path in (site / "neco_loss/kernels").glob("*.so"))
+    return sorted(
+        path.name.split(".")[0] for path in (site / "neco_loss/sorting/kernels").glob("*.so")
+    )
 
 
 @pytest.fixture
@@ -155,7 +157,8 @@ def test_importing_never_compiles(tmp_path, tripwire_compiler, venv_first):
     assert result.returncode == 0, result.stderr[-2000:]
     loaded, jit, warnings = result.stdout.splitlines()
     assert (
-        loaded.startswith("LOADED") and Path(loaded.split()[1]).parent == ROOT / "neco_loss/kernels"
+        loaded.startswith("LOADED")
+        and Path(loaded.split()[1]).parent == ROOT / "neco_loss/sorting/kernels"
     )
     assert jit == "no-jit True" and warnings == "0"
     assert not called.exists() and not extensions.exists()
@@ -208,7 +211,7 @@ def test_a_failed_build_installs_and_falls_back(tmp_path, failing_compiler):
     assert site is not None, build.stderr[-3000:]
     log = build.stdout + build.stderr
     assert "error: this bogus compiler refuses" in log
-    assert 'building extension "neco_loss.kernels._soft_sort" failed' in log
+    assert 'building extension "neco_loss.sorting.kernels._soft_sort" failed' in log
     assert_installed_without_kernel(site, tmp_path)
 
 
@@ -227,7 +230,7 @@ def test_a_stale_build_is_not_used(tmp_path):
     """A compiled module whose source changed since (a developer's edit) is refused, loudly."""
     copy = tmp_path / "copy"
     shutil.copytree(ROOT / "neco_loss", copy / "neco_loss", ignore=shutil.ignore_patterns("__py*"))
-    source = copy / "neco_loss/kernels/csrc/soft_sort.cpp"
+    source = copy / "neco_loss/sorting/kernels/csrc/soft_sort.cpp"
     source.write_text(source.read_text() + "// edited\n")
     result = run_python(LOAD, {"PYTHONPATH": str(copy), "NECO_REQUIRE_KERNEL": "0"}, tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]

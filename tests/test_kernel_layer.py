@@ -9,10 +9,9 @@ import pytest
 import torch
 
 import neco_loss
-from neco_loss import kernels
-from neco_loss.kernels import RELAXATION_CODES, kernel_for
-from neco_loss.kernels.cpp import SOURCE, cpu_kernels
-from neco_loss.sorting import RELAXATIONS
+from neco_loss.sorting import RELAXATIONS, kernels
+from neco_loss.sorting.kernels import RELAXATION_CODES, kernel_for
+from neco_loss.sorting.kernels.cpp import SOURCE, cpu_kernels
 
 PACKAGE = Path(neco_loss.__file__).parent
 LOSS_MODULES = ("neco_loss.permutation_losses", "neco_loss.functional", "neco_loss.loss")

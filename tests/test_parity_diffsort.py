@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from neco_loss import soft_permutation
-from neco_loss.kernels.cpp import build_info
 from neco_loss.sorting import RELAXATIONS
+from neco_loss.sorting.kernels.cpp import build_info
 from neco_loss.sorting.networks import sorts_every_input
 
 VALID_BITONIC_SIZES = [n for n in range(1, 131) if sorts_every_input("bitonic", n)]

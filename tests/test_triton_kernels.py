@@ -9,13 +9,13 @@ import sys
 import pytest
 import torch
 
-triton_sort = pytest.importorskip("neco_loss.kernels.triton_sort")
+triton_sort = pytest.importorskip("neco_loss.sorting.kernels.triton_sort")
 pytest.importorskip("triton")
 
 # Routes CPU tensors to the Triton kernels: the interpreter runs them with NumPy.
 ROUTE_CPU_TO_TRITON = """
 import torch
-from neco_loss import kernels
+from neco_loss.sorting import kernels
 kernels.KERNELS_BY_DEVICE["cpu"] = "triton_sort"
 """
 
@@ -33,8 +33,8 @@ def run_interpreted(script: str) -> str:
 PARITY = """
 import torch
 from neco_loss import soft_permutation
-from neco_loss.kernels import CrossEntropySettings, SortSettings
-from neco_loss.kernels.triton_sort import soft_sort, sort_cross_entropy, verified
+from neco_loss.sorting.kernels import CrossEntropySettings, SortSettings
+from neco_loss.sorting.kernels.triton_sort import soft_sort, sort_cross_entropy, verified
 from neco_loss.permutation_losses import permutation_loss
 
 generator = torch.Generator().manual_seed(0)
@@ -95,7 +95,7 @@ FIRST_CALL_NO_GRAD = (
 import warnings
 from neco_loss import soft_permutation
 from neco_loss.functional import SortOptions, soft_permutation_loss
-from neco_loss.kernels import kernel_for, triton_sort
+from neco_loss.sorting.kernels import kernel_for, triton_sort
 
 warnings.simplefilter("error")  # a fallback warning fails the script
 generator = torch.Generator().manual_seed(0)
@@ -143,7 +143,7 @@ ROW_OFFSETS = """
 import torch
 import triton
 import triton.language as tl
-from neco_loss.kernels.triton_sort import _row_starts
+from neco_loss.sorting.kernels.triton_sort import _row_starts
 
 @triton.jit
 def offsets(row_ptr, n, out_ptr):

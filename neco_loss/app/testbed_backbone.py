@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 
 from neco_loss import assets
 from neco_loss.data import NeCoMultiCrop, SyntheticScenes
+from neco_loss.models import DenseViT
 from neco_loss.progress import progress_bar
 from neco_loss.schedules import cosine
 from neco_loss.testbed import (
@@ -160,7 +161,7 @@ def _maps(backbone: nn.Module, views: list[torch.Tensor], num_global: int) -> li
 
 
 def _write(
-    backbone: nn.Module,
+    backbone: DenseViT,
     output: Path,
     settings: PretrainSettings,
     losses: list[float],

@@ -209,16 +209,19 @@ def _draw_predictions(
     masks = torch.stack([inputs.val_set[i][1] for i in range(inputs.shown)])
     for protocol in protocols:
         drawn = {
-            f"{name}{row[protocol].figure_label}": row[protocol]
-            for name, row in outcomes.items()
-            if row[protocol].predictions is not None
+            f"{name}{row[protocol].figure_label}": row[protocol] for name, row in outcomes.items()
         }
-        if not drawn:
+        predictions = {
+            label: outcome.predictions
+            for label, outcome in drawn.items()
+            if outcome.predictions is not None
+        }
+        if not predictions:
             continue
         draw_segmentations(
             images,
             masks,
-            {label: outcome.predictions for label, outcome in drawn.items()},
+            predictions,
             inputs.num_classes,
             output / f"{protocol}.png",
             title=f"{protocol} predictions ({len(inputs.val_set)} validation images scored)",

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from neco_loss.kernels.recomputing import RecomputingSort
+from neco_loss.sorting.kernels.recomputing import RecomputingSort
 from neco_loss.sorting.networks import Layer, SortingPlan
 from neco_loss.sorting.relaxations import Relaxation
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from neco_loss import kernels
 from neco_loss.checks import check_choice, check_float_tensor, check_positive_finite, compute_dtype
+from neco_loss.sorting import kernels
 from neco_loss.sorting.diffsort_backend import diffsort_soft_sort
 from neco_loss.sorting.native import native_soft_sort
 from neco_loss.sorting.networks import NETWORKS, sorting_plan
@@ -35,7 +35,7 @@ def _native_python(
 def _native(
     x: Tensor, network: str, relaxation: str, steepness: float, art_lambda: float
 ) -> tuple[Tensor, Tensor]:
-    """The device's kernel (``neco_loss.kernels.kernel_for``), else the PyTorch backend."""
+    """The device's kernel (``neco_loss.sorting.kernels.kernel_for``), else the PyTorch backend."""
     kernel = kernels.kernel_for(x, network, relaxation)
     if kernel is None:
         return _native_python(x, network, relaxation, steepness, art_lambda)

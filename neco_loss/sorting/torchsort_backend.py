@@ -21,7 +21,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from neco_loss.kernels.recomputing import first_order_only
+from neco_loss.sorting.kernels.recomputing import first_order_only
 
 INSTALL_HINT = (
     "backend='torchsort' needs torchsort: pip install 'neco-loss[torchsort]' "

@@ -8,7 +8,7 @@ functions: ``usable(x, network, relaxation)``, ``soft_sort(x, SortSettings)`` an
 NeCo: ``CrossEntropySettings.on_permutations`` defines what the fused CE computes.
 
 >>> import torch
->>> from neco_loss.kernels import kernel_for
+>>> from neco_loss.sorting.kernels import kernel_for
 >>> kernel_for(torch.zeros(2, 5, dtype=torch.int64), "bitonic", "cauchy") is None
 True
 """
@@ -21,12 +21,12 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from neco_loss.kernels.cross_entropy import CrossEntropySettings
-from neco_loss.kernels.plan import RELAXATION_CODES, SortSettings
+from neco_loss.sorting.kernels.cross_entropy import CrossEntropySettings
+from neco_loss.sorting.kernels.plan import RELAXATION_CODES, SortSettings
 
 KERNELS_BY_DEVICE: dict[str, str] = {"cpu": "cpp", "cuda": "triton_sort"}
-"""Kernel module (under ``neco_loss.kernels``) of each device type; imported on first use, so
-Triton is imported for CUDA tensors only."""
+"""Kernel module (in this package) of each device type; imported on first use, so Triton is
+imported for CUDA tensors only."""
 
 
 def kernel_for(x: Tensor, network: str, relaxation: str) -> ModuleType | None:
@@ -38,14 +38,14 @@ def kernel_for(x: Tensor, network: str, relaxation: str) -> ModuleType | None:
         relaxation: Swap-probability name.
 
     Returns:
-        ``neco_loss.kernels.cpp`` (CPU, when the extension builds), ``neco_loss.kernels.
-        triton_sort`` (CUDA, for the relaxations it implements, once verified), or ``None``.
+        ``cpp`` (CPU, when the extension builds), ``triton_sort`` (CUDA, for the relaxations
+        it implements, once verified; both in ``neco_loss.sorting.kernels``), or ``None``.
 
     """
     name = KERNELS_BY_DEVICE.get(x.device.type)
     if name is None or x.dtype not in (torch.float32, torch.float64):
         return None
-    kernel = importlib.import_module(f"neco_loss.kernels.{name}")
+    kernel = importlib.import_module(f"neco_loss.sorting.kernels.{name}")
     return kernel if kernel.usable(x, network, relaxation) else None
 
 

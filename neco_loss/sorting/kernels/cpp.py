@@ -7,12 +7,12 @@ backward: memory held for backward is the input alone. It also fuses the consume
 without materialising either permutation.
 
 The kernel is compiled when the package is installed (``setup.py``), never at import or on
-first use, into ``neco_loss/kernels/_soft_sort*.so``: a portable build and, on x86-64, an
+first use, into ``neco_loss/sorting/kernels/_soft_sort*.so``: a portable build and, on x86-64, an
 AVX-512 build, of which the best one this CPU runs is loaded. A module whose source or torch
 differs from the installed ones is not used. Without a compiled module (no compiler at install
 time, a failed build, a stale or mismatched one) the pure-PyTorch backend is used with one
 warning saying why and how to rebuild; ``NECO_REQUIRE_KERNEL=1`` makes that an error (CI sets
-it). Which kernel runs for a tensor is decided by ``neco_loss.kernels.kernel_for``.
+it). Which kernel runs for a tensor is decided by ``neco_loss.sorting.kernels.kernel_for``.
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from neco_loss.kernels.cross_entropy import CrossEntropySettings
-from neco_loss.kernels.plan import SortSettings, flat_plan
-from neco_loss.kernels.recomputing import RecomputingCrossEntropy, RecomputingSort
+from neco_loss.sorting.kernels.cross_entropy import CrossEntropySettings
+from neco_loss.sorting.kernels.plan import SortSettings, flat_plan
+from neco_loss.sorting.kernels.recomputing import RecomputingCrossEntropy, RecomputingSort
 
 NAME = "native (C++ kernel)"
 SOURCE = Path(__file__).parent / "csrc" / "soft_sort.cpp"
@@ -40,8 +40,8 @@ REQUIRE_KERNEL = "NECO_REQUIRE_KERNEL"  # set to 1: a kernel that cannot be load
 # The CPU features of setup.py's AVX-512 build (-march=x86-64-v4), as /proc/cpuinfo names them.
 AVX512_FEATURES = frozenset({"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"})
 BUILDS = {
-    "avx512": "neco_loss.kernels._soft_sort_avx512",
-    "portable": "neco_loss.kernels._soft_sort",
+    "avx512": "neco_loss.sorting.kernels._soft_sort_avx512",
+    "portable": "neco_loss.sorting.kernels._soft_sort",
 }
 # Set to a key of BUILDS: load that build only (benchmarks/kernel_builds.py; debugging). The
 # AVX-512 build on a CPU without AVX-512 stops the process with an illegal instruction.

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from neco_loss.kernels.plan import SortSettings
+from neco_loss.sorting.kernels.plan import SortSettings
 
 EPSILON: float | None = None
 """Default clamp of a probability before its log: ``None``, the dtype's smallest normal number.

@@ -1,4 +1,4 @@
-// Fused per-row soft sorting network on the CPU (neco_loss.kernels.cpp; built by setup.py).
+// Fused per-row soft sorting network on the CPU (neco_loss.sorting.kernels.cpp; built by setup.py).
 //
 // One row at a time, in cache: the relaxed comparator network runs on the values once, the
 // permutation state Y (wire-major, n_wires x n) is mixed in place, layer by layer, touching only
@@ -706,7 +706,7 @@ torch::Tensor sort_ce_backward(torch::Tensor x_student, torch::Tensor x_teacher,
   return grad_x;
 }
 
-// How this module was built (setup.py defines these): neco_loss.kernels.cpp reports them and
+// How this module was built (setup.py defines these): neco_loss.sorting.kernels.cpp reports them and
 // refuses a build whose source or torch differs from the installed ones.
 #ifndef NECO_BUILD_FLAGS
 #define NECO_BUILD_FLAGS "unknown"

@@ -16,8 +16,8 @@ int64 (``rows * n * n`` passes 2**31 at 8 GiB of float32 permutations).
 The arithmetic is that of ``native.py`` / ``relaxations.py`` (Cauchy, logistic, reciprocal;
 the other relaxations use the PyTorch backend on CUDA). Tested on the CPU with Triton's
 interpreter (``TRITON_INTERPRET=1``), which runs the same kernels with NumPy. Which kernel runs
-for a tensor is decided by ``neco_loss.kernels.kernel_for``; ``verified`` checks these kernels
-once per configuration against the PyTorch backend.
+for a tensor is decided by ``neco_loss.sorting.kernels.kernel_for``; ``verified`` checks these
+kernels once per configuration against the PyTorch backend.
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from neco_loss.kernels.cross_entropy import CrossEntropySettings
-from neco_loss.kernels.plan import SortSettings, flat_plan
-from neco_loss.kernels.recomputing import RecomputingCrossEntropy, RecomputingSort
+from neco_loss.sorting.kernels.cross_entropy import CrossEntropySettings
+from neco_loss.sorting.kernels.plan import SortSettings, flat_plan
+from neco_loss.sorting.kernels.recomputing import RecomputingCrossEntropy, RecomputingSort
 
 try:
     import triton
@@ -56,8 +56,8 @@ def available() -> bool:
 def can_run(x: Tensor, relaxation: str) -> bool:
     """Whether these kernels take ``x``: float32/float64, a relaxation they implement.
 
-    The device is the dispatcher's choice (``neco_loss.kernels.kernel_for``): CUDA tensors, or
-    CPU tensors under Triton's interpreter.
+    The device is the dispatcher's choice (``neco_loss.sorting.kernels.kernel_for``): CUDA
+    tensors, or CPU tensors under Triton's interpreter.
     """
     return available() and x.dtype in (torch.float32, torch.float64) and relaxation in RELAXATIONS
 
