@@ -15,6 +15,7 @@ pytest.importorskip("solo.args.pretrain", reason="needs solo-learn main (docs/so
 from hydra import compose, initialize_config_dir  # noqa: E402
 from lightning.pytorch import Callback  # noqa: E402
 from neco_loss.integrations.solo_learn import register  # noqa: E402
+from neco_loss.integrations.solo_learn.method import SoloStepEncoders  # noqa: E402
 from neco_loss.integrations.solo_learn.pretrain import parse_neco_cfg, pretrain  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 from solo.methods import METHODS  # noqa: E402
@@ -145,7 +146,8 @@ def test_teachers_and_loss_masks_fit(tmp_path, monkeypatch, teacher, loss_mask):
     assert trainer.global_step == 3 and torch.isfinite(loss) and loss >= 0
     if teacher == "student":  # the second forward's maps carry gradient into the references
         views = [torch.randn(2, 3, 56, 56)] * 2
-        maps = model._teacher_maps({"neco_maps": []}, views)
+        encoders = SoloStepEncoders(model, lambda: {"neco_maps": []}, attention=False)
+        maps, _ = encoders.student(views, False)  # the views beyond solo's step: encoded again
         assert all(m.requires_grad for m in maps)
 
 

@@ -187,7 +187,7 @@ class NeCo(BaseMomentumMethod):
         """NeCo loss over all (teacher large crop, student crop) pairs + the classifier loss."""
         indexes, views, boxes, targets = _unpack(batch)
         attention = self.neco_loss.loss_mask != "all"
-        solo_step = _SoloStep(
+        solo_step = SoloStepEncoders(
             self, partial(super().training_step, [indexes, views, targets], batch_idx), attention
         )
         maps = teacher_step(
@@ -213,7 +213,7 @@ class NeCo(BaseMomentumMethod):
         return neco + solo_step.outs["loss"]
 
 
-class _SoloStep:
+class SoloStepEncoders:
     """solo-learn's own training step as the two encoders of ``teacher_step``.
 
     solo-learn's ``BaseMomentumMethod.training_step`` encodes every view with the student (one
