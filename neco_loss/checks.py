@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Iterable, Mapping
 
@@ -95,6 +96,30 @@ def nonfinite_tensors(state: Mapping[str, Tensor]) -> list[str]:
         for name, tensor in state.items()
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
     ]
+
+
+def did_you_mean(word: str, choices: list[str]) -> str:
+    """`` (did you mean 'x'?)`` for the nearest choice, or ``""``."""
+    close = difflib.get_close_matches(word, choices, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def nonfinite_weights(state: Mapping[str, Tensor], source: str | None) -> str | None:
+    """Why starting weights make NaN/Inf features (a clause for an error line), or ``None``.
+
+    Args:
+        state: The model's ``state_dict`` before its first step.
+        source: Where the weights came from (a file or a shipped name), if known.
+
+    """
+    broken = nonfinite_tensors(state)
+    if not broken:
+        return None
+    where = f" ({source})" if source else ""
+    return (
+        f": the starting weights{where} hold NaN/Inf values, in {len(broken)} tensors, "
+        f"e.g. {broken[:3]}; start from finite weights"
+    )
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -12,13 +12,13 @@ from dataclasses import replace
 from typing import NamedTuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from neco_loss.checks import check_choice
-from neco_loss.diagnostics import NeCoStats, loss_stats
+from neco_loss.dense_objective import DenseObjective
+from neco_loss.diagnostics import ComparedRows, NeCoStats, loss_stats
 from neco_loss.functional import (
     SIMILARITIES,
-    NeCoTerms,
     SortOptions,
     compare_valid_scores,
     similarity_scores,
@@ -41,7 +41,7 @@ class _PairScores(NamedTuple):
     weight: Tensor | None
 
 
-class NeCoLoss(nn.Module):
+class NeCoLoss(DenseObjective):
     """NeCo loss between a student's views and an EMA teacher's global views.
 
     Every teacher global view ``c`` is paired with every student view ``v != c``; both patch maps
@@ -341,7 +341,7 @@ class NeCoLoss(nn.Module):
         weight = student_scores.new_full((count,), 1.0 / count)
         return _PairScores(student_scores[rows], teacher_scores[rows], weight)
 
-    def _terms(self, pairs: list[_PairScores]) -> NeCoTerms:
+    def _terms(self, pairs: list[_PairScores]) -> ComparedRows:
         """Sort the scores of all pairs with the same ``R`` in one call."""
         student_scores = torch.cat([pair.student for pair in pairs])
         teacher_scores = torch.cat([pair.teacher for pair in pairs])
@@ -393,7 +393,7 @@ class NeCoLoss(nn.Module):
         self.policy.check_batch(batch, self.roi_size**2)
 
     def _stats(
-        self, loss: Tensor, terms: list[NeCoTerms], valid_pairs: int, total_pairs: int
+        self, loss: Tensor, terms: list[ComparedRows], valid_pairs: int, total_pairs: int
     ) -> NeCoStats:
         queue_full = None if self.queue is None else self.queue.is_full(0)
         return loss_stats(loss, terms, valid_pairs, total_pairs, queue_full)

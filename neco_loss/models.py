@@ -253,7 +253,7 @@ class ProjectionHead(nn.Module):
 class DenseEncoder(nn.Module):
     """Backbone + projection head: ``images -> (B, out_dim, h, w)`` unit-norm tokens."""
 
-    def __init__(self, backbone: DenseViT, head: ProjectionHead) -> None:
+    def __init__(self, backbone: DenseViT, head: nn.Module) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head

@@ -83,6 +83,7 @@ def vicregl_loss(
     expanders: tuple[nn.Module, nn.Module],
     num_global: int,
     local_weight: float,
+    roi_size: int = ROI_SIZE,
 ) -> Tensor:
     """VICReg(L): pooled embeddings and ROI-aligned patch tokens of pairs of views.
 
@@ -99,6 +100,7 @@ def vicregl_loss(
         expanders: ``(pooled embedding expander, patch token expander)``.
         num_global: Number of global views.
         local_weight: Weight of the token term.
+        roi_size: Side of the aligned token grid of a pair (the testbed's: 4).
 
     Returns:
         The scalar loss.
@@ -115,7 +117,7 @@ def vicregl_loss(
                 crop_extent(crop_sizes[second], patch_size),
             )
             a, b, valid = align_checked_pair(
-                maps[first], maps[second], boxes[:, first], boxes[:, second], ROI_SIZE, extents
+                maps[first], maps[second], boxes[:, first], boxes[:, second], roi_size, extents
             )
             tokens[0].append(a[valid].flatten(0, 1))
             tokens[1].append(b[valid].flatten(0, 1))

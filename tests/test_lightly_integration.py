@@ -190,3 +190,27 @@ def test_examples_run(script, tmp_path):
     backbone = DenseViT("vit_small_patch14_reg4_dinov2", checkpoint=saved, **TINY_EXAMPLE_VIT)
     assert backbone(torch.randn(1, 3, 64, 64)).shape == (1, 96, 8, 8)
     assert "Warning" not in result.stderr, result.stderr[-2000:]  # quiet: nothing deprecated
+
+
+@pytest.mark.parametrize("objective", ["paka", "similarity_ce", "continued"])
+def test_objectives_as_arms_of_the_lightly_module(tmp_path, objective):
+    """``objective=`` picks the loss on the same step; continued has no head, trains expanders."""
+    torch.manual_seed(0)
+    model = NeCo(
+        DenseViT("vit_small_patch14_reg4_dinov2", **TINY_VIT),
+        head_hidden_dim=32,
+        head_out_dim=16,
+        objective=objective,
+        roi_size=2,
+    )
+    data = LightlyDataset(str(image_folder(tmp_path)), transform=plain_transform())
+    batch = next(iter(DataLoader(data, batch_size=4, collate_fn=MultiViewCollate())))
+    views, boxes = split_views_and_boxes(batch[0])
+    maps = model.encode(views)
+    loss = model.criterion(maps.student, maps.teacher, boxes, crop_sizes=[32] * 2 + [16] * 4)
+    loss.backward()
+    gradient = model.student_backbone.vit.blocks[0].attn.qkv.weight.grad
+    assert torch.isfinite(loss) and gradient is not None and gradient.abs().sum() > 0
+    trained = {id(p) for g in model.configure_optimizers().param_groups for p in g["params"]}
+    assert all(id(p) in trained for p in model.criterion.parameters())
+    assert isinstance(model.student_head, torch.nn.Identity) == (objective == "continued")

@@ -21,11 +21,11 @@ from lightly.utils.dist import gather
 from lightly.utils.scheduler import cosine_schedule
 from neco_loss.integrations.lightly.transform import split_views_and_boxes
 from neco_loss.integrations.lightning_steps import logs_this_step
-from torch import Tensor
+from torch import Tensor, nn
 
 from neco_loss.checks import check_choice
-from neco_loss.loss import NeCoLoss
 from neco_loss.models import DINOV2_REGISTERS, REFERENCE_MOMENTUM, DenseViT, ProjectionHead
+from neco_loss.objectives import BuildContext, build_objective, objective_named
 from neco_loss.teacher_step import TEACHERS, StepMaps, per_view_encoder, teacher_step
 
 
@@ -51,10 +51,15 @@ class NeCo(pl.LightningModule):
             ``neco_loss.teacher_step.TEACHERS``.
         gather_distributed: Draw references from the batches of all processes with
             ``lightly.utils.dist.gather`` (default False, as lightly's losses).
+        objective: The dense loss (``neco_loss.objectives.OBJECTIVES``): ``"neco"`` (default),
+            or an arm of a side-by-side run on the same aligned pairs: ``"paka"``,
+            ``"similarity_ce"``, ``"continued"`` (the testbed backbone's VICReg(L), on the
+            backbone's maps: no projection head; its expanders train at ``lr_head``).
         backbone_kwargs: For a backbone given by name (e.g. ``pretrained=True``).
-        **loss_kwargs: ``NeCoLoss`` options (``roi_size``, ``references``, ``steepness``,
-            ``loss_mask``, ...). ``patch_size`` defaults to the backbone's, and every step
-            passes the views' pixel sizes, so boxes are exact for any crop size.
+        **loss_kwargs: The objective's options; for ``neco``, ``NeCoLoss``'s (``roi_size``,
+            ``references``, ``steepness``, ``loss_mask``, ...). ``patch_size`` defaults to the
+            backbone's, and every step passes the views' pixel sizes, so boxes are exact for
+            any crop size.
 
     """
 
@@ -71,23 +76,29 @@ class NeCo(pl.LightningModule):
         teacher: str = "ema",
         gather_distributed: bool = False,
         backbone_kwargs: dict[str, Any] | None = None,
+        objective: str = "neco",
         **loss_kwargs: Any,
     ) -> None:
         super().__init__()
         if isinstance(backbone, str):
             backbone = DenseViT(backbone, **(backbone_kwargs or {}))
         self.student_backbone = backbone
-        self.student_head = ProjectionHead(backbone.embed_dim, head_hidden_dim, head_out_dim)
+        self.student_head: nn.Module = nn.Identity()  # an objective on the backbone's maps
+        if objective_named(objective).projects:
+            self.student_head = ProjectionHead(backbone.embed_dim, head_hidden_dim, head_out_dim)
         self.teacher_backbone = copy.deepcopy(self.student_backbone)
         self.teacher_head = copy.deepcopy(self.student_head)
         deactivate_requires_grad(self.teacher_backbone)
         deactivate_requires_grad(self.teacher_head)
         check_choice(teacher, "teacher", TEACHERS)
         self.teacher = teacher
-        self.criterion = NeCoLoss(
-            gather=gather if gather_distributed else None,
-            **{"patch_size": backbone.patch_size, **loss_kwargs},
+        context = BuildContext(
+            loss_kwargs.pop("patch_size", backbone.patch_size),
+            backbone.embed_dim,
+            loss_kwargs.pop("seed", None),
+            gather if gather_distributed else None,
         )
+        self.criterion = build_objective(objective, loss_kwargs, context)
         self.lr_backbone = lr_backbone
         self.lr_head = lr_head
         self.weight_decay = weight_decay
@@ -146,7 +157,7 @@ class NeCo(pl.LightningModule):
         groups = []
         for modules, lr in (
             ([self.student_backbone], self.lr_backbone),
-            ([self.student_head], self.lr_head),
+            ([self.student_head, self.criterion], self.lr_head),  # continued's expanders
         ):
             decay, no_decay = get_weight_decay_parameters(modules)
             groups.append({"params": decay, "lr": lr, "weight_decay": self.weight_decay})

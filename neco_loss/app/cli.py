@@ -117,7 +117,8 @@ def _check_option_typos(extra: list[str], parser: argparse.ArgumentParser) -> No
         ValueError: ``unknown option --resum (did you mean '--resume'?)``.
 
     """
-    from neco_loss.training.config import TrainConfig, did_you_mean, flag_name
+    from neco_loss.checks import did_you_mean
+    from neco_loss.training.config import TrainConfig, flag_name
 
     keys = {flag_name(item.name) for item in dataclasses.fields(TrainConfig)}
     options = [flag for flag in parser._option_string_actions if flag.startswith("--")]

@@ -110,13 +110,19 @@ def process_group() -> tuple[int, int]:
     return 0, 1
 
 
-def parameter_groups(student: DenseEncoder, config: TrainConfig) -> list[dict[str, Any]]:
+def parameter_groups(
+    student: DenseEncoder, config: TrainConfig, objective: nn.Module | None = None
+) -> list[dict[str, Any]]:
     """Backbone / head x decay / no decay groups.
 
-    Biases and norms are not decayed (reference ``exclude_norm_bias: True``).
+    Biases and norms are not decayed (reference ``exclude_norm_bias: True``). An objective's
+    own parameters (``continued``'s expanders) train as the head does, at ``lr_head``.
     """
     groups = []
-    for part, lr in ((student.backbone, config.lr_backbone), (student.head, config.lr_head)):
+    parts = [(student.backbone, config.lr_backbone), (student.head, config.lr_head)]
+    if objective is not None:
+        parts.append((objective, config.lr_head))
+    for part, lr in parts:
         decay = [p for p in part.parameters() if p.requires_grad and p.ndim > 1]
         other = [p for p in part.parameters() if p.requires_grad and p.ndim <= 1]
         groups.append({"params": decay, "peak_lr": lr, "decay": True})

@@ -8,8 +8,6 @@ Defaults are the reference configuration for DINOv2-registers ViT-S/14
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import inspect
 import math
 import types
 import typing
@@ -18,15 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from neco_loss import assets
-from neco_loss.checks import check_choice
+from neco_loss.checks import check_choice, did_you_mean
 from neco_loss.data import NeCoMultiCrop
-from neco_loss.loss import NeCoLoss
 from neco_loss.models import REFERENCE_MOMENTUM
+from neco_loss.objectives import check_objective
 from neco_loss.teacher_step import TEACHERS
 from neco_loss.yaml_files import read_yaml
 
-# NeCoLoss arguments the trainer sets itself: not config keys under ``loss:``.
-TRAINER_LOSS_ARGUMENTS = ("seed", "gather", "compute_stats")
 # Keys that only the built-in synthetic scenes read; a folder of images has its own.
 SYNTHETIC_KEYS = ("image_size", "train_images")
 
@@ -65,7 +61,13 @@ class TrainConfig:
         flip: Random horizontal flips (reference: off).
         jitter_strength: Colour jitter strength (reference: 1.0).
         blur_strength: Blur strength (reference: 1.0).
-        loss: Keyword arguments of ``NeCoLoss`` (e.g. ``{steepness: [10, 100], top_k: 5}``).
+        loss: Keyword arguments of the objective's loss: for ``neco``, of ``NeCoLoss`` (e.g.
+            ``{steepness: [10, 100], top_k: 5}``).
+        objective: The dense loss of the step (``neco_loss.objectives.OBJECTIVES``): ``neco``
+            (default), or an alternative on the same aligned pairs for a side-by-side run:
+            ``paka`` (lightly's Patch Kernel Alignment), ``similarity_ce`` (NeCo without the
+            sorting; ``loss: {temperature: 0.1}``) or ``continued`` (the testbed backbone's
+            own VICReg(L); only for the testbed architecture).
         batch_size: Images per step (reference: 64).
         epochs: Passes over the data (reference: 25 on COCO).
         max_steps: Stop after this many steps (``None``: ``epochs`` decide).
@@ -116,6 +118,7 @@ class TrainConfig:
     jitter_strength: float = 1.0
     blur_strength: float = 1.0
     loss: dict[str, Any] = field(default_factory=dict)
+    objective: str = "neco"
     batch_size: int = 64
     epochs: int = 25
     max_steps: int | None = None
@@ -139,7 +142,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check_types(self)
-        _check_loss(self.loss)
+        check_objective(self.objective, self.loss, self.model, self.model_kwargs)
         for name in (
             "batch_size",
             "epochs",
@@ -251,27 +254,6 @@ def type_name(annotation: Any) -> str:
     if isinstance(annotation, type) and not typing.get_args(annotation):
         return "null" if annotation is type(None) else annotation.__name__
     return str(annotation).replace("typing.", "").replace("NoneType", "None")
-
-
-def did_you_mean(word: str, choices: list[str]) -> str:
-    """`` (did you mean 'x'?)`` for the nearest choice, or ``""``."""
-    close = difflib.get_close_matches(word, choices, n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _check_loss(loss: dict[str, Any]) -> None:
-    """Raise for ``loss:`` keys or values that ``NeCoLoss`` refuses, before anything is built."""
-    parameters = inspect.signature(NeCoLoss).parameters
-    valid = [name for name in parameters if name not in TRAINER_LOSS_ARGUMENTS]
-    for key in loss:
-        if key not in valid:
-            raise ValueError(
-                f"unknown loss key {key!r}{did_you_mean(key, valid)}; valid loss keys: {valid}."
-            )
-    try:
-        NeCoLoss(**loss)
-    except (TypeError, ValueError) as error:
-        raise type(error)(f"loss: {error}") from None
 
 
 def _matches(value: Any, annotation: Any) -> bool:

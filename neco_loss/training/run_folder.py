@@ -225,20 +225,24 @@ class MetricsLog:
         self.file.flush()
 
     def write(
-        self, step: int, loss: float, lr: float, weight_decay: float, speed: float, stats: NeCoStats
+        self,
+        step: int,
+        loss: float,
+        lr: float,
+        weight_decay: float,
+        speed: float,
+        stats: NeCoStats | None,
     ) -> None:
-        """Append a row and flush it."""
-        self.writer.writerow(
-            [
-                step,
-                f"{loss:.6f}",
-                f"{lr:.3e}",
-                f"{weight_decay:.4f}",
-                f"{speed:.2f}",
+        """Append a row and flush it (the diagnostics left empty without ``stats``)."""
+        diagnostics = ["", "", ""]
+        if stats is not None:
+            diagnostics = [
                 f"{stats.valid_pairs / stats.total_pairs:.4f}",
                 f"{stats.rank_agreement:.4f}",
                 f"{stats.teacher_entropy:.4f}",
             ]
+        self.writer.writerow(
+            [step, f"{loss:.6f}", f"{lr:.3e}", f"{weight_decay:.4f}", f"{speed:.2f}", *diagnostics]
         )
         self.file.flush()
 

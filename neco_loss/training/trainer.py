@@ -24,12 +24,12 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from neco_loss import backbones
-from neco_loss.checks import all_finite, nonfinite_tensors
+from neco_loss.checks import all_finite, nonfinite_weights
 from neco_loss.data.feeding import EpochSampler, MultiCropDataset, batches_from
 from neco_loss.data.folder import skipped_files
 from neco_loss.foreground import foreground_masks
-from neco_loss.loss import NeCoLoss
 from neco_loss.models import DenseEncoder, DenseViT, EMATeacher, ProjectionHead, momentum_at
+from neco_loss.objectives import BuildContext, build_objective, objective_named
 from neco_loss.progress import progress_bar
 from neco_loss.references import all_gather
 from neco_loss.schedules import cosine
@@ -59,6 +59,7 @@ from neco_loss.training.run_folder import (
     write_config,
 )
 from neco_loss.training.signals import StopOnSignals, unblock_stop_signals
+from neco_loss.training.step_costs import StepCosts
 
 ADVICE = " (lower the learning rates or the steepness, or set grad_clip)"
 
@@ -80,12 +81,11 @@ class Trainer:
         self.output_dir = config.output_dir_path
         backbone = build_backbone(config)
         check_crop_sizes(config, backbone.patch_size)
-        self._build_models(backbone)
         gather = all_gather if self.world > 1 else None
         # patch_size + crop_sizes: boxes in the reference code's frame for any crop size
-        loss_options = {"patch_size": backbone.patch_size, **config.loss}
-        self.criterion = NeCoLoss(seed=config.seed, gather=gather, **loss_options)
-        self.criterion.to(self.device)
+        context = BuildContext(backbone.patch_size, backbone.embed_dim, config.seed, gather)
+        self.criterion = build_objective(config.objective, config.loss, context).to(self.device)
+        self._build_models(backbone)
         self.crop_sizes = [config.global_size] * config.num_global
         self.crop_sizes += [config.local_size] * config.num_local
         self._build_data()
@@ -99,7 +99,9 @@ class Trainer:
     def _build_models(self, backbone: DenseViT) -> None:
         """The student, its EMA teacher, their multi-view encoders and the optimizer."""
         config = self.config
-        head = ProjectionHead(backbone.embed_dim, config.head_hidden_dim, config.head_out_dim)
+        head: nn.Module = nn.Identity()  # an objective on the backbone's maps has no head
+        if objective_named(config.objective).projects:
+            head = ProjectionHead(backbone.embed_dim, config.head_hidden_dim, config.head_out_dim)
         self.student = DenseEncoder(backbone, head).to(self.device)
         self.teacher = EMATeacher(self.student).to(self.device)
         self.student_views: nn.Module = MultiViewEncoder(self.student, backbone.vit)
@@ -111,7 +113,8 @@ class Trainer:
         self.teacher_views = MultiViewEncoder(
             self.teacher, self.teacher.module.get_submodule("backbone.vit")
         )
-        self.optimizer = torch.optim.AdamW(parameter_groups(self.student, config), lr=0.0)
+        groups = parameter_groups(self.student, config, self.criterion)
+        self.optimizer = torch.optim.AdamW(groups, lr=0.0)
 
     def _build_data(self) -> None:
         """The seeded multi-crop dataset and this process's sampler of it."""
@@ -185,14 +188,7 @@ class Trainer:
         if self.step > 0:  # the weights were finite when the run started
             return ADVICE
         # The teacher is a copy of the student before the first step: the student says it all.
-        broken = nonfinite_tensors(self.student.state_dict())
-        if not broken:
-            return ADVICE
-        source = f" ({self.config.weights})" if self.config.weights else ""
-        return (
-            f": the starting weights{source} hold NaN/Inf values, in {len(broken)} tensors, "
-            f"e.g. {broken[:3]}; start from finite weights"
-        )
+        return nonfinite_weights(self.student.state_dict(), self.config.weights) or ADVICE
 
     def encode(
         self, views: list[Tensor], masks: Callable[[Tensor], Tensor] = foreground_masks
@@ -311,6 +307,7 @@ class Trainer:
             enabled=self.progress and self.rank == 0,
         )
         last_loss = math.nan
+        self.costs = StepCosts(self.device)
         batches = self._batches()
         stop = StopOnSignals()
         signalled: str | None = None  # the signal names every process agreed to stop on
@@ -361,13 +358,13 @@ class Trainer:
         start = time.perf_counter()
         logs_this_step = (self.step + 1) % self.config.log_every == 0
         loss = self._train_step(views, boxes, log_stats=logs_this_step and log is not None)
-        speed = self.config.batch_size * self.world / (time.perf_counter() - start)
+        self.costs.add(time.perf_counter() - start)
+        speed = self.config.batch_size * self.world / self.costs.seconds[-1]
         self.step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{speed:.1f}", refresh=False)
         if log is not None and logs_this_step:
-            stats = self.criterion.last_stats
-            assert stats is not None
+            stats = self.criterion.last_stats  # None: an objective without diagnostics
             group = self.optimizer.param_groups[0]
             log.write(self.step, loss, group["lr"], group["weight_decay"], speed, stats)
         return loss
@@ -379,6 +376,8 @@ class Trainer:
         if signalled:  # the note before save()'s barrier, as in fit
             self._note(message + "; continue with --resume.")
         checkpoint = self.save()
+        if self.rank == 0:
+            self.costs.write(self.output_dir)
         if signalled:
             raise SystemExit(message)
         return TrainResult(
