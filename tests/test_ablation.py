@@ -12,9 +12,9 @@ from neco_loss.app.ablate import run_ablation
 from neco_loss.app.ablation_file import load_ablation, merge
 from neco_loss.app.cli import main
 from neco_loss.app.experiment import BASELINE
-from neco_loss.app.statistics import MeanInterval, mean_interval, paired_change
+from neco_loss.app.statistics import bootstrap_estimate
 from neco_loss.evaluation.datasets import IGNORE_INDEX, NUM_CLASSES
-from neco_loss.evaluation.suite import evaluate, evaluation_splits
+from neco_loss.evaluation.suite import PER_IMAGE_FILE, evaluate, evaluation_splits
 from neco_loss.loss import NeCoLoss
 from neco_loss.models import DenseViT
 from neco_loss.training import build_config
@@ -61,7 +61,8 @@ def test_ablation_trains_evaluates_and_plots(tmp_path, capsys):
     assert context["seeds"] == [3]
     assert set(results["L2"]) == {"in-context mIoU", "linear mIoU"}
     one_seed = results["L2"]["linear mIoU"]
-    assert one_seed["count"] == 1 and one_seed["half_width"] is None
+    # one seed: the interval holds the scored images' noise only
+    assert one_seed["count"] == 1 and one_seed["low"] <= one_seed["mean"] <= one_seed["high"]
     assert one_seed["values"] == [written["runs"]["L2 (seed 3)"]["linear mIoU"]]
     assert (output / "ablation.png").stat().st_size > 5_000
     assert "change in" not in (output / "ablation.md").read_text()  # no baseline row
@@ -75,8 +76,8 @@ def test_ablation_trains_evaluates_and_plots(tmp_path, capsys):
 
 
 def test_ablation_over_seeds_with_baseline_and_x_axis(tmp_path):
-    """Every variant trains per seed; rows are mean and Student-t interval over the seeds'
-    scores, the starting backbone is scored once, and the plot is a line over x."""
+    """Every variant trains per seed and every seed scores the start and its runs on its own
+    images; rows and paired changes are two-level bootstraps of the images' pixel counts."""
     start = tmp_path / "start.pt"
     torch.save(build_backbone(build_config(TINY)).vit.state_dict(), start)
     spec = {
@@ -94,59 +95,60 @@ def test_ablation_over_seeds_with_baseline_and_x_axis(tmp_path):
     results = run_ablation(path, output, progress=False)
     assert list(results) == [BASELINE, "f=0.25", "f=1"]
     written = json.loads((output / "ablation.json").read_text())
+    runs = written["runs"]
+    counts = {
+        seed: torch.load(output / "evaluation" / f"seed{seed}" / PER_IMAGE_FILE) for seed in (5, 6)
+    }
     for variant in ("f=0.25", "f=1"):
         for metric in ("in-context mIoU", "linear mIoU"):
-            values = [written["runs"][f"{variant} (seed {seed})"][metric] for seed in (5, 6)]
-            expected = mean_interval(values)
-            assert results[variant][metric] == expected
+            values = [runs[f"{variant} (seed {seed})"][metric] for seed in (5, 6)]
+            mine = [counts[seed][f"{variant} (seed {seed})"][metric] for seed in (5, 6)]
+            assert results[variant][metric] == bootstrap_estimate(mine)
+            assert results[variant][metric].mean == pytest.approx(sum(values) / 2)
             assert written["results"][variant][metric]["values"] == values
-            # The change from the starting backbone, scored once, is paired per seed.
-            start_score = written["runs"][BASELINE][metric]
-            change = paired_change([start_score] * 2, values)
+            # The change from the start is paired on each seed's own images.
+            starts = [counts[seed][f"{BASELINE} (seed {seed})"][metric] for seed in (5, 6)]
+            change = bootstrap_estimate(mine, starts)
             assert written["results"][variant][metric]["change_vs_start"] == asdict(change)
-    # Against the reference variant, seed 5 is paired with seed 5 and seed 6 with seed 6.
+            start_values = [runs[f"{BASELINE} (seed {seed})"][metric] for seed in (5, 6)]
+            assert change.mean == pytest.approx(
+                sum(v - s for v, s in zip(values, start_values, strict=True)) / 2
+            )
     versus = written["results"]["f=1"]["linear mIoU"]["change_vs_f=0.25"]
-    runs = written["runs"]
-    assert versus == asdict(
-        paired_change(
-            [runs[f"f=0.25 (seed {seed})"]["linear mIoU"] for seed in (5, 6)],
-            [runs[f"f=1 (seed {seed})"]["linear mIoU"] for seed in (5, 6)],
-        )
-    )
+    assert versus["p_value"] is not None and versus["low"] <= versus["mean"] <= versus["high"]
     assert "change_vs_f=0.25" not in written["results"]["f=0.25"]["linear mIoU"]
-    assert results[BASELINE]["in-context mIoU"].count == 1
-    # 'split: test' scores the test images, which score differently from val's.
+    assert results[BASELINE]["in-context mIoU"].count == 2  # scored on every seed's images
+    # Seed 6's start is scored on the test images drawn with seed 6, which differ from seed 5's.
     assert written["context"]["split"] == "test"
     config = build_config(TINY)
     start_vit = DenseViT(config.model, checkpoint=start, **config.model_kwargs).eval()
-    scores = {}
-    for split in ("val", "test"):
-        train_set, scored = evaluation_splits(
-            "synthetic", None, TINY["image_size"], 6, 4, "train", split
-        )
-        scores[split] = evaluate(
-            {"start": torch.no_grad()(start_vit)},
-            train_set,
-            scored,
-            NUM_CLASSES["synthetic"],
-            ["in-context"],
-            tmp_path / split,
-            ignore_index=IGNORE_INDEX,
-            progress=False,
-        )["start"]["in-context mIoU"]
-    assert results[BASELINE]["in-context mIoU"].mean == pytest.approx(scores["test"])
-    assert scores["test"] != pytest.approx(scores["val"])
+    train_set, scored = evaluation_splits(
+        "synthetic", None, TINY["image_size"], 6, 4, "train", "test", seed=6
+    )
+    direct = evaluate(
+        {"start": torch.no_grad()(start_vit)},
+        train_set,
+        scored,
+        NUM_CLASSES["synthetic"],
+        ["in-context"],
+        tmp_path / "direct",
+        ignore_index=IGNORE_INDEX,
+        progress=False,
+    )["start"]["in-context mIoU"]
+    assert runs[f"{BASELINE} (seed 6)"]["in-context mIoU"] == pytest.approx(direct)
+    assert direct != pytest.approx(runs[f"{BASELINE} (seed 5)"]["in-context mIoU"])
     assert (output / "f=1" / "seed6" / "backbone.pt").is_file()
     markdown = (output / "ablation.md").read_text()
-    assert f"| {BASELINE} | 1 |" in markdown and "f=0.25 (seed 5)" in markdown
+    assert f"| {BASELINE} | 2 |" in markdown and "f=0.25 (seed 5)" in markdown
     assert (
         "| change in in-context mIoU vs start | change in linear mIoU vs start "
-        "| change in in-context mIoU vs f=0.25 | change in linear mIoU vs f=0.25 |"
+        "| change in in-context mIoU vs f=0.25 | change in linear mIoU vs f=0.25 "
+        "| s/step | peak MiB |"
     ) in markdown
     row = next(line for line in markdown.splitlines() if line.startswith("| f=1 |"))
     cells = [cell.strip() for cell in row.strip("|").split("|")]
-    assert cells[-3] == change.format(signed=True)  # f=1, linear mIoU vs start
-    assert cells[-1] == MeanInterval(**versus).format(signed=True)
+    assert cells[-5] == change.format(signed=True)  # f=1, linear mIoU vs start
+    assert float(cells[-2]) > 0  # seconds per step, measured
     assert (output / "ablation.png").stat().st_size > 5_000
     # --seeds replaces the file's seeds; --seed next to seeds is refused.
     with pytest.raises(ValueError, match="--seed conflicts"):

@@ -108,11 +108,18 @@ def test_unknown_arguments_outside_train():
 def test_demo_runs_end_to_end(tmp_path, capsys):
     main(["demo", "--output", str(tmp_path), "--neco-steps", "2", "--split", "val"])
     out = capsys.readouterr().out
-    assert "in-context mIoU: before" in out and "-> after" in out
     result = json.loads((tmp_path / "results.json").read_text())
-    assert 0 <= result["miou_before"] <= 1 and 0 <= result["miou_after"] <= 1
+    before, after = result["miou_before"], result["miou_after"]
+    control = result["miou_control"] - before
+    assert (
+        f"in-context mIoU: before {before:.4f} -> after {after:.4f} ({after - before:+.4f}); "
+        f"continued VICReg(L): {control:+.4f}"
+    ) in out
+    assert "docs/ablations.md#neco-side-by-side" in out
+    assert 0 <= before <= 1 and 0 <= after <= 1
     assert (tmp_path / "in_context.png").stat().st_size > 10_000
     assert (tmp_path / "neco" / "checkpoint_last.pt").is_file()
+    assert (tmp_path / "continued" / "checkpoint_last.pt").is_file()
 
 
 def test_tiny_cpu_recipe_is_the_demo_configuration():
@@ -164,22 +171,58 @@ def test_sort_demo_runs_small(tmp_path, capsys):
     assert (tmp_path / "soft_permutation.png").stat().st_size > 10_000
 
 
+def _write_seed(folder, seed, change, **fields):
+    from dataclasses import asdict
+    from importlib.metadata import version
+
+    from neco_loss.app.demo import DemoResult
+
+    values = (seed, "test", 0.4, 0.4 + change, 0.41, 0.5, 0.5, 0.39, 0.52, [], [], 300, 1.0)
+    result = DemoResult(*values, version("neco-loss"))
+    (folder / f"seed{seed}").mkdir(exist_ok=True)
+    written = {**asdict(result), **fields}
+    (folder / f"seed{seed}" / "results.json").write_text(json.dumps(written))
+
+
 def test_demo_seeds_table_and_paired_interval(tmp_path):
     """Finished seeds are read back; the change's paired interval is computed on known
-    numbers (differences 0.02, 0.03, 0.04: mean 0.03, t(0.975, 2) * 0.01 / sqrt(3) = 0.0248)."""
-    from dataclasses import asdict
-
-    from neco_loss.app.demo import DemoResult, run_demo_seeds
+    numbers (differences 0.02, 0.03, 0.04: mean 0.03, t(0.975, 2) * 0.01 / sqrt(3) = 0.0248;
+    the one-sample t-test's p = 0.0351)."""
+    from neco_loss.app.demo import run_demo_seeds
 
     for seed, change in zip((0, 1, 2), (0.02, 0.03, 0.04), strict=True):
-        result = DemoResult(seed, "test", 0.4, 0.4 + change, 0.41, 0.5, 0.5, [], [], 300, 1.0)
-        (tmp_path / f"seed{seed}").mkdir()
-        (tmp_path / f"seed{seed}" / "results.json").write_text(json.dumps(asdict(result)))
+        _write_seed(tmp_path, seed, change)
     table = run_demo_seeds(tmp_path, [0, 1, 2], progress=False)
-    assert "| 1 | 0.4000 | 0.4300 | 0.4100 | 0.5000 | 0.5000 |" in table
+    assert "| 1 | 0.4000 | 0.4300 | 0.4100 | 0.3900 | 0.5000 | 0.5000 | 0.5200 |" in table
     assert (
-        "in-context mIoU change through NeCo: +0.0300, paired 95% interval [+0.0052, +0.0548] "
-        "(excludes 0), 3 seeds" in table
+        "- in-context, NeCo (mIoU change): +0.0300 [+0.0052, +0.0548] p=0.0351, Student-t over "
+        "3 seeds, test split" in table
     )
-    assert "linear mIoU change through NeCo: +0.0000" in table and "(includes 0)" in table
+    assert "- in-context, NeCo - control (mIoU change): +0.0400 [+0.0152, +0.0648]" in table
+    assert "- linear, continued VICReg(L) (mIoU change): +0.0200" in table
     assert (tmp_path / "seeds.md").read_text() == table
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("split", "val", "split 'val' \\(asked: 'test'\\)"),
+        ("neco_steps", 200, "neco_steps 200 \\(asked: 300\\)"),
+        ("version", "0.0.1", "version '0.0.1'"),
+    ],
+)
+def test_demo_seeds_refuse_a_seed_measured_otherwise(tmp_path, field, value, message):
+    from neco_loss.app.demo import run_demo_seeds
+
+    _write_seed(tmp_path, 0, 0.02, **{field: value})
+    with pytest.raises(ValueError, match=f"seed0/results.json was measured with {message}"):
+        run_demo_seeds(tmp_path, [0], progress=False)
+
+
+def test_demo_seeds_refuse_an_older_format(tmp_path):
+    from neco_loss.app.demo import run_demo_seeds
+
+    (tmp_path / "seed0").mkdir()
+    (tmp_path / "seed0" / "results.json").write_text(json.dumps({"seed": 0, "split": "test"}))
+    with pytest.raises(ValueError, match="older format: delete"):
+        run_demo_seeds(tmp_path, [0], progress=False)

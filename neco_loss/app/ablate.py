@@ -93,7 +93,7 @@ def run_ablation(
         seeds: Seeds to train with, instead of the file's ``seeds``.
 
     Returns:
-        ``{row: {metric: MeanInterval over seeds}}``; rows are the variants, after the starting
+        ``{row: {metric: Estimate over seeds}}``; rows are the variants, after the starting
         backbone's row when the file asks for a baseline.
 
     """
@@ -113,12 +113,16 @@ def run_ablation(
         "image_size": scores.image_size,
         "train_images": scores.train_images,
         "val_images": scores.val_images,
+        "images": "each seed scores its own (val and memory/probe images drawn with the seed)",
         "split": settings["split"],
         "linear_epochs": settings["linear_epochs"],
-        "interval": f"mean ± half-width of the {CONFIDENCE:.0%} Student-t interval over seeds",
+        "interval": f"mean [{CONFIDENCE:.0%} interval] of a two-level bootstrap (seeds, then "
+        "each seed's scored images, resampled; changes paired on the same images), p-value of "
+        "no change, and for an interval including 0 the smallest change detectable at 5% "
+        "with 80% power",
     }
     comparisons = {}
-    if ablation.baseline:  # scored once: it does not depend on the training seed
+    if ablation.baseline:  # scored on every seed's images: truly paired
         comparisons["start"] = paired_changes(scores, BASELINE)
     if ablation.reference:
         comparisons[ablation.reference] = paired_changes(scores, ablation.reference)

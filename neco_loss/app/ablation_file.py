@@ -6,7 +6,7 @@ An ablation file names a base configuration and the variants as overrides of it:
     variants:
       CE: {}
       L1: {loss: {loss: l1}}
-    evaluation: {train_images: 200, val_images: 64, linear_epochs: 10}
+    evaluation: {train_images: 200, val_images: 128, linear_epochs: 20}
 
 Optional keys: ``seeds``, ``baseline`` (also score the starting backbone), ``x`` (the number
 the variants vary, for a line plot) and ``reference`` (a variant the others are compared with).
@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from neco_loss.evaluation.linear import EPOCHS
 from neco_loss.yaml_files import read_yaml
 
 EVALUATION_DEFAULTS: dict[str, Any] = {
@@ -28,7 +29,7 @@ EVALUATION_DEFAULTS: dict[str, Any] = {
     "train_images": 200,
     "val_images": 64,
     "split": "val",  # the split scored; SyntheticScenes also has "test"
-    "linear_epochs": 10,
+    "linear_epochs": EPOCHS,
     "protocols": ["in-context", "linear"],
 }
 ABLATION_KEYS = ("base", "variants", "evaluation", "seeds", "baseline", "x", "reference")

@@ -1,15 +1,16 @@
 """``neco demo``: the main job on an embedded default, whether NeCo improves patch features.
 
 On CPU, without downloads: the shipped testbed backbone (a small ViT pretrained on
-``SyntheticScenes`` with VICReg(L), ``neco_loss.testbed``) is post-pretrained with NeCo, then
-the starting backbone, the NeCo student and its EMA teacher are scored side by side by the
-in-context and linear segmentation protocols: a two-row experiment (start, NeCo) of the
-experiment runner (``neco_loss.app.experiment``). Prints ``in-context mIoU: before X -> after
-Y`` and writes ``results.json``, the figure ``in_context.png`` (the suite's in-context figure),
-the suite's tables and pictures (``evaluation/``) and the run (``neco/``) under the output
-folder. ``--seed N`` changes NeCo's randomness (head initialisation, crops, data order,
-reference draws) and the scored images, so seeds give independent before/after pairs
-(docs/training.md has the table over seeds).
+``SyntheticScenes`` with VICReg(L), ``neco_loss.testbed``) is post-pretrained with NeCo and,
+as the control a user would otherwise run, with its own VICReg(L) objective for the same
+steps (``objective: continued``); then the start, the NeCo student, its EMA teacher and the
+control are scored side by side by the in-context and linear segmentation protocols on the
+seed's own images: one experiment of the experiment runner (``neco_loss.app.experiment``).
+Prints ``in-context mIoU: before X -> after Y (+Z); continued VICReg(L): +C`` and writes
+``results.json``, the figure ``in_context.png`` (the suite's in-context figure), the suite's
+tables and pictures (``evaluation/``) and the runs (``neco/``, ``continued/``) under the
+output folder. ``--seed N`` changes the training randomness and the scored images, so seeds
+give independent pairs (the measured multi-seed study: ``MULTI_SEED_TABLE``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import argparse
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +36,7 @@ from neco_loss.app.experiment import (
     run_name,
 )
 from neco_loss.testbed import TESTBED_MODEL, TESTBED_MODEL_KWARGS, testbed_backbone
-from neco_loss.training import build_config
+from neco_loss.training import TrainConfig, build_config
 
 NAME = "demo"
 HELP = "the main job on the built-in synthetic scenes"
@@ -52,18 +54,21 @@ DEMO_CONFIG: dict[str, Any] = {
     "batch_size": 32,
     "epochs": 1000,
     "max_steps": 300,
-    "lr_backbone": 3e-4,  # chosen on the val split (docs/training.md)
+    "lr_backbone": 3e-4,  # chosen on the val split (docs/ablations.md, objectives_tuning.yaml)
     "lr_head": 1e-3,
     "momentum": 0.99,
     "loss": {"roi_size": 4},
     "weights": "testbed",  # the shipped testbed backbone (neco_loss.assets)
 }
+# The control: the testbed's own VICReg(L) for the same steps, at its lr chosen on val.
+CONTROL_CHANGES: dict[str, Any] = {"objective": "continued", "lr_backbone": 1e-4}
 EVAL_TRAIN_IMAGES = 200  # memory bank / linear probe training images
 EVAL_IMAGES = 64  # scored images
-REPORTED_SPLIT = "test"  # settings were chosen on "val" (docs/training.md)
-LINEAR_EPOCHS = 10
+REPORTED_SPLIT = "test"  # settings were chosen on "val" (docs/ablations.md)
 START_FILE = "start_backbone.pt"
-NECO = "NeCo"  # the experiment's trained row
+NECO = "NeCo"  # the experiment's trained rows
+CONTROL = "continued VICReg(L)"
+MULTI_SEED_TABLE = "docs/ablations.md#neco-side-by-side"
 
 
 @dataclass
@@ -77,10 +82,13 @@ class DemoResult:
     miou_after_teacher: float
     linear_before: float
     linear_after: float
+    miou_control: float
+    linear_control: float
     iou_before: list[float]
     iou_after: list[float]
     neco_steps: int
     seconds: float
+    version: str
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -121,13 +129,13 @@ def run_demo(
     progress: bool = True,
     split: str = REPORTED_SPLIT,
 ) -> DemoResult:
-    """Post-pretrain the testbed backbone with NeCo; score the start and the result.
+    """Post-pretrain the testbed backbone with NeCo and with the control; score all.
 
     Args:
-        output: Folder for ``start_backbone.pt``, ``neco/`` (the run), ``evaluation/``,
-            ``results.json`` and ``in_context.png``.
-        seed: Seed of NeCo's randomness and of the scored images.
-        neco_steps: NeCo steps (``None``: ``DEMO_CONFIG``'s 300).
+        output: Folder for ``start_backbone.pt``, ``neco/`` and ``continued/`` (the runs),
+            ``evaluation/``, ``results.json`` and ``in_context.png``.
+        seed: Seed of the training randomness and of the scored images.
+        neco_steps: Steps of both runs (``None``: ``DEMO_CONFIG``'s 300).
         progress: Show progress bars.
         split: ``SyntheticScenes`` split to score: ``"test"`` (reported) or ``"val"`` (for
             choosing settings).
@@ -138,60 +146,109 @@ def run_demo(
     """
     start = time.perf_counter()
     output.mkdir(parents=True, exist_ok=True)
-    config = build_config({**DEMO_CONFIG, "seed": seed, "output_dir": str(output / "neco")})
-    if neco_steps is not None:
-        config.max_steps = neco_steps
+    runs = {
+        (NECO, seed): _config({"output_dir": str(output / "neco")}, seed, neco_steps),
+        (CONTROL, seed): _config(
+            {**CONTROL_CHANGES, "output_dir": str(output / "continued")}, seed, neco_steps
+        ),
+    }
     backbone = testbed_backbone().float()
     torch.save(backbone.vit.state_dict(), output / START_FILE)  # for neco eval --checkpoint
+    steps = int(runs[NECO, seed].max_steps or 0)
     print(
-        f"1. NeCo post-pretraining of the testbed backbone ("
+        f"1. post-pretraining of the testbed backbone ("
         f"{sum(p.numel() for p in backbone.parameters()) / 1e6:.2f}M parameters, pretrained "
-        f"with VICReg(L) on SyntheticScenes) for {config.max_steps} steps"
+        f"with VICReg(L) on SyntheticScenes) for {steps} steps: with NeCo, and with its own "
+        "VICReg(L) as the control"
     )
-    scoring = Scoring(
-        train_images=EVAL_TRAIN_IMAGES,
-        val_images=EVAL_IMAGES,
-        split=split,
-        linear_epochs=LINEAR_EPOCHS,
-        seed=seed,
-    )
-    experiment = Experiment({(NECO, seed): config}, scoring, baseline=True, teachers=True)
+    scoring = Scoring(train_images=EVAL_TRAIN_IMAGES, val_images=EVAL_IMAGES, split=split)
+    experiment = Experiment(runs, scoring, baseline=True, teachers=(NECO,))
     scores = run_experiment(experiment, output, progress)
-    print(f"2. scored on {EVAL_IMAGES} {split} images: the start, the student, the EMA teacher")
-    result = _demo_result(scores, seed, split, int(config.max_steps or 0))
+    print(f"2. scored on {EVAL_IMAGES} {split} images: the start, NeCo, its EMA teacher, control")
+    result = _demo_result(scores, seed, split, steps)
     result.seconds = time.perf_counter() - start
     (output / "results.json").write_text(json.dumps(asdict(result), indent=2))
     figure = output / "in_context.png"
-    shutil.copyfile(output / "evaluation" / "in-context.png", figure)
-    print(
-        f"in-context mIoU: before {result.miou_before:.4f} -> after {result.miou_after:.4f} "
-        f"(EMA teacher {result.miou_after_teacher:.4f}); linear mIoU: before "
-        f"{result.linear_before:.4f} -> after {result.linear_after:.4f}"
-    )
-    print(
-        f"   figure {figure}, checkpoint {config.output_dir_path / 'checkpoint_last.pt'}, "
-        f"{result.seconds / 60:.1f} min"
-    )
+    shutil.copyfile(output / "evaluation" / f"seed{seed}" / "in-context.png", figure)
+    _print_result(result)
+    print(f"   figure {figure}, runs in {output}, {result.seconds / 60:.1f} min")
     return result
+
+
+def _print_result(result: DemoResult) -> None:
+    """The changes through NeCo and through the control, and where the multi-seed table is."""
+    for name, before, after, control in (
+        ("in-context", result.miou_before, result.miou_after, result.miou_control),
+        ("linear", result.linear_before, result.linear_after, result.linear_control),
+    ):
+        print(
+            f"{name} mIoU: before {before:.4f} -> after {after:.4f} ({after - before:+.4f}); "
+            f"{CONTROL}: {control - before:+.4f}"
+        )
+    print(
+        f"   EMA teacher in-context {result.miou_after_teacher:.4f}; one seed, {EVAL_IMAGES} "
+        f"images: the measured table over seeds is {MULTI_SEED_TABLE}"
+    )
+
+
+def _config(changes: dict[str, Any], seed: int, steps: int | None) -> TrainConfig:
+    """``DEMO_CONFIG`` with ``changes`` for ``seed`` (and ``steps`` when given)."""
+    config = build_config({**DEMO_CONFIG, **changes, "seed": seed})
+    if steps is not None:
+        config.max_steps = steps
+    return config
 
 
 def _demo_result(scores: ExperimentScores, seed: int, split: str, steps: int) -> DemoResult:
     """The demo's numbers from the experiment's rows (``seconds`` left at 0)."""
-    student, teacher = run_name(NECO, seed), run_name(f"{NECO} {TEACHER}", seed)
-    before, after = scores.per_run[BASELINE], scores.per_run[student]
+    start, student = run_name(BASELINE, seed), run_name(NECO, seed)
+    before, after = scores.per_run[start], scores.per_run[student]
+    control = scores.per_run[run_name(CONTROL, seed)]
     return DemoResult(
         seed,
         split,
         before["in-context mIoU"],
         after["in-context mIoU"],
-        scores.per_run[teacher]["in-context mIoU"],
+        scores.per_run[run_name(f"{NECO} {TEACHER}", seed)]["in-context mIoU"],
         before["linear mIoU"],
         after["linear mIoU"],
-        scores.per_class[BASELINE]["in-context"],
+        control["in-context mIoU"],
+        control["linear mIoU"],
+        scores.per_class[start]["in-context"],
         scores.per_class[student]["in-context"],
         steps,
         0.0,
+        version("neco-loss"),
     )
+
+
+def reused_result(folder: Path, split: str, steps: int) -> DemoResult | None:
+    """A seed's earlier ``results.json`` if it was measured as asked, ``None`` if absent.
+
+    Raises:
+        ValueError: If it was measured on another split, for another number of steps or by
+            another version of the package (or in an older format): naming what differs.
+
+    """
+    path = folder / "results.json"
+    if not path.is_file():
+        return None
+    written = json.loads(path.read_text())
+    if set(written) != {item.name for item in fields(DemoResult)}:
+        raise ValueError(f"{path} is in an older format: delete {folder} to measure it again.")
+    result = DemoResult(**written)
+    asked = {"split": split, "neco_steps": steps, "version": version("neco-loss")}
+    differs = [
+        f"{key} {getattr(result, key)!r} (asked: {value!r})"
+        for key, value in asked.items()
+        if getattr(result, key) != value
+    ]
+    if differs:
+        raise ValueError(
+            f"{path} was measured with {', '.join(differs)}: delete {folder} (or choose another "
+            "--output) to measure it again; a table never mixes the two."
+        )
+    return result
 
 
 def run_demo_seeds(
@@ -200,56 +257,56 @@ def run_demo_seeds(
     """``run_demo`` for every seed, then the per-seed table and the paired 95% intervals.
 
     Each seed runs into ``output/seed<N>``; one whose ``results.json`` exists already is read,
-    not run again. The table and the mean changes are written to ``output/seeds.md``.
+    not run again, if it was measured on the same split, steps and package version
+    (``reused_result``). Every seed scores its own images, so the Student-t interval over
+    seeds of the paired change holds training and evaluation noise. The table and the mean
+    changes are written to ``output/seeds.md``.
 
     Returns:
         The markdown of ``seeds.md``.
 
     """
-    from neco_loss.app.statistics import paired_change
-
+    steps = int(DEMO_CONFIG["max_steps"])
     results = []
     for seed in seeds:
         folder = output / f"seed{seed}"
-        if (folder / "results.json").is_file():
-            results.append(DemoResult(**json.loads((folder / "results.json").read_text())))
-        else:
-            results.append(run_demo(folder, seed, progress=progress, split=split))
-    lines = [
-        "| seed | in-context before | in-context after (student) | EMA teacher | "
-        "linear before | linear after |",
-        "|---|---|---|---|---|---|",
-    ]
-    for result in results:
-        lines.append(
-            f"| {result.seed} | {result.miou_before:.4f} | {result.miou_after:.4f} | "
-            f"{result.miou_after_teacher:.4f} | {result.linear_before:.4f} | "
-            f"{result.linear_after:.4f} |"
-        )
-    changes = {
-        "in-context": paired_change(
-            [r.miou_before for r in results], [r.miou_after for r in results]
-        ),
-        "in-context, EMA teacher": paired_change(
-            [r.miou_before for r in results], [r.miou_after_teacher for r in results]
-        ),
-        "linear": paired_change(
-            [r.linear_before for r in results], [r.linear_after for r in results]
-        ),
-    }
-    lines.append("")
-    for name, change in changes.items():
-        verdict = "excludes 0" if change.excludes_zero() else "includes 0"
-        interval = (
-            f"[{change.low:+.4f}, {change.high:+.4f}] ({verdict})"
-            if change.low is not None and change.high is not None
-            else "(one seed: no interval)"
-        )
-        lines.append(
-            f"- {name} mIoU change through NeCo: {change.mean:+.4f}, paired 95% interval "
-            f"{interval}, {change.count} seeds, {split} split"
-        )
-    table = "\n".join(lines) + "\n"
+        reused = reused_result(folder, split, steps)
+        results.append(reused or run_demo(folder, seed, progress=progress, split=split))
+    table = _seeds_table(results, split)
     output.mkdir(parents=True, exist_ok=True)
     (output / "seeds.md").write_text(table)
     return table
+
+
+def _seeds_table(results: list[DemoResult], split: str) -> str:
+    """The per-seed table and the paired changes with their intervals over seeds."""
+    from neco_loss.app.statistics import seed_estimate
+
+    lines = [
+        "| seed | in-context before | NeCo (student) | EMA teacher | continued | "
+        "linear before | NeCo | continued |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.seed} | {r.miou_before:.4f} | {r.miou_after:.4f} | "
+            f"{r.miou_after_teacher:.4f} | {r.miou_control:.4f} | {r.linear_before:.4f} | "
+            f"{r.linear_after:.4f} | {r.linear_control:.4f} |"
+        )
+    changes = {
+        "in-context, NeCo": [r.miou_after - r.miou_before for r in results],
+        "in-context, NeCo EMA teacher": [r.miou_after_teacher - r.miou_before for r in results],
+        f"in-context, {CONTROL}": [r.miou_control - r.miou_before for r in results],
+        "in-context, NeCo - control": [r.miou_after - r.miou_control for r in results],
+        "linear, NeCo": [r.linear_after - r.linear_before for r in results],
+        f"linear, {CONTROL}": [r.linear_control - r.linear_before for r in results],
+        "linear, NeCo - control": [r.linear_after - r.linear_control for r in results],
+    }
+    lines.append("")
+    for name, values in changes.items():
+        estimate = seed_estimate(values, change=True)
+        lines.append(
+            f"- {name} (mIoU change): {estimate.format(signed=True)}, {estimate.method}, "
+            f"{split} split"
+        )
+    return "\n".join(lines) + "\n"

@@ -38,10 +38,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "of their paths)",
     )
     _add_data_arguments(parser)
+    from neco_loss.evaluation.linear import EPOCHS
+
     parser.add_argument(
         "--clusters", type=int, nargs="+", default=[100, 300, 500], help="overclustering K"
     )
-    parser.add_argument("--linear-epochs", type=int, default=20, help="epochs of the linear probe")
+    parser.add_argument(
+        "--linear-epochs", type=int, default=EPOCHS, help="epochs of the linear probe"
+    )
     parser.add_argument(
         "--search",
         default="torch",

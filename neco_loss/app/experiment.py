@@ -1,10 +1,12 @@
 """One experiment runner: train a list of variants, score each with the evaluation suite.
 
-``neco ablate`` runs it over the variants of an ablation file, ``neco demo`` over one NeCo
-run from the testbed backbone. Every ``(variant, seed)`` trains into its own folder (a
-finished one is reused, an interrupted one continued, through ``training.launch``); then the
-starting backbone (``baseline``), every run's student and, with ``teachers``, every run's EMA
-teacher are scored by ``evaluation.suite.evaluate`` on the same images, side by side.
+``neco ablate`` runs it over the variants of an ablation file, ``neco demo`` over a NeCo run
+and its ``continued`` control from the testbed backbone. Every ``(variant, seed)`` trains into
+its own folder (a finished one is reused, an interrupted one continued, through
+``training.launch``); then the starting backbone (``baseline``), every run's student and, for
+the ``teachers`` variants, its EMA teacher are scored by ``evaluation.suite.evaluate`` side by
+side, each seed on its own images (so that intervals over seeds hold the evaluation's noise as
+well as the training's).
 ``experiment_report`` turns the scores into rows with intervals, paired changes and a plot.
 """
 
@@ -20,12 +22,13 @@ import torch
 from torch import Tensor
 
 from neco_loss.evaluation.datasets import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES
-from neco_loss.evaluation.in_context import SegmentationDataset
-from neco_loss.evaluation.suite import evaluate, evaluation_splits
+from neco_loss.evaluation.linear import EPOCHS
+from neco_loss.evaluation.suite import PER_IMAGE_FILE, evaluate, evaluation_splits
 from neco_loss.models import DenseViT
 from neco_loss.training import TrainConfig
 from neco_loss.training.distributed import launch
 from neco_loss.training.run_folder import LAST, teacher_backbone_state
+from neco_loss.training.step_costs import read_costs
 
 BASELINE = "start (no NeCo)"
 TEACHER = "EMA teacher"
@@ -34,6 +37,9 @@ TEACHER = "EMA teacher"
 @dataclass
 class Scoring:
     """How the backbones of an experiment are scored (``neco ablate``'s ``evaluation`` keys).
+
+    Every seed scores its own images: the ``SyntheticScenes`` of that seed, or a random subset
+    of a real dataset drawn with it, and trains its linear probe with it.
 
     Attributes:
         dataset: ``synthetic`` or a dataset of ``evaluation.datasets`` (then ``data_root``).
@@ -45,7 +51,6 @@ class Scoring:
         split: The split scored (``val`` or, for ``SyntheticScenes``, ``test``).
         linear_epochs: Epochs of the linear probe.
         protocols: Protocols of ``evaluation.suite.PROTOCOLS``.
-        seed: Seed of the ``SyntheticScenes`` images and of the linear probe.
 
     """
 
@@ -53,11 +58,10 @@ class Scoring:
     data_root: str | None = None
     image_size: int | None = None
     train_images: int = 200
-    val_images: int = 64
+    val_images: int = 128
     split: str = "val"
-    linear_epochs: int = 10
+    linear_epochs: int = EPOCHS
     protocols: list[str] = field(default_factory=lambda: ["in-context", "linear"])
-    seed: int = 0
 
 
 @dataclass
@@ -67,15 +71,17 @@ class Experiment:
     Attributes:
         runs: ``{(variant, seed): config}``, each with its own ``output_dir``.
         scoring: How every backbone is scored.
-        baseline: Also score the starting backbone (the runs' ``weights``) as row ``BASELINE``.
-        teachers: Also score every run's EMA teacher, as row ``"<variant> EMA teacher"``.
+        baseline: Also score the starting backbone (the runs' ``weights``) as row ``BASELINE``,
+            on every seed's images.
+        teachers: The variants whose runs' EMA teachers are also scored, as rows
+            ``"<variant> EMA teacher"``.
 
     """
 
     runs: dict[tuple[str, int], TrainConfig]
     scoring: Scoring
     baseline: bool = False
-    teachers: bool = False
+    teachers: tuple[str, ...] = ()
 
 
 @dataclass
@@ -83,19 +89,22 @@ class ExperimentScores:
     """The scores of an experiment's backbones.
 
     Attributes:
-        per_run: ``{run: {metric: score}}``, runs named ``"<row> (seed N)"`` (the baseline
-            ``BASELINE``).
+        per_run: ``{run: {metric: score}}``, runs named ``"<row> (seed N)"``.
         rows: ``{row: its runs in seed order}``; the baseline first when scored.
-        per_class: ``{run: {protocol: per-class IoU}}`` (``evaluation/results.json``).
+        per_class: ``{run: {protocol: per-class IoU}}`` (``results.json`` of each seed).
+        per_image: ``{run: {metric: (N, 3, C) pixel counts of its seed's scored images}}``.
+        costs: ``{run: costs.json of its training run}`` (trained runs that wrote one).
         image_size: Side of the scored images.
-        train_images: Memory bank / probe training images used.
-        val_images: Images scored.
+        train_images: Memory bank / probe training images per seed.
+        val_images: Images scored per seed.
 
     """
 
     per_run: dict[str, dict[str, float]]
     rows: dict[str, list[str]]
     per_class: dict[str, dict[str, list[float]]]
+    per_image: dict[str, dict[str, Tensor]]
+    costs: dict[str, dict[str, Any]]
     image_size: int
     train_images: int
     val_images: int
@@ -107,11 +116,15 @@ def run_name(row: str, seed: int) -> str:
 
 
 def run_experiment(experiment: Experiment, output: Path, progress: bool = True) -> ExperimentScores:
-    """Train every run, then score every backbone side by side on the same images.
+    """Train every run, then score each seed's backbones side by side on that seed's images.
+
+    Seed by seed: its runs are trained (or reused), then the starting backbone (with
+    ``baseline``), the runs' students and (with ``teachers``) EMA teachers are scored by
+    ``evaluation.suite.evaluate`` on the seed's own images, into ``output/evaluation/seed<N>``.
 
     Args:
         experiment: The runs and the scoring.
-        output: The suite's tables and pictures go to ``output/evaluation``.
+        output: The suite's tables and pictures go to ``output/evaluation/seed<N>``.
         progress: Show progress bars.
 
     Returns:
@@ -122,46 +135,69 @@ def run_experiment(experiment: Experiment, output: Path, progress: bool = True) 
 
     """
     first = next(iter(experiment.runs.values()))
-    backbones: dict[str, Callable[[Tensor], Tensor]] = {}
-    rows: dict[str, list[str]] = {}
-    if experiment.baseline:  # scored once: it does not depend on the training seed
-        backbones[BASELINE] = _frozen(_starting_backbone(first))
-        rows[BASELINE] = [BASELINE]
-    for (variant, seed), config in experiment.runs.items():
-        print(f"== variant {variant}, seed {seed}")
-        for row, backbone in _train(config, experiment.teachers, variant, progress).items():
-            backbones[run_name(row, seed)] = _frozen(backbone)
-            rows.setdefault(row, []).append(run_name(row, seed))
     scoring = experiment.scoring
     size = scoring.image_size or (first.image_size if scoring.dataset == "synthetic" else 448)
-    train_set, val_set = _scored_sets(scoring, size)
-    per_run = evaluate(
-        backbones,
-        train_set,
-        val_set,
-        NUM_CLASSES[scoring.dataset],
-        scoring.protocols,
-        output / "evaluation",
-        ignore_index=IGNORE_INDEX,
-        linear_epochs=scoring.linear_epochs,
-        progress=progress,
-        class_names=CLASS_NAMES.get(scoring.dataset),
-        seed=scoring.seed,
-    )
-    written = json.loads((output / "evaluation" / "results.json").read_text())
-    return ExperimentScores(per_run, rows, written["per_class"], size, len(train_set), len(val_set))
+    start = _frozen(_starting_backbone(first)) if experiment.baseline else None
+    scores = ExperimentScores({}, {}, {}, {}, {}, size, 0, 0)
+    for seed in sorted({seed for _, seed in experiment.runs}):
+        backbones: dict[str, Callable[[Tensor], Tensor]] = {}
+        if start is not None:
+            backbones[run_name(BASELINE, seed)] = start
+        for (variant, run_seed), config in experiment.runs.items():
+            if run_seed != seed:
+                continue
+            print(f"== variant {variant}, seed {seed}")
+            for row, backbone in _train(
+                config, variant in experiment.teachers, variant, progress
+            ).items():
+                backbones[run_name(row, seed)] = _frozen(backbone)
+            costs = read_costs(config.output_dir_path)
+            if costs is not None:
+                scores.costs[run_name(variant, seed)] = costs
+        folder = output / "evaluation" / f"seed{seed}"
+        _score_seed(scores, backbones, scoring, seed, folder, progress)
+        for run in backbones:
+            scores.rows.setdefault(run.rsplit(" (seed ", 1)[0], []).append(run)
+    return scores
 
 
-def _scored_sets(scoring: Scoring, size: int) -> tuple[SegmentationDataset, SegmentationDataset]:
-    return evaluation_splits(
+def _score_seed(
+    scores: ExperimentScores,
+    backbones: dict[str, Callable[[Tensor], Tensor]],
+    scoring: Scoring,
+    seed: int,
+    folder: Path,
+    progress: bool = True,
+) -> None:
+    """Score one seed's backbones on its own images; add them to ``scores``."""
+    train_set, val_set = evaluation_splits(
         scoring.dataset,
         scoring.data_root,
-        size,
+        scores.image_size,
         scoring.train_images,
         scoring.val_images,
         val_split=scoring.split,
-        seed=scoring.seed,
+        seed=seed,
+        shuffle=True,
     )
+    scores.per_run.update(
+        evaluate(
+            backbones,
+            train_set,
+            val_set,
+            NUM_CLASSES[scoring.dataset],
+            scoring.protocols,
+            folder,
+            ignore_index=IGNORE_INDEX,
+            linear_epochs=scoring.linear_epochs,
+            progress=progress,
+            class_names=CLASS_NAMES.get(scoring.dataset),
+            seed=seed,
+        )
+    )
+    scores.per_class.update(json.loads((folder / "results.json").read_text())["per_class"])
+    scores.per_image.update(torch.load(folder / PER_IMAGE_FILE, weights_only=True))
+    scores.train_images, scores.val_images = len(train_set), len(val_set)
 
 
 def _starting_backbone(config: TrainConfig) -> DenseViT:

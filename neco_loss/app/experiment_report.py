@@ -1,56 +1,86 @@
-"""An experiment's report: rows with intervals over seeds, paired changes, a table, a plot.
+"""An experiment's report: rows with intervals over seeds and images, paired changes, a plot.
 
-Rows are variants (plus the starting backbone and EMA teachers when scored); a row's value is
-the mean over its seeds with the half-width of the 95% Student-t interval
-(``statistics.mean_interval``); a comparison pairs every row with a reference row seed by seed
-(``statistics.paired_change``).
+Rows are variants (plus the starting backbone and EMA teachers when scored). Every seed scores
+its own images, so a row's interval (``statistics.bootstrap_estimate``: seeds, then images
+within a seed, resampled) holds the noise of training and of evaluation; a comparison pairs
+every row with a reference row seed by seed on the same images, with a p-value and, where
+the interval includes 0, the smallest change the design could have detected. Metrics without
+per-image counts (overclustering, fractions) get Student-t intervals over seeds.
 """
 
 from __future__ import annotations
 
 import json
+import statistics as stats
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from neco_loss.app.experiment import BASELINE, ExperimentScores
-from neco_loss.app.statistics import MeanInterval, mean_interval, paired_change
+from neco_loss.app.experiment import ExperimentScores
+from neco_loss.app.statistics import Estimate, bootstrap_estimate, seed_estimate
 
-Rows = dict[str, dict[str, MeanInterval]]  # {row: {metric: interval over seeds}}
+Rows = dict[str, dict[str, Estimate]]  # {row: {metric: estimate over seeds}}
+COST_COLUMNS = {"seconds_per_step": "s/step", "peak_memory_mib": "peak MiB"}
+
+
+def _metrics(scores: ExperimentScores, row: str) -> list[str]:
+    return list(scores.per_run[scores.rows[row][0]])
 
 
 def summarize(scores: ExperimentScores) -> Rows:
-    """Every row's mean and 95% interval over its seeds, per metric."""
-    return {
-        row: {
-            metric: mean_interval([scores.per_run[run][metric] for run in runs])
-            for metric in scores.per_run[runs[0]]
-        }
-        for row, runs in scores.rows.items()
-    }
+    """Every row's mean over its seeds with its interval, per metric."""
+    results: Rows = {}
+    for row, runs in scores.rows.items():
+        results[row] = {}
+        for metric in _metrics(scores, row):
+            counts = [scores.per_image.get(run, {}).get(metric) for run in runs]
+            if all(count is not None for count in counts):
+                results[row][metric] = bootstrap_estimate([c for c in counts if c is not None])
+            else:
+                results[row][metric] = seed_estimate([scores.per_run[r][metric] for r in runs])
+    return results
 
 
 def paired_changes(scores: ExperimentScores, against: str) -> Rows:
-    """Every other row's change from row ``against``, paired seed by seed, with its interval.
+    """Every other row's change from row ``against``, paired seed by seed on the same images.
 
-    A row scored once (the starting backbone, which does not depend on the training seed) is
-    paired with every seed; otherwise run ``i`` of a row is paired with run ``i`` of
-    ``against`` (the same seed: the same crops and data order).
+    Run ``i`` of a row is paired with run ``i`` of ``against``: the same seed, so the same
+    scored images (and, for two trained rows, the same crops and data order).
     """
     base = scores.rows[against]
-    changes = {}
+    changes: Rows = {}
     for row, runs in scores.rows.items():
-        if row in (against, BASELINE):
+        if row == against:
             continue
-        paired = base * len(runs) if len(base) == 1 else base
-        changes[row] = {
-            metric: paired_change(
-                [scores.per_run[run][metric] for run in paired],
-                [scores.per_run[run][metric] for run in runs],
-            )
-            for metric in scores.per_run[runs[0]]
-        }
+        changes[row] = {}
+        for metric in _metrics(scores, row):
+            after = [scores.per_image.get(run, {}).get(metric) for run in runs]
+            before = [scores.per_image.get(run, {}).get(metric) for run in base]
+            if all(c is not None for c in after + before):
+                changes[row][metric] = bootstrap_estimate(
+                    [c for c in after if c is not None], [c for c in before if c is not None]
+                )
+            else:
+                changes[row][metric] = seed_estimate(
+                    [
+                        scores.per_run[run][metric] - scores.per_run[other][metric]
+                        for run, other in zip(runs, base, strict=True)
+                    ],
+                    change=True,
+                )
     return changes
+
+
+def row_costs(scores: ExperimentScores) -> dict[str, dict[str, float]]:
+    """Every trained row's median over seeds of seconds per step and peak memory (MiB)."""
+    costs: dict[str, dict[str, float]] = {}
+    for row, runs in scores.rows.items():
+        measured = [scores.costs[run] for run in runs if run in scores.costs]
+        for key in COST_COLUMNS:
+            values = [cost[key] for cost in measured if cost.get(key) is not None]
+            if values:
+                costs.setdefault(row, {})[key] = stats.median(values)
+    return costs
 
 
 def write_report(
@@ -64,7 +94,8 @@ def write_report(
     """Write ``<stem>.md`` and ``<stem>.json``.
 
     The markdown holds the context, the table of means with intervals (then one column per
-    comparison and metric), and every run's scores.
+    comparison and metric, then each trained row's seconds per step and peak memory), and
+    every run's scores.
 
     Args:
         results: ``summarize(scores)``.
@@ -76,8 +107,9 @@ def write_report(
 
     """
     comparisons = comparisons or {}
+    costs = row_costs(scores)
     markdown, data = output / f"{stem}.md", output / f"{stem}.json"
-    markdown.write_text(_markdown(results, scores.per_run, context, comparisons))
+    markdown.write_text(_markdown(results, scores.per_run, context, comparisons, costs))
     summary = {
         row: {
             metric: {
@@ -93,7 +125,12 @@ def write_report(
         }
         for row, metrics_of_row in results.items()
     }
-    written = {"results": summary, "runs": scores.per_run, "context": context}
+    written = {
+        "results": summary,
+        "runs": scores.per_run,
+        "costs": {"rows": costs, "runs": scores.costs},
+        "context": context,
+    }
     data.write_text(json.dumps(written, indent=2))
     return markdown, data
 
@@ -103,12 +140,15 @@ def _markdown(
     per_run: dict[str, dict[str, float]],
     context: dict[str, Any],
     comparisons: dict[str, Rows],
+    costs: dict[str, dict[str, float]],
 ) -> str:
-    """Context lines, the table of rows (with change columns), the table of every run."""
+    """Context lines, the table of rows (with change and cost columns), every run's scores."""
     metrics = list(dict.fromkeys(metric for row in results.values() for metric in row))
     columns = metrics + [
         f"change in {metric} vs {against}" for against in comparisons for metric in metrics
     ]
+    cost_keys = [key for key in COST_COLUMNS if any(key in row for row in costs.values())]
+    columns += [COST_COLUMNS[key] for key in cost_keys]
     lines = [f"- {key}: {value}" for key, value in context.items()]
     lines += ["", "| variant | seeds | " + " | ".join(columns) + " |"]
     lines.append("|---" * (len(columns) + 2) + "|")
@@ -119,6 +159,9 @@ def _markdown(
             changes[name][metric].format(signed=True) if name in changes else ""
             for changes in comparisons.values()
             for metric in metrics
+        ]
+        shown += [
+            f"{costs[name][key]:.3g}" if key in costs.get(name, {}) else "" for key in cost_keys
         ]
         lines.append(f"| {name} | {count} | " + " | ".join(shown) + " |")
     lines += ["", "Every run:", "", "| run | " + " | ".join(metrics) + " |"]
@@ -135,10 +178,12 @@ def plot(
     x_label: str | None = None,
     x_values: dict[str, float] | None = None,
 ) -> Path:
-    """One panel per metric: every variant's mean with its 95% interval as error bars.
+    """One panel per metric: every row's mean as a point with its interval as error bars.
 
-    A line over ``x_values`` when the variants vary a number, bars otherwise; the starting
-    backbone, when scored, is a dashed line.
+    A line over ``x_values`` when the variants vary a number (rows without a value, e.g. the
+    starting backbone, are dashed lines); points side by side otherwise. The y axis spans
+    the intervals with a margin of at least 0.05 mIoU, so that small differences are not
+    drawn as large ones.
     """
     import matplotlib
 
@@ -146,39 +191,61 @@ def plot(
     import matplotlib.pyplot as plt
 
     metrics = list(dict.fromkeys(metric for row in results.values() for metric in row))
-    variants = [name for name in results if name != BASELINE]
+    points = [name for name in results if not x_values or name in x_values]
+    lines = [name for name in results if name not in points]
     figure, axes = plt.subplots(
         1,
         len(metrics),
-        figsize=(1.5 + (3.0 if x_values else 1.0 * len(variants)) * len(metrics), 3.6),
+        figsize=(1.5 + (3.0 if x_values else 0.9 * len(points) + 0.5) * len(metrics), 3.8),
         squeeze=False,
     )
     for axis, metric in zip(axes[0], metrics, strict=True):
-        cells = [results[name][metric] for name in variants]
-        errors = [cell.half_width or 0.0 for cell in cells]
-        means = [cell.mean for cell in cells]
-        if x_values:
-            xs = [x_values[name] for name in variants]
-            axis.errorbar(xs, means, yerr=errors, marker="o", capsize=4)
-            if max(xs) > 10 * min(xs) > 0:
-                axis.set_xscale("log")
-            axis.set_xlabel(x_label or "")
-        else:
-            axis.bar(range(len(variants)), means, yerr=errors, capsize=4, color="tab:blue")
-            axis.set_xticks(range(len(variants)), variants, rotation=20)
-        low = min(m - e for m, e in zip(means, errors, strict=True))
-        high = max(m + e for m, e in zip(means, errors, strict=True))
-        if BASELINE in results:
-            start = results[BASELINE][metric].mean
-            axis.axhline(start, color="grey", linestyle="--", label=BASELINE)
-            axis.legend(fontsize=8)
-            low, high = min(low, start), max(high, start)
-        axis.set_ylabel(metric)
-        margin = 0.15 * (high - low) + 0.005
-        axis.set_ylim(low - margin, high + margin)
+        _panel(axis, results, metric, (points, lines), x_values, x_label)
     count = max(cell.count for row in results.values() for cell in row.values())
-    figure.suptitle(f"ablation: {title} (mean and 95% interval over {count} seeds)")
+    figure.suptitle(
+        f"{title}: mean and 95% interval over {count} seeds (seeds and scored images resampled)",
+        fontsize=9,
+    )
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
+
+
+def _panel(
+    axis: Any,
+    results: Rows,
+    metric: str,
+    rows: tuple[list[str], list[str]],
+    x_values: dict[str, float] | None,
+    x_label: str | None,
+) -> None:
+    """One metric's panel: ``rows[0]`` as points with error bars, ``rows[1]`` as lines."""
+    points, lines = rows
+    cells = [results[name][metric] for name in points]
+    means = [cell.mean for cell in cells]
+    lows = [cell.low if cell.low is not None else cell.mean for cell in cells]
+    highs = [cell.high if cell.high is not None else cell.mean for cell in cells]
+    errors = [
+        [m - lo for m, lo in zip(means, lows, strict=True)],
+        [h - m for m, h in zip(means, highs, strict=True)],
+    ]
+    xs = [x_values[name] for name in points] if x_values else list(range(len(points)))
+    style = "-" if x_values else "none"
+    axis.errorbar(xs, means, yerr=errors, marker="o", capsize=4, linestyle=style)
+    if x_values:
+        if max(xs) > 10 * min(xs) > 0:
+            axis.set_xscale("log")
+        axis.set_xlabel(x_label or "")
+    else:
+        axis.set_xticks(xs, points, rotation=25, ha="right")
+    for index, name in enumerate(lines):
+        mean = results[name][metric].mean
+        axis.axhline(mean, color=f"C{index + 1}", linestyle="--", label=name)
+    if lines:
+        axis.legend(fontsize=7)
+    values = lows + highs + [results[name][metric].mean for name in lines]
+    middle, spread = (min(values) + max(values)) / 2, max(values) - min(values)
+    half = max(0.6 * spread, 0.025)  # at least 0.05 mIoU tall: small gaps look small
+    axis.set_ylim(middle - half, middle + half)
+    axis.set_ylabel(metric)

@@ -22,7 +22,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from neco_loss.evaluation.miou import ConfusionMatrix
+from neco_loss.evaluation.miou import ConfusionMatrix, image_counts
 from neco_loss.progress import progress_bar
 
 NEIGHBOURS = 30  # hummingbird: num_neighbour 30
@@ -48,12 +48,14 @@ class InContextResult:
         miou: Mean IoU over the validation set.
         iou: ``(C,)`` IoU per class.
         predictions: ``(n, H, W)`` predicted masks of the first ``keep_predictions`` images.
+        per_image: ``(N, 3, C)`` every scored image's pixel counts (``miou.image_counts``).
 
     """
 
     miou: float
     iou: Tensor
     predictions: Tensor
+    per_image: Tensor
 
 
 def patch_label_histograms(
@@ -224,7 +226,7 @@ def in_context_miou(
         progress=progress,
     )
 
-    confusion, predictions = score_segmentation(
+    confusion, predictions, per_image = score_segmentation(
         partial(_retrieved_scores, features, keys, labels, (k, temperature, search)),
         val_set,
         num_classes,
@@ -234,7 +236,7 @@ def in_context_miou(
         description="in-context eval",
         progress=progress,
     )
-    return InContextResult(confusion.miou(), confusion.iou(), predictions)
+    return InContextResult(confusion.miou(), confusion.iou(), predictions, per_image)
 
 
 def _retrieved_scores(
@@ -265,7 +267,7 @@ def score_segmentation(
     keep_predictions: int,
     description: str,
     progress: bool,
-) -> tuple[ConfusionMatrix, Tensor]:
+) -> tuple[ConfusionMatrix, Tensor, Tensor]:
     """Segment every scored image by the argmax of its upsampled class scores.
 
     Args:
@@ -279,17 +281,20 @@ def score_segmentation(
         progress: Show a progress bar.
 
     Returns:
-        The confusion matrix and the first ``keep_predictions`` predictions ``(n, H, W)``.
+        The confusion matrix, the first ``keep_predictions`` predictions ``(n, H, W)`` and
+        every image's pixel counts ``(N, 3, C)`` (``miou.image_counts``).
 
     """
     confusion = ConfusionMatrix(num_classes, ignore_index)
     kept: list[Tensor] = []
+    counts: list[Tensor] = []
     for images, masks in segmentation_batches(val_set, batch_size, description, progress):
         upsampled = F.interpolate(
             class_scores(images), size=masks.shape[-2:], mode="bilinear", align_corners=False
         )
         prediction = upsampled.argmax(dim=1)
         confusion.update(prediction, masks)
+        counts.append(image_counts(prediction, masks, num_classes, ignore_index))
         kept.extend(prediction[: max(0, keep_predictions - len(kept))])
     predictions = torch.stack(kept) if kept else torch.empty(0, dtype=torch.long)
-    return confusion, predictions
+    return confusion, predictions, torch.cat(counts)

@@ -1,10 +1,17 @@
-"""Linear segmentation on frozen patch features (the paper's appendix protocol).
+"""Linear segmentation on frozen patch features (the paper's appendix protocol, standardised).
 
 A 1x1 convolution maps the frozen patch features to class logits, which are upsampled
 bilinearly to the masks (training masks downsampled to 100 x 100 with nearest neighbours) and
-trained with cross-entropy by SGD (lr 0.01, momentum 0.9, weight decay 1e-4) with a step
-schedule (x 0.1 after two thirds of the epochs). Validation logits are upsampled to the full
-masks and scored by mIoU.
+trained with cross-entropy by SGD (momentum 0.9, weight decay 1e-4) with a step schedule
+(x 0.1 after two thirds of the epochs). Validation logits are upsampled to the full masks and
+scored by mIoU.
+
+Unlike the paper's lr 0.01 on raw features, every feature channel is standardised with the
+training images' mean and standard deviation and the lr is 0.1, so that the probe converges
+in a few epochs and a score measures the features rather than how fast a probe converges on
+them. Measured on the shipped testbed backbone (200 training, 64 val images, seed 0):
+raw features at lr 0.01 gave 0.4417 / 0.5062 / 0.5268 / 0.5384 mIoU after 10 / 20 / 40 / 80
+epochs; standardised at lr 0.1, 0.5484 / 0.5499 / 0.5524 after 10 / 20 / 40 (``EPOCHS`` = 20).
 """
 
 from __future__ import annotations
@@ -24,7 +31,8 @@ from neco_loss.evaluation.in_context import (
 from neco_loss.progress import progress_bar
 
 TRAIN_MASK_SIZE = 100  # paper appendix: masks at 100 x 100 for training
-LEARNING_RATE = 0.01
+LEARNING_RATE = 0.1  # on standardised features (the paper: 0.01 on raw ones)
+EPOCHS = 20  # converged on standardised features (module docstring)
 MOMENTUM = 0.9
 WEIGHT_DECAY = 1e-4
 
@@ -37,6 +45,7 @@ class LinearResult:
     iou: Tensor
     head: nn.Conv2d
     predictions: Tensor  # (n, H, W) of the first ``keep_predictions`` validation images
+    per_image: Tensor  # (N, 3, C) every scored image's pixel counts (miou.image_counts)
 
 
 @torch.no_grad()
@@ -66,14 +75,17 @@ def linear_segmentation_miou(
     val_set: SegmentationDataset,
     num_classes: int,
     *,
-    epochs: int = 20,
+    epochs: int = EPOCHS,
     batch_size: int = 16,
     ignore_index: int | None = None,
     seed: int = 0,
     keep_predictions: int = 0,
     progress: bool = False,
 ) -> LinearResult:
-    """Train a linear head on frozen features and score it on the validation set.
+    """Train a linear head on frozen, standardised features; score it on the validation set.
+
+    The channels are standardised with the training features' mean and standard deviation
+    (the same transform for the validation features).
 
     Args:
         features: Images ``(B, 3, H, W)`` -> patch maps ``(B, D, h, w)`` (frozen).
@@ -92,12 +104,21 @@ def linear_segmentation_miou(
 
     """
     train_maps, train_masks = _extract(features, train_set, batch_size, TRAIN_MASK_SIZE, progress)
+    mean = train_maps.mean(dim=(0, 2, 3), keepdim=True)
+    scale = train_maps.std(dim=(0, 2, 3), keepdim=True).clamp(min=1e-6)  # a constant channel
     head = _train_head(
-        train_maps, train_masks, num_classes, epochs, batch_size, ignore_index, seed, progress
+        (train_maps - mean) / scale,
+        train_masks,
+        num_classes,
+        epochs,
+        batch_size,
+        ignore_index,
+        seed,
+        progress,
     )
     with torch.no_grad():
-        confusion, predictions = score_segmentation(
-            lambda images: head(features(images).float().cpu()),
+        confusion, predictions, per_image = score_segmentation(
+            lambda images: head((features(images).float().cpu() - mean) / scale),
             val_set,
             num_classes,
             ignore_index=ignore_index,
@@ -106,7 +127,7 @@ def linear_segmentation_miou(
             description="linear: validation",
             progress=progress,
         )
-    return LinearResult(confusion.miou(), confusion.iou(), head, predictions)
+    return LinearResult(confusion.miou(), confusion.iou(), head, predictions, per_image)
 
 
 def _train_head(

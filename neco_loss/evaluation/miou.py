@@ -1,4 +1,9 @@
-"""Mean intersection over union from a streaming confusion matrix."""
+"""Mean intersection over union from a streaming confusion matrix, and per scored image.
+
+``image_counts`` keeps every image's pixel counts per class, so that the mIoU of any resample
+of the scored images (a bootstrap over images, ``neco_loss.app.statistics``) is
+``miou_of_counts`` of their sum, and the sum over all images gives ``ConfusionMatrix.miou``.
+"""
 
 from __future__ import annotations
 
@@ -115,3 +120,55 @@ class ConfusionMatrix:
     def miou(self) -> float:
         """Mean IoU over the classes that occur in targets or predictions."""
         return float(self.iou().nanmean())
+
+
+def image_counts(
+    prediction: Tensor, target: Tensor, num_classes: int, ignore_index: int | None = None
+) -> Tensor:
+    """Every image's ``(3, C)`` pixel counts: right, predicted and labelled, per class.
+
+    Args:
+        prediction: ``(B, H, W)`` predicted class indices in ``[0, C)``.
+        target: ``(B, H, W)`` labels (``ignore_index`` pixels left out).
+        num_classes: ``C``.
+        ignore_index: Label left out.
+
+    Returns:
+        ``(B, 3, C)`` int64: true positives, predicted pixels and labelled pixels per class.
+
+    """
+    batch = prediction.shape[0]
+    prediction, target = prediction.reshape(batch, -1).long(), target.reshape(batch, -1).long()
+    keep = torch.ones_like(target, dtype=torch.bool)
+    if ignore_index is not None:
+        keep = target != ignore_index
+    image = torch.arange(batch, device=target.device)[:, None].expand_as(target)[keep]
+    predicted, labelled = prediction[keep], target[keep]
+    size = batch * num_classes
+
+    def per_class(classes: Tensor, where: Tensor) -> Tensor:
+        indices = (image * num_classes + classes)[where]
+        return torch.bincount(indices, minlength=size).view(batch, num_classes)
+
+    everywhere = torch.ones_like(predicted, dtype=torch.bool)
+    return torch.stack(
+        [
+            per_class(labelled, predicted == labelled),
+            per_class(predicted, everywhere),
+            per_class(labelled, everywhere),
+        ],
+        dim=1,
+    ).cpu()
+
+
+def miou_of_counts(counts: Tensor) -> Tensor:
+    """The mIoU of summed ``image_counts``: ``(..., 3, C)`` -> ``(...)``.
+
+    IoU of a class is ``right / (predicted + labelled - right)``; the mean is over the classes
+    that occur in the labels or the predictions, as ``ConfusionMatrix.miou``.
+    """
+    counts = counts.double()
+    right, predicted, labelled = counts.unbind(dim=-2)
+    union = predicted + labelled - right
+    iou = torch.where(union > 0, right / union.clamp(min=1), float("nan"))
+    return iou.nanmean(dim=-1)

@@ -61,6 +61,8 @@ class ProtocolOutcome:
         figure_label: Suffix of the backbone's name in the figure (e.g. ``" K=500"``).
         figure_score: The score printed beside the figure's row.
         per_class: IoU per class, when the protocol has one.
+        per_image: ``(N, 3, C)`` every scored image's pixel counts (``miou.image_counts``)
+            when the protocol segments the scored images, for a bootstrap over images.
 
     """
 
@@ -69,6 +71,7 @@ class ProtocolOutcome:
     figure_label: str = ""
     figure_score: float | None = None
     per_class: list[float] = field(default_factory=list)
+    per_image: Tensor | None = None
 
 
 def _in_context(features: FeatureFn, inputs: ProtocolInputs) -> ProtocolOutcome:
@@ -83,7 +86,9 @@ def _in_context(features: FeatureFn, inputs: ProtocolInputs) -> ProtocolOutcome:
         progress=inputs.progress,
     )
     scores = {"in-context mIoU": result.miou}
-    return ProtocolOutcome(scores, result.predictions, "", result.miou, result.iou.tolist())
+    return ProtocolOutcome(
+        scores, result.predictions, "", result.miou, result.iou.tolist(), result.per_image
+    )
 
 
 def _linear(features: FeatureFn, inputs: ProtocolInputs) -> ProtocolOutcome:
@@ -99,7 +104,9 @@ def _linear(features: FeatureFn, inputs: ProtocolInputs) -> ProtocolOutcome:
         progress=inputs.progress,
     )
     scores = {"linear mIoU": result.miou}
-    return ProtocolOutcome(scores, result.predictions, "", result.miou, result.iou.tolist())
+    return ProtocolOutcome(
+        scores, result.predictions, "", result.miou, result.iou.tolist(), result.per_image
+    )
 
 
 def _overclustering(features: FeatureFn, inputs: ProtocolInputs) -> ProtocolOutcome:

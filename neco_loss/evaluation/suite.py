@@ -21,9 +21,11 @@ from neco_loss.evaluation.datasets import segmentation_dataset
 from neco_loss.evaluation.figures import draw_retrieval, draw_segmentations
 from neco_loss.evaluation.fractions import Subset
 from neco_loss.evaluation.in_context import SegmentationDataset
+from neco_loss.evaluation.linear import EPOCHS
 from neco_loss.evaluation.protocols import PROTOCOLS, ProtocolInputs, ProtocolOutcome
 
 SHOWN_IMAGES = 6
+PER_IMAGE_FILE = "per_image.pt"
 
 
 def evaluation_splits(
@@ -35,15 +37,24 @@ def evaluation_splits(
     train_split: str = "train",
     val_split: str = "val",
     seed: int = 0,
+    shuffle: bool = False,
 ) -> tuple[SegmentationDataset, SegmentationDataset]:
-    """Training and validation sets of a named dataset, cut to the first N images (0: all).
+    """Training and validation sets of a named dataset, cut to N images each (0: all).
 
-    ``seed`` draws the ``synthetic`` scenes; real datasets have no seed.
+    ``seed`` draws the ``synthetic`` scenes. A real dataset is cut to its first N images, or
+    with ``shuffle`` to N images drawn with ``seed`` (each seed of an experiment scores its own).
     """
     splits = []
     for split, limit in ((train_split, train_images), (val_split, val_images)):
         data = segmentation_dataset(dataset, data_root, split, image_size, seed)
-        splits.append(Subset(data, range(min(limit, len(data)))) if limit else data)
+        if not limit or limit >= len(data):
+            splits.append(data)
+            continue
+        chosen: Sequence[int] = range(limit)
+        if shuffle and dataset != "synthetic":  # synthetic scenes are drawn with the seed
+            generator = torch.Generator().manual_seed(seed)
+            chosen = torch.randperm(len(data), generator=generator)[:limit].tolist()
+        splits.append(Subset(data, chosen))
     return splits[0], splits[1]
 
 
@@ -101,7 +112,7 @@ def evaluate(
     *,
     ignore_index: int | None = None,
     clusters: Sequence[int] = (100, 300, 500),
-    linear_epochs: int = 20,
+    linear_epochs: int = EPOCHS,
     search: str = "torch",
     progress: bool = True,
     class_names: Sequence[str] | None = None,
@@ -127,8 +138,9 @@ def evaluate(
         seed: Seed of the linear probe.
 
     Returns:
-        ``{backbone: {metric: value}}``; ``results.json`` also holds every backbone's IoU per
-        class (``per_class``: ``{backbone: {protocol: [IoU]}}``).
+        ``{backbone: {metric: value}}``; ``results.json`` also holds the IoU per class
+        (``per_class``), ``per_image.pt`` every scored image's pixel counts
+        (``{backbone: {metric: (N, 3, C)}}``, ``miou.image_counts``).
 
     Raises:
         ValueError: For an unknown protocol, or a backbone whose features are not finite.
@@ -174,6 +186,16 @@ def _write_outcomes(
         for name, row in outcomes.items()
     }
     write_results(results, output, context, per_class)
+    per_image = {
+        name: {
+            metric: outcome.per_image
+            for outcome in row.values()
+            if outcome.per_image is not None
+            for metric in outcome.scores
+        }
+        for name, row in outcomes.items()
+    }
+    torch.save(per_image, output / PER_IMAGE_FILE)
     return results
 
 

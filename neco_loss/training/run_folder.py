@@ -306,7 +306,8 @@ def check_resumable(state: dict[str, Any], config: TrainConfig, total_steps: int
     """Raise unless the checkpoint ``state`` can be continued under ``config``.
 
     The schedules (learning rates, weight decay, EMA momentum) span the run's total steps, so
-    a resumed run must keep them, and every other key.
+    a resumed run must keep them, and every other key but ``output_dir`` (a run folder moved
+    or copied elsewhere continues, or is reused, from there).
 
     Raises:
         ValueError: Naming the keys that changed, or the two lengths and the way out.
@@ -314,7 +315,9 @@ def check_resumable(state: dict[str, Any], config: TrainConfig, total_steps: int
     """
     output = config.output_dir_path
     saved = {
-        k: comparable(k, v) for k, v in state["config"].items() if k not in ("max_steps", "epochs")
+        k: comparable(k, v)
+        for k, v in state["config"].items()
+        if k not in ("max_steps", "epochs", "output_dir")
     }
     current = {k: comparable(k, v) for k, v in config.to_dict().items() if k in saved}
     changed = sorted(k for k in saved if saved[k] != current.get(k))
