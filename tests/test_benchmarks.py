@@ -71,3 +71,12 @@ def test_kernel_builds_benchmark_times_every_build_this_cpu_runs(tmp_path):
     assert [row[2] for row in rows] == cpp.runnable_builds()
     assert min(float(row[-1].rstrip("x |")) for row in rows) == 1.0
     assert (tmp_path / "k.md").read_text().count("| 16 | 64 |") == len(rows)
+
+
+def test_objectives_benchmark_times_every_arm_against_neco():
+    rows = table_rows(
+        "objectives_step.py",
+        *["--batch", "2", "--global-grid", "8", "--repeats", "1", "--threads", "1"],
+    )
+    assert [row[0].strip("| ") for row in rows] == ["neco", "similarity_ce", "paka", "continued"]
+    assert rows[0][2] == "1.00x" and all(float(row[1]) > 0 for row in rows)

@@ -226,3 +226,17 @@ def test_demo_seeds_refuse_an_older_format(tmp_path):
     (tmp_path / "seed0" / "results.json").write_text(json.dumps({"seed": 0, "split": "test"}))
     with pytest.raises(ValueError, match="older format: delete"):
         run_demo_seeds(tmp_path, [0], progress=False)
+
+
+def test_demo_retrains_a_run_folder_left_with_other_settings(tmp_path, capsys):
+    """A demo folder from another version or step count is trained again, not refused."""
+    from neco_loss.app.demo import _clear_stale, _config
+    from neco_loss.training import train
+
+    config = _config({"output_dir": str(tmp_path / "neco"), "train_images": 64}, 0, 1)
+    train(config, progress=False)
+    _clear_stale(config)  # the same settings: kept
+    assert (tmp_path / "neco" / "checkpoint_last.pt").is_file()
+    _clear_stale(_config({"output_dir": str(tmp_path / "neco"), "train_images": 64}, 0, 2))
+    assert not (tmp_path / "neco").exists()
+    assert "it ran 1 steps, not 2. It is trained again." in capsys.readouterr().out

@@ -80,6 +80,21 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "~/data/VOCdevkit/VOC2012 --train-split trainaug --val-split val --train-images 0 "
     "--val-images 0": (VERBATIM, DOCS + "test_pascal_voc_evaluation_on_a_made_up_tree"),
     "neco sort-demo": (VERBATIM, DOCS + "test_sort_demo"),
+    "neco ablate examples/ablations/objectives.yaml": (
+        SMALLER,
+        "tests/test_ablation.py::test_ablation_over_seeds_with_baseline_and_x_axis (the same "
+        "runner at 1 step; tests/test_objectives.py steps every arm; the measured run in "
+        "docs/ablations.md took about an hour)",
+    ),
+    "neco ablate examples/ablations/objectives_tuning.yaml": (
+        SMALLER,
+        "tests/test_ablation.py::test_shipped_ablations_give_valid_configs (16 runs of 300 "
+        "steps: about an hour)",
+    ),
+    "python benchmarks/objectives_step.py": (
+        SMALLER,
+        "tests/test_benchmarks.py::test_objectives_benchmark_times_every_arm_against_neco",
+    ),
     "neco ablate examples/ablations/loss.yaml": (
         SMALLER,
         "tests/test_ablation.py::test_ablation_trains_evaluates_and_plots (1 step; the shipped "

@@ -2,13 +2,14 @@
 
 import os
 import pickle
+import shutil
 import signal
 import threading
 
 import pytest
 import torch
 
-from neco_loss.training.run_folder import LAST, LOCK, run_lock, save_atomic
+from neco_loss.training.run_folder import LAST, LOCK, finished_run, run_lock, save_atomic
 from tests.test_stop_signals import TIMEOUT, neco_train, wait_for_steps, write_config
 
 
@@ -79,3 +80,19 @@ def test_concurrent_and_failed_writes(tmp_path):
         save_atomic({"step": 3, "bad": lambda: None}, path)
     assert torch.load(path, weights_only=True)["step"] in (1, 2)  # the previous file is kept
     assert [p.name for p in tmp_path.iterdir()] == [LAST]  # no partial file left
+
+
+def test_a_finished_run_is_reused_only_under_its_own_config(tmp_path):
+    """An ablation file edited after its runs finished must not report the old runs."""
+    from neco_loss.training import train
+    from tests.test_training import tiny_config
+
+    train(tiny_config(tmp_path / "run", max_steps=1), progress=False)
+    same = tiny_config(tmp_path / "run", max_steps=1)
+    assert finished_run(same, resume=True, overwrite=False) is not None
+    moved = tmp_path / "moved"
+    shutil.copytree(tmp_path / "run", moved)  # a copied folder is still the same run
+    assert finished_run(tiny_config(moved, max_steps=1), True, False) is not None
+    edited = tiny_config(tmp_path / "run", max_steps=1, lr_backbone=5e-4)
+    with pytest.raises(ValueError, match=r"other values for \['lr_backbone'\]"):
+        finished_run(edited, resume=True, overwrite=False)

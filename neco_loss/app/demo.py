@@ -37,6 +37,7 @@ from neco_loss.app.experiment import (
 )
 from neco_loss.testbed import TESTBED_MODEL, TESTBED_MODEL_KWARGS, testbed_backbone
 from neco_loss.training import TrainConfig, build_config
+from neco_loss.training.run_folder import LAST, check_resumable, load_checkpoint
 
 NAME = "demo"
 HELP = "the main job on the built-in synthetic scenes"
@@ -152,6 +153,8 @@ def run_demo(
             {**CONTROL_CHANGES, "output_dir": str(output / "continued")}, seed, neco_steps
         ),
     }
+    for config in runs.values():
+        _clear_stale(config)
     backbone = testbed_backbone().float()
     torch.save(backbone.vit.state_dict(), output / START_FILE)  # for neco eval --checkpoint
     steps = int(runs[NECO, seed].max_steps or 0)
@@ -189,6 +192,27 @@ def _print_result(result: DemoResult) -> None:
         f"   EMA teacher in-context {result.miou_after_teacher:.4f}; one seed, {EVAL_IMAGES} "
         f"images: the measured table over seeds is {MULTI_SEED_TABLE}"
     )
+
+
+def _clear_stale(config: TrainConfig) -> None:
+    """Remove a run folder left by a demo with other settings (e.g. an earlier version).
+
+    Any other folder is continued or reused by the experiment runner; this one would be refused
+    by resume, and the demo's folders hold nothing but the demo's own runs.
+    """
+    checkpoint = config.output_dir_path / LAST
+    if not checkpoint.is_file():
+        return
+    state = load_checkpoint(checkpoint)
+    try:
+        check_resumable(state, config, int(state.get("total_steps", 0)))
+        if state["config"].get("max_steps") != config.max_steps:
+            raise ValueError(
+                f"it ran {state['config'].get('max_steps')} steps, not {config.max_steps}."
+            )
+    except ValueError as error:
+        print(f"   {config.output_dir_path}: {error} It is trained again.")
+        shutil.rmtree(config.output_dir_path)
 
 
 def _config(changes: dict[str, Any], seed: int, steps: int | None) -> TrainConfig:

@@ -259,6 +259,7 @@ def finished_run(config: TrainConfig, resume: bool, overwrite: bool) -> TrainRes
         this config (nothing is to be written then); else ``None``.
 
     Raises:
+        ValueError: If the finished run was trained with other settings (``check_resumable``).
         FileExistsError: If ``output_dir`` holds a checkpoint, or metrics without one (a run
             in progress, or stopped before its first checkpoint), and neither ``resume`` nor
             ``overwrite`` is set: a new run would overwrite it.
@@ -289,6 +290,9 @@ def finished_run(config: TrainConfig, resume: bool, overwrite: bool) -> TrainRes
     same_length = all(saved.get(k) == getattr(config, k) for k in ("max_steps", "epochs"))
     if "total_steps" not in state or not same_length or state["step"] < state["total_steps"]:
         return None
+    # A finished run is reused only for the config it was trained with (an edited ablation
+    # file must not report the old run under the new settings).
+    check_resumable(state, config, int(state["total_steps"]))
     return TrainResult(
         output, output / LAST, output / BACKBONE_FILE, int(state["step"]), math.nan, True
     )
