@@ -134,6 +134,24 @@ def test_ctrl_c_saves_a_one_process_run_like_sigterm(tmp_path, straight_runs):
     assert_resumes_to_the_straight_run(config, output, straight_runs[1])
 
 
+def test_a_suspended_and_resumed_run_still_stops_cleanly(tmp_path, straight_runs):
+    """SIGSTOP then SIGCONT (a scheduler's suspend and resume) used to crash the signal
+    thread (garbage si_signo from the interrupted wait); SIGTERM then went unheard."""
+    config, output = write_config(tmp_path, "run", 1)
+    process = neco_train(config)
+    wait_for_steps(output, process)
+    process.send_signal(signal.SIGSTOP)
+    time.sleep(0.3)  # stopped: no step runs meanwhile
+    process.send_signal(signal.SIGCONT)
+    time.sleep(0.02)  # the signal thread wakes with the interrupted wait
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(TIMEOUT) != 0
+    error = process.stderr.read()
+    assert "Traceback" not in error and "not a valid Signals" not in error
+    step = assert_stopped_with_a_checkpoint(output, "SIGTERM")
+    assert error.strip().splitlines()[-1].startswith(f"SIGTERM: stopped after step {step}")
+
+
 def test_metrics_without_a_checkpoint_are_a_run_in_use(tmp_path):
     config, output = write_config(tmp_path, "run", 1)
     output.mkdir()

@@ -61,7 +61,9 @@ class StopOnSignals:
     def _wait(self) -> None:
         while not self._done.is_set():
             info = signal.sigtimedwait(set(STOP_SIGNALS), self.WAIT_S)
-            if info is not None:
+            # After SIGSTOP / SIGCONT (a job scheduler's suspend and resume) the interrupted
+            # wait can return garbage in si_signo: only a stop signal is a request.
+            if info is not None and info.si_signo in STOP_SIGNALS:
                 self._request(info.si_signo, None)
 
     def restore(self) -> None:
