@@ -140,24 +140,24 @@ def run_experiment(experiment: Experiment, output: Path, progress: bool = True) 
     start = _frozen(_starting_backbone(first)) if experiment.baseline else None
     scores = ExperimentScores({}, {}, {}, {}, {}, size, 0, 0)
     for seed in sorted({seed for _, seed in experiment.runs}):
-        backbones: dict[str, Callable[[Tensor], Tensor]] = {}
+        rows: dict[str, Callable[[Tensor], Tensor]] = {}  # this seed's backbones by row
         if start is not None:
-            backbones[run_name(BASELINE, seed)] = start
+            rows[BASELINE] = start
         for (variant, run_seed), config in experiment.runs.items():
             if run_seed != seed:
                 continue
             print(f"== variant {variant}, seed {seed}")
-            for row, backbone in _train(
-                config, variant in experiment.teachers, variant, progress
-            ).items():
-                backbones[run_name(row, seed)] = _frozen(backbone)
+            teacher = variant in experiment.teachers
+            for row, backbone in _train(config, teacher, variant, progress).items():
+                rows[row] = _frozen(backbone)
             costs = read_costs(config.output_dir_path)
             if costs is not None:
                 scores.costs[run_name(variant, seed)] = costs
+        for row in rows:
+            scores.rows.setdefault(row, []).append(run_name(row, seed))
+        backbones = {run_name(row, seed): backbone for row, backbone in rows.items()}
         folder = output / "evaluation" / f"seed{seed}"
         _score_seed(scores, backbones, scoring, seed, folder, progress)
-        for run in backbones:
-            scores.rows.setdefault(run.rsplit(" (seed ", 1)[0], []).append(run)
     return scores
 
 

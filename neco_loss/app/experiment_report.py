@@ -27,18 +27,32 @@ def _metrics(scores: ExperimentScores, row: str) -> list[str]:
     return list(scores.per_run[scores.rows[row][0]])
 
 
+def _estimate(
+    scores: ExperimentScores, metric: str, runs: list[str], base: list[str] | None = None
+) -> Estimate:
+    """``metric`` over ``runs`` (paired with ``base``'s runs for a change).
+
+    A bootstrap over seeds and images where every run kept its images' counts, else Student-t
+    over the seeds' scores.
+    """
+    after = [scores.per_image.get(run, {}).get(metric) for run in runs]
+    before = [scores.per_image.get(run, {}).get(metric) for run in base or []]
+    if all(counts is not None for counts in after + before):
+        counts = [c for c in after if c is not None], [c for c in before if c is not None]
+        return bootstrap_estimate(counts[0], counts[1] if base is not None else None)
+    values = [scores.per_run[run][metric] for run in runs]
+    if base is None:
+        return seed_estimate(values)
+    others = [scores.per_run[run][metric] for run in base]
+    return seed_estimate([v - o for v, o in zip(values, others, strict=True)], change=True)
+
+
 def summarize(scores: ExperimentScores) -> Rows:
     """Every row's mean over its seeds with its interval, per metric."""
-    results: Rows = {}
-    for row, runs in scores.rows.items():
-        results[row] = {}
-        for metric in _metrics(scores, row):
-            counts = [scores.per_image.get(run, {}).get(metric) for run in runs]
-            if all(count is not None for count in counts):
-                results[row][metric] = bootstrap_estimate([c for c in counts if c is not None])
-            else:
-                results[row][metric] = seed_estimate([scores.per_run[r][metric] for r in runs])
-    return results
+    return {
+        row: {metric: _estimate(scores, metric, runs) for metric in _metrics(scores, row)}
+        for row, runs in scores.rows.items()
+    }
 
 
 def paired_changes(scores: ExperimentScores, against: str) -> Rows:
@@ -48,27 +62,11 @@ def paired_changes(scores: ExperimentScores, against: str) -> Rows:
     scored images (and, for two trained rows, the same crops and data order).
     """
     base = scores.rows[against]
-    changes: Rows = {}
-    for row, runs in scores.rows.items():
-        if row == against:
-            continue
-        changes[row] = {}
-        for metric in _metrics(scores, row):
-            after = [scores.per_image.get(run, {}).get(metric) for run in runs]
-            before = [scores.per_image.get(run, {}).get(metric) for run in base]
-            if all(c is not None for c in after + before):
-                changes[row][metric] = bootstrap_estimate(
-                    [c for c in after if c is not None], [c for c in before if c is not None]
-                )
-            else:
-                changes[row][metric] = seed_estimate(
-                    [
-                        scores.per_run[run][metric] - scores.per_run[other][metric]
-                        for run, other in zip(runs, base, strict=True)
-                    ],
-                    change=True,
-                )
-    return changes
+    return {
+        row: {metric: _estimate(scores, metric, runs, base) for metric in _metrics(scores, row)}
+        for row, runs in scores.rows.items()
+        if row != against
+    }
 
 
 def row_costs(scores: ExperimentScores) -> dict[str, dict[str, float]]:

@@ -226,20 +226,16 @@ def bootstrap_estimate(
     tail = (1.0 - confidence) / 2.0
     low, high = torch.quantile(means, torch.tensor([tail, 1.0 - tail], dtype=means.dtype))
     method = f"two-level bootstrap ({resamples} resamples of seeds, then images)"
-    estimate = Estimate(sum(points) / len(points), float(low), float(high), len(after))
+    mean = sum(points) / len(points)
     if before is None:
-        return Estimate(**{**estimate.__dict__, "method": method})
+        return Estimate(
+            mean, float(low), float(high), len(after), method=method, confidence=confidence
+        )
     side = min(int((means <= 0).sum()), int((means >= 0).sum()))
     p_value = min(1.0, 2.0 * (side + 1) / (resamples + 1))
+    detectable = _detectable(float(means.std()), None)
     return Estimate(
-        estimate.mean,
-        estimate.low,
-        estimate.high,
-        estimate.count,
-        p_value,
-        _detectable(float(means.std()), None),
-        method,
-        confidence,
+        mean, float(low), float(high), len(after), p_value, detectable, method, confidence
     )
 
 
