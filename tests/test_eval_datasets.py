@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from neco_loss.evaluation.datasets import NUM_CLASSES, segmentation_dataset
@@ -95,3 +96,18 @@ def test_synthetic_and_errors(tmp_path):
         segmentation_dataset("voc", tmp_path, "val", 32)
     with pytest.raises(FileNotFoundError, match="ADEChallengeData2016"):
         segmentation_dataset("ade20k", tmp_path, "val", 32)
+
+
+def test_synthetic_splits_draw_as_many_scenes_as_asked():
+    """Asking for more scenes than a split's default draws them (not a silent cap at 96);
+    the first ones are the default ones, and a seed draws other scenes."""
+    from neco_loss.data.synthetic import DEFAULT_LENGTH
+    from neco_loss.evaluation.suite import evaluation_splits
+
+    wanted = DEFAULT_LENGTH["test"] + 32
+    train_set, scored = evaluation_splits("synthetic", None, 32, 0, wanted, "train", "test", seed=3)
+    assert len(scored) == wanted and len(train_set) == DEFAULT_LENGTH["train"]
+    default = segmentation_dataset("synthetic", None, "test", 32, seed=3)
+    assert torch.equal(scored[5][0], default[5][0])
+    other_seed = segmentation_dataset("synthetic", None, "test", 32, seed=4)
+    assert not torch.equal(scored[5][0], other_seed[5][0])

@@ -27,7 +27,7 @@ EVALUATION_DEFAULTS: dict[str, Any] = {
     "data_root": None,
     "image_size": None,
     "train_images": 200,
-    "val_images": 64,
+    "val_images": 128,
     "split": "val",  # the split scored; SyntheticScenes also has "test"
     "linear_epochs": EPOCHS,
     "protocols": ["in-context", "linear"],

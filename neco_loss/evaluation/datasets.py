@@ -185,9 +185,17 @@ def coco(root: Path, split: str, image_size: int, kind: str) -> ImageMaskPairs:
 
 
 def segmentation_dataset(
-    name: str, root: str | Path | None, split: str, image_size: int, seed: int = 0
+    name: str,
+    root: str | Path | None,
+    split: str,
+    image_size: int,
+    seed: int = 0,
+    scenes: int | None = None,
 ) -> Any:
     """A dataset by name: ``voc``, ``ade20k``, ``coco-things``, ``coco-stuff`` or ``synthetic``.
+
+    ``seed`` and ``scenes`` (how many to draw; ``None``: the split's default) apply to
+    ``synthetic``, whose scenes are drawn rather than read; a real dataset has its files.
 
     Raises:
         ValueError: For an unknown name, or a missing ``root`` for a real dataset.
@@ -196,7 +204,7 @@ def segmentation_dataset(
     """
     if name == "synthetic":
         return Normalized(
-            SyntheticScenes(split, image_size, seed=seed)  # refuses a split it does not have
+            SyntheticScenes(split, image_size, length=scenes, seed=seed)  # refuses a split it does not have
         )
     if name not in LAYOUTS:
         raise ValueError(f"dataset must be one of {list(NUM_CLASSES)} but is {name!r}.")

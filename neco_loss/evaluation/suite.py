@@ -41,12 +41,13 @@ def evaluation_splits(
 ) -> tuple[SegmentationDataset, SegmentationDataset]:
     """Training and validation sets of a named dataset, cut to N images each (0: all).
 
-    ``seed`` draws the ``synthetic`` scenes. A real dataset is cut to its first N images, or
-    with ``shuffle`` to N images drawn with ``seed`` (each seed of an experiment scores its own).
+    ``seed`` draws the ``synthetic`` scenes, N of them (0: the split's default count). A real
+    dataset is cut to its first N images, or with ``shuffle`` to N images drawn with ``seed``
+    (each seed of an experiment scores its own).
     """
     splits = []
     for split, limit in ((train_split, train_images), (val_split, val_images)):
-        data = segmentation_dataset(dataset, data_root, split, image_size, seed)
+        data = segmentation_dataset(dataset, data_root, split, image_size, seed, limit or None)
         if not limit or limit >= len(data):
             splits.append(data)
             continue
