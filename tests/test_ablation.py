@@ -150,6 +150,11 @@ def test_ablation_over_seeds_with_baseline_and_x_axis(tmp_path):
     assert cells[-5] == change.format(signed=True)  # f=1, linear mIoU vs start
     assert float(cells[-2]) > 0  # seconds per step, measured
     assert (output / "ablation.png").stat().st_size > 5_000
+    # A second row of panels: the paired changes from the reference (f=0.25), zero dashed.
+    from PIL import Image
+
+    with Image.open(output / "ablation.png") as picture:
+        assert picture.height >= 700  # 7.2 in at 110 dpi with the change row, 3.8 in without
     # --seeds replaces the file's seeds; --seed next to seeds is refused.
     with pytest.raises(ValueError, match="--seed conflicts"):
         run_ablation(path, output, ["--seed", "1"], progress=False)

@@ -128,5 +128,13 @@ def run_ablation(
         comparisons[ablation.reference] = paired_changes(scores, ablation.reference)
     results = summarize(scores)
     write_report(results, scores, output, run_context(context), comparisons)
-    plot(results, output / "ablation.png", path.stem, ablation.x_label, ablation.x_values)
+    shown = ablation.reference or ("start" if ablation.baseline else None)
+    plot(
+        results,
+        output / "ablation.png",
+        path.stem,
+        ablation.x_label,
+        ablation.x_values,
+        (shown, comparisons[shown]) if shown else None,
+    )
     return results

@@ -175,13 +175,16 @@ def plot(
     title: str,
     x_label: str | None = None,
     x_values: dict[str, float] | None = None,
+    changes: tuple[str, Rows] | None = None,
 ) -> Path:
     """One panel per metric: every row's mean as a point with its interval as error bars.
 
     A line over ``x_values`` when the variants vary a number (rows without a value, e.g. the
     starting backbone, are dashed lines); points side by side otherwise. The y axis spans
     the intervals with a margin of at least 0.05 mIoU, so that small differences are not
-    drawn as large ones.
+    drawn as large ones. With ``changes`` (``(reference, paired_changes(...))``), a second
+    row of panels shows each row's paired change from the reference with its interval and the
+    zero line: rows whose intervals overlap can still differ clearly on the same images.
     """
     import matplotlib
 
@@ -192,13 +195,21 @@ def plot(
     points = [name for name in results if not x_values or name in x_values]
     lines = [name for name in results if name not in points]
     figure, axes = plt.subplots(
-        1,
+        2 if changes else 1,
         len(metrics),
-        figsize=(1.5 + (3.0 if x_values else 0.9 * len(points) + 0.5) * len(metrics), 3.8),
+        figsize=(
+            1.5 + (3.0 if x_values else 0.9 * len(points) + 0.5) * len(metrics),
+            7.2 if changes else 3.8,
+        ),
         squeeze=False,
     )
     for axis, metric in zip(axes[0], metrics, strict=True):
         _panel(axis, results, metric, (points, lines), x_values, x_label)
+    if changes:
+        reference, differences = changes
+        shown = [name for name in points if name in differences]
+        for axis, metric in zip(axes[1], metrics, strict=True):
+            _change_panel(axis, differences, metric, (reference, shown), x_values, x_label)
     count = max(cell.count for row in results.values() for cell in row.values())
     figure.suptitle(
         f"{title}: mean and 95% interval over {count} seeds (seeds and scored images resampled)",
@@ -231,12 +242,7 @@ def _panel(
     xs = [x_values[name] for name in points] if x_values else list(range(len(points)))
     style = "-" if x_values else "none"
     axis.errorbar(xs, means, yerr=errors, marker="o", capsize=4, linestyle=style)
-    if x_values:
-        if max(xs) > 10 * min(xs) > 0:
-            axis.set_xscale("log")
-        axis.set_xlabel(x_label or "")
-    else:
-        axis.set_xticks(xs, points, rotation=25, ha="right")
+    _x_axis(axis, xs, points, x_values, x_label)
     for index, name in enumerate(lines):
         mean = results[name][metric].mean
         axis.axhline(mean, color=f"C{index + 1}", linestyle="--", label=name)
@@ -247,3 +253,45 @@ def _panel(
     half = max(0.6 * spread, 0.025)  # at least 0.05 mIoU tall: small gaps look small
     axis.set_ylim(middle - half, middle + half)
     axis.set_ylabel(metric)
+
+
+def _change_panel(
+    axis: Any,
+    differences: Rows,
+    metric: str,
+    rows: tuple[str, list[str]],
+    x_values: dict[str, float] | None,
+    x_label: str | None,
+) -> None:
+    """One metric's paired changes from ``rows[0]`` for the rows ``rows[1]``, zero dashed."""
+    reference, shown = rows
+    cells = [differences[name][metric] for name in shown]
+    means = [cell.mean for cell in cells]
+    errors = [
+        [cell.mean - (cell.low if cell.low is not None else cell.mean) for cell in cells],
+        [(cell.high if cell.high is not None else cell.mean) - cell.mean for cell in cells],
+    ]
+    xs = [x_values[name] for name in shown] if x_values else list(range(len(shown)))
+    axis.errorbar(
+        xs, means, yerr=errors, marker="o", capsize=4, linestyle="-" if x_values else "none"
+    )
+    axis.axhline(0.0, color="grey", linestyle="--", linewidth=1, label=reference)
+    _x_axis(axis, xs, shown, x_values, x_label)
+    axis.legend(fontsize=7)
+    axis.set_ylabel(f"change in {metric} vs {reference}\n(paired, same seed and images)")
+
+
+def _x_axis(
+    axis: Any,
+    xs: list[float] | list[int],
+    names: list[str],
+    x_values: dict[str, float] | None,
+    x_label: str | None,
+) -> None:
+    """The x axis: the varied number (log scale over a decade and more), else the names."""
+    if x_values:
+        if max(xs) > 10 * min(xs) > 0:
+            axis.set_xscale("log")
+        axis.set_xlabel(x_label or "")
+    else:
+        axis.set_xticks(xs, names, rotation=25, ha="right")
