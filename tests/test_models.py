@@ -72,8 +72,7 @@ class TestDenseViT:
     def test_not_a_vit(self):
         with pytest.raises(
             TypeError,
-            match="model must be a timm ViT, a transformers Dinov2Model or a torch.hub DINOv2 "
-            "but is Linear",
+            match="model must be a ViT of a supported family but is Linear. Supported: ",
         ):
             DenseViT(torch.nn.Linear(2, 2))
 

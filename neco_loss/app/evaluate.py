@@ -147,7 +147,7 @@ def _backbone(checkpoint: Path, config_path: Path | None) -> Any:
         SystemExit: With one line naming what is missing or unreadable.
 
     """
-    from neco_loss.backbones import HF_FOLDER
+    from neco_loss.backbone_families import HF_FOLDER
     from neco_loss.models import DenseViT
     from neco_loss.training import load_config
 

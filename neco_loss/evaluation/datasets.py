@@ -204,7 +204,9 @@ def segmentation_dataset(
     """
     if name == "synthetic":
         return Normalized(
-            SyntheticScenes(split, image_size, length=scenes, seed=seed)  # refuses a split it does not have
+            SyntheticScenes(
+                split, image_size, length=scenes, seed=seed
+            )  # refuses a split it does not have
         )
     if name not in LAYOUTS:
         raise ValueError(f"dataset must be one of {list(NUM_CLASSES)} but is {name!r}.")

@@ -15,7 +15,12 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from neco_loss.data import ImageFolder, SyntheticScenes
-from neco_loss.models import DenseEncoder, DenseViT, recording_cls_attention
+from neco_loss.models import (
+    DenseEncoder,
+    DenseViT,
+    cls_attention_recorder,
+    recording_cls_attention,
+)
 from neco_loss.training.config import TrainConfig, ignored_keys
 from neco_loss.training.run_folder import SKIP_LOG
 
@@ -130,20 +135,23 @@ def parameter_groups(
     return [group for group in groups if group["params"]]
 
 
-def check_crop_sizes(config: TrainConfig, patch_size: int) -> None:
-    """Raise if a crop is smaller than one patch of the model, naming the key.
+def check_backbone(config: TrainConfig, backbone: DenseViT) -> None:
+    """Raise if the model cannot run the config, naming the key.
 
     Raises:
-        ValueError: ``local_size (--local-size) is 6 px, smaller than one patch ...``.
+        ValueError: A crop smaller than one patch (``local_size (--local-size) is 6 px,
+            smaller than one patch ...``), or a ``loss_mask`` for a model without a CLS token.
 
     """
     for name in ("global_size", "local_size"):
-        if getattr(config, name) < patch_size:
+        if getattr(config, name) < backbone.patch_size:
             raise ValueError(
                 f"{name} (--{name.replace('_', '-')}) is {getattr(config, name)} px, smaller "
-                f"than one patch of the model ({patch_size} px): a crop must hold at least one "
-                "patch (reference: 224 and 98 at patch 14)."
+                f"than one patch of the model ({backbone.patch_size} px): a crop must hold at "
+                "least one patch (reference: 224 and 98 at patch 14)."
             )
+    if config.loss.get("loss_mask", "all") != "all":
+        cls_attention_recorder(backbone.vit)  # refused without a CLS token
 
 
 def schedule_length(config: TrainConfig, steps_per_epoch: int, announce: bool = True) -> int:
