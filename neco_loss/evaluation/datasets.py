@@ -203,11 +203,8 @@ def segmentation_dataset(
 
     """
     if name == "synthetic":
-        return Normalized(
-            SyntheticScenes(
-                split, image_size, length=scenes, seed=seed
-            )  # refuses a split it does not have
-        )
+        # SyntheticScenes refuses a split it does not have
+        return Normalized(SyntheticScenes(split, image_size, length=scenes, seed=seed))
     if name not in LAYOUTS:
         raise ValueError(f"dataset must be one of {list(NUM_CLASSES)} but is {name!r}.")
     if root is None:
