@@ -14,10 +14,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from neco_loss import assets, backbones
+from neco_loss import backbones
 from neco_loss.backbone_families import Recorder
-from neco_loss.checks import error_cause
 from neco_loss.schedules import cosine
+from neco_loss.weights import load_weights
 
 DINOV2_REGISTERS = "vit_small_patch14_reg4_dinov2"  # reference configs: dinov2-reg ViT-S/14
 HEAD_HIDDEN_DIM = 2048  # reference configs: projection_hidden_dim
@@ -27,58 +27,6 @@ REFERENCE_MOMENTUM = 0.9995  # reference configs: momentum_teacher, EMA cosine f
 # "student", a second student forward of the global views with gradient and drop-path, as the
 # reference code runs use_teacher: False; "student_detached", the student's own global maps of
 # the same forward, detached (ours: no second forward, no gradient through the references).
-
-
-def load_state_dict(path: str | Path) -> dict[str, Tensor]:
-    """Weights from a local checkpoint: a state dict, or one under ``"model"``/``"state_dict"``.
-
-    ``path`` may also name weights shipped in the package (``neco_loss.assets``, e.g.
-    ``"testbed"``). Half-precision weights are returned as they are; ``load_state_dict`` of a
-    float32 model converts them.
-
-    Loaded with ``weights_only=True``: a checkpoint cannot run code.
-
-    Raises:
-        FileNotFoundError: If the file does not exist.
-        ValueError: If it cannot be read (truncated, not a torch file) or holds no tensor
-            dictionary; the message names the file.
-
-    """
-    if isinstance(path, str) and assets.is_shipped(path):
-        path = assets.shipped_weights(path)
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist.")
-    try:
-        content = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises many types for a damaged or foreign file
-        raise ValueError(f"checkpoint {path} cannot be read ({error_cause(error)}).") from error
-    for key in ("model", "state_dict"):
-        if isinstance(content, dict) and isinstance(content.get(key), dict):
-            content = content[key]
-    if not isinstance(content, dict) or not all(isinstance(v, Tensor) for v in content.values()):
-        raise ValueError(f"checkpoint {path} holds no state dict of tensors.")
-    return content
-
-
-def load_weights(model: nn.Module, checkpoint: str | Path) -> None:
-    """Load a local checkpoint (see ``load_state_dict``) into ``model``; extra keys are ignored.
-
-    Raises:
-        ValueError: If the checkpoint lacks weights of the model, or holds weights of other
-            shapes (torch's list of mismatches kept, on one line).
-
-    """
-    try:
-        missing, unexpected = model.load_state_dict(load_state_dict(checkpoint), strict=False)
-    except RuntimeError as error:  # "Error(s) in loading ...:" then one line per mismatch
-        cause = error_cause(error)
-        raise ValueError(f"checkpoint {checkpoint} does not fit the model: {cause}") from None
-    if missing:
-        raise ValueError(
-            f"checkpoint {checkpoint} lacks {len(missing)} weights of the model, e.g. "
-            f"{missing[:3]} (unexpected keys: {unexpected[:3]})."
-        )
 
 
 class DenseViT(nn.Module):
@@ -91,7 +39,10 @@ class DenseViT(nn.Module):
         model: A timm model name (e.g. ``"vit_small_patch14_reg4_dinov2"``), ``hf:ID`` or a
             local transformers folder, ``hub:REPO:ENTRY``, or a model instance.
         pretrained: Load timm's pretrained weights (needs the HuggingFace hub, i.e. internet).
-        checkpoint: A local weights file to load instead (see ``load_state_dict``).
+        checkpoint: A local weights file to load instead (``neco_loss.weights``: it must fit
+            the model exactly).
+        partial_weights: Load only the checkpoint's weights that fit (names and shapes), with
+            one warning naming the rest.
         **model_kwargs: Passed to ``timm.create_model`` (e.g. ``drop_path_rate=0.1``, or
             ``img_size``, ``patch_size``, ``embed_dim``, ``depth``, ``num_heads`` for a small ViT),
             or to the transformers config / the torch.hub entry.
@@ -108,6 +59,7 @@ class DenseViT(nn.Module):
         model: str | nn.Module = DINOV2_REGISTERS,
         pretrained: bool = False,
         checkpoint: str | Path | None = None,
+        partial_weights: bool = False,
         **model_kwargs: Any,
     ) -> None:
         super().__init__()
@@ -122,7 +74,7 @@ class DenseViT(nn.Module):
         self.embed_dim = backbones.embed_dim(vit)
         self.num_prefix_tokens = backbones.prefix_tokens(vit)
         if checkpoint is not None:
-            load_weights(self.vit, checkpoint)
+            load_weights(self.vit, checkpoint, partial=partial_weights)
 
     def forward(self, images: Tensor) -> Tensor:
         """``(B, 3, H, W)`` images -> ``(B, D, H // patch, W // patch)`` patch tokens."""

@@ -79,6 +79,7 @@ def build_backbone(config: TrainConfig) -> DenseViT:
         config.model,
         pretrained=config.pretrained and config.weights is None,
         checkpoint=config.weights,
+        partial_weights=config.partial_weights,
         drop_path_rate=config.drop_path_rate,
         **config.model_kwargs,
     )
