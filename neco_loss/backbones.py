@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 from torch import Tensor, nn
@@ -77,7 +79,48 @@ def build(name: str, pretrained: bool, **model_kwargs: Any) -> nn.Module:
 
     options = {"dynamic_img_size": True, "num_classes": 0, **model_kwargs}
     _check_timm_model(name, options)
+    if pretrained:
+        _check_pretrained_reachable(name)
     return timm.create_model(name, pretrained=pretrained, **options)
+
+
+def _check_pretrained_reachable(name: str) -> None:
+    """Fail fast when timm's pretrained weights are neither cached nor downloadable.
+
+    Offline, timm's download retries for minutes before it gives up.
+
+    Raises:
+        ValueError: If timm has no pretrained weights for ``name``.
+        OSError: If they are not cached and the hub is offline or unreachable, in one line
+            with the way out.
+
+    """
+    from huggingface_hub import try_to_load_from_cache
+    from timm.models import get_pretrained_cfg
+
+    config = get_pretrained_cfg(name)
+    if config is None or not (config.hf_hub_id or config.url):
+        raise ValueError(f"timm has no pretrained weights for {name!r}: pretrained: false.")
+    if config.hf_hub_id:
+        repo = config.hf_hub_id.split("@")[0]
+        for filename in ("model.safetensors", "pytorch_model.bin"):
+            if isinstance(try_to_load_from_cache(repo, filename), str):
+                return
+    host = "huggingface.co" if config.hf_hub_id else (urlparse(str(config.url)).hostname or "")
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or not _reachable(host):
+        raise OSError(
+            f"the pretrained weights of {name!r} are not cached and {host} cannot be reached "
+            "(offline?): download them once where there is internet, or give a local file "
+            "(weights: FILE) or pretrained: false."
+        )
+
+
+def _reachable(host: str, seconds: float = 3.0) -> bool:
+    try:
+        socket.create_connection((host, 443), timeout=seconds).close()
+    except OSError:
+        return False
+    return True
 
 
 def _check_transformers_folder(folder: Path) -> None:

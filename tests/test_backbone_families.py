@@ -10,9 +10,12 @@ from timm.layers import apply_rot_embed_cat
 
 from neco_loss import backbones
 from neco_loss.models import DenseViT, recording_cls_attention
+from neco_loss.testbed import TESTBED_MODEL_KWARGS
 from neco_loss.training.config import build_config
 from neco_loss.training.trainer import Trainer
 from tests.test_training import TINY
+
+TESTBED_RUN = {"weights": "testbed", "model_kwargs": TESTBED_MODEL_KWARGS}
 
 # A DINOv3 (timm Eva: RoPE, 4 registers, patch 16) small enough for a CPU test.
 DINOV3 = "vit_small_patch16_dinov3"
@@ -175,3 +178,15 @@ def test_a_transformers_folder_of_another_type_is_refused_before_loading(tmp_pat
     (folder / "model.safetensors").write_bytes(b"not read")
     with pytest.raises(ValueError, match="is a transformers 'vit' model; the supported types"):
         DenseViT(str(folder))
+
+
+def test_random_weights_warn_once_and_a_trained_start_does_not(recwarn):
+    from neco_loss.training.assembly import build_backbone
+
+    base = {**TINY, "output_dir": "unused"}
+    build_backbone(build_config(base))
+    random = [w for w in recwarn if "starts from random weights" in str(w.message)]
+    assert len(random) == 1
+    recwarn.clear()
+    build_backbone(build_config({**base, **TESTBED_RUN}))
+    assert not [w for w in recwarn if "random weights" in str(w.message)]

@@ -24,6 +24,8 @@ from neco_loss.models import (
 from neco_loss.training.config import TrainConfig, ignored_keys
 from neco_loss.training.run_folder import SKIP_LOG
 
+TIMM_FAMILIES = ("timm", "timm-rope")  # built with random weights unless pretrained
+
 
 class MultiViewEncoder(nn.Module):
     """Encodes a list of views in one ``forward`` (what DistributedDataParallel needs).
@@ -73,9 +75,13 @@ class MultiViewEncoder(nn.Module):
 
 
 def build_backbone(config: TrainConfig) -> DenseViT:
-    """The student backbone of a config (seeded initialisation)."""
+    """The student backbone of a config (seeded initialisation).
+
+    Warns once when a timm model starts from random weights (no ``weights``, ``pretrained:
+    false``): NeCo post-pretrains a backbone; from random weights it has nothing to refine.
+    """
     torch.manual_seed(config.seed)
-    return DenseViT(
+    backbone = DenseViT(
         config.model,
         pretrained=config.pretrained and config.weights is None,
         checkpoint=config.weights,
@@ -83,6 +89,13 @@ def build_backbone(config: TrainConfig) -> DenseViT:
         drop_path_rate=config.drop_path_rate,
         **config.model_kwargs,
     )
+    if backbone.family in TIMM_FAMILIES and not config.pretrained and config.weights is None:
+        warnings.warn(
+            f"model {config.model} starts from random weights (pretrained: false, no weights): "
+            "NeCo post-pretrains a trained backbone (pretrained: true, or weights: FILE).",
+            stacklevel=2,
+        )
+    return backbone
 
 
 def training_images(config: TrainConfig) -> Any:
