@@ -135,7 +135,13 @@ def test_tiny_cpu_recipe_is_the_demo_configuration():
 
 @pytest.mark.parametrize(
     "recipe",
-    ["dinov2_vits14_reg_coco", "dinov2_vitb14_reg_coco", "dino_vits16_coco", "my_images"],
+    [
+        "dinov2_vits14_reg_coco",
+        "dinov2_vitb14_reg_coco",
+        "dino_vits16_coco",
+        "dinov3_vits16_coco",
+        "my_images",
+    ],
 )
 def test_recipes_are_valid_configs(recipe):
     from pathlib import Path
