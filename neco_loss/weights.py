@@ -27,6 +27,7 @@ REGISTER_KEYS = ("reg_token", "register_tokens")
 BLOCK_INDEX = re.compile(r"(?:^|\.)(?:blocks|layer)\.(\d+)\.")
 POSITION_KEYS = ("pos_embed", "position_embeddings")
 TRAINING_KEYS = ("student", "teacher", "optimizer")  # neco train's checkpoint_last.pt
+AUTHORS_HEAD = "projection_head."  # the NeCo authors' DinoVisionTransformer head
 
 
 def load_state_dict(path: str | Path) -> dict[str, Tensor]:
@@ -83,6 +84,8 @@ def load_weights(model: nn.Module, checkpoint: str | Path, partial: bool = False
     """
     state = load_state_dict(checkpoint)
     expected = model.state_dict()
+    if any(key not in expected for key in state):
+        state = dinov2_layout_for_timm(state, model) or state
     missing = [key for key in expected if key not in state]
     unexpected = [key for key in state if key not in expected]
     reshaped = [
@@ -113,6 +116,28 @@ def load_weights(model: nn.Module, checkpoint: str | Path, partial: bool = False
         f"{checkpoint}; left as built: {misfit}.{cause}",
         stacklevel=2,
     )
+
+
+def dinov2_layout_for_timm(state: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor] | None:
+    """A file in the official DINOv2 layout, converted for a timm ViT (else ``None``).
+
+    That layout (facebookresearch/dinov2) is how the NeCo authors release their checkpoints
+    (``neco_on_dinov2r_vit14_model.ckpt``: their vendored ``DinoVisionTransformer``, with its
+    ``projection_head``, which is left out). Also reads the authors' training checkpoints,
+    whose student backbone sits under ``model.`` (their loader keeps those keys). The
+    conversion is timm's own (``checkpoint_filter_fn``: ``register_tokens`` -> ``reg_token``,
+    the CLS position folded into ``cls_token``, the position grid resampled to the model's).
+    """
+    from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+
+    if "model.mask_token" in state:  # the authors' training checkpoint: the student's weights
+        state = {
+            key[len("model.") :]: value for key, value in state.items() if key.startswith("model.")
+        }
+    if "mask_token" not in state or not isinstance(model, VisionTransformer):
+        return None
+    backbone = {key: value for key, value in state.items() if not key.startswith(AUTHORS_HEAD)}
+    return checkpoint_filter_fn(backbone, model)
 
 
 def _misfit(missing: list[str], unexpected: list[str], reshaped: list[str]) -> str:

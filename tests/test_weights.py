@@ -136,3 +136,38 @@ def test_weights_nested_under_a_prefix_are_named(tmp_path):
     torch.save(nested, tmp_path / "nested.pt")
     with pytest.raises(ValueError, match="nests the model's weights under 'backbone.'"):
         load_weights(model, tmp_path / "nested.pt")
+
+
+def official_dinov2_layout(timm_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A timm DINOv2-registers state dict written back in the facebookresearch/dinov2 layout
+    (the NeCo authors' release format): register_tokens, the CLS position inside pos_embed, a
+    mask_token and the authors' projection head."""
+    state = {
+        k: v for k, v in timm_state.items() if k not in ("reg_token", "cls_token", "pos_embed")
+    }
+    cls_position = torch.randn_like(timm_state["cls_token"])
+    state["register_tokens"] = timm_state["reg_token"]
+    state["pos_embed"] = torch.cat([cls_position, timm_state["pos_embed"]], dim=1)
+    state["cls_token"] = timm_state["cls_token"] - cls_position
+    state["mask_token"] = torch.zeros(1, timm_state["cls_token"].shape[-1])
+    state["projection_head.weight"] = torch.randn(8, timm_state["cls_token"].shape[-1])
+    return state
+
+
+@pytest.mark.parametrize("training_checkpoint", [False, True])
+def test_the_neco_authors_checkpoints_load_into_timm(tmp_path, training_checkpoint):
+    source = DenseViT(DINOV2_REG, **SMALL).eval()
+    official = official_dinov2_layout(source.vit.state_dict())
+    if training_checkpoint:  # their Lightning checkpoint: student under model., teacher beside
+        official = {
+            "state_dict": {
+                **{f"model.{k}": v for k, v in official.items()},
+                **{f"teacher.{k}": v for k, v in official.items()},
+            }
+        }
+    torch.save(official, tmp_path / "neco_on_dinov2r_vit14_model.ckpt")
+    loaded = DenseViT(
+        DINOV2_REG, checkpoint=tmp_path / "neco_on_dinov2r_vit14_model.ckpt", **SMALL
+    ).eval()
+    images = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(loaded(images), source(images))
