@@ -84,8 +84,10 @@ def _is_timm(model: Any) -> bool:
 
 
 def _is_timm_rope(model: Any) -> bool:
-    from timm.models.eva import Eva
-
+    try:
+        from timm.models.eva import Eva
+    except ImportError:  # no timm: no timm model either
+        return False
     return isinstance(model, Eva)
 
 
