@@ -23,7 +23,7 @@ def test_train_then_eval_in_context(tmp_path, capsys):
     sizes = ["--train-images", "4", "--val-images", "3", "--output", str(tmp_path / "eval")]
     main(["eval", "in-context", "--checkpoint", str(tmp_path / "out"), *sizes])
     assert "| out | " in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="no such run folder or weights file"):
+    with pytest.raises(SystemExit, match="no such run folder, weights file, training config"):
         main(["eval", "in-context", "--checkpoint", str(tmp_path / "nowhere"), *sizes])
     weights = str(tmp_path / "out" / "backbone.pt")
     config = str(tmp_path / "out" / "config.yaml")
