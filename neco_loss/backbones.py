@@ -1,80 +1,42 @@
-"""The ViT families NeCo trains: how to build, run, inspect and save each, behind one protocol.
+"""Build a ViT by name and run it through its family (``neco_loss.backbone_families``).
 
-A family turns images into ``(tokens, patch map)`` (prefix tokens first, then the patch grid),
-names the module whose input feeds the last block's attention (for
-``neco_loss.models.recording_cls_attention``), and saves a trained model in its own format:
-
-- ``timm``: timm ``VisionTransformer`` (``forward_features``, ``num_prefix_tokens``); saved as
-  a timm state dict.
-- ``transformers``: HuggingFace ``Dinov2Model`` and ``Dinov2WithRegistersModel``
-  (``pip install transformers``); built from a hub id (``hf:facebook/dinov2-small``) or a
-  local ``save_pretrained`` folder (``config.json`` + weights, offline), saved with
-  ``save_pretrained``.
-- ``torch.hub``: the official DINOv2 modules (``torch.hub.load("facebookresearch/dinov2",
-  "dinov2_vits14_reg")``: ``forward_features`` returning ``x_norm_patchtokens``); saved as their
-  state dict, which ``load_state_dict`` of the hub module takes back.
+Names: a timm model (``vit_small_patch14_reg4_dinov2``, ``vit_small_patch16_dinov3``),
+``hf:ID`` or a local transformers ``save_pretrained`` folder, ``hub:REPO:ENTRY``. A name of no
+supported family is refused before any weights are made or downloaded.
 """
 
 from __future__ import annotations
 
-import math
+import json
 import os
-from dataclasses import dataclass
+import socket
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
+import torch
 from torch import Tensor, nn
+
+from neco_loss.backbone_families import (
+    FAMILIES,
+    TIMM_MODULES,
+    TRANSFORMERS_TYPES,
+    family_of,
+    supported_families,
+)
+from neco_loss.checks import did_you_mean
 
 HF_PREFIX = "hf:"  # model names that HuggingFace transformers builds
 HUB_PREFIX = "hub:"  # "hub:REPO:ENTRY", e.g. hub:facebookresearch/dinov2:dinov2_vits14_reg
-HF_FOLDER = "backbone_hf"  # save_pretrained folder of a transformers backbone in a run's output
 # "1" allows models that run code of theirs (a torch.hub repo's hubconf.py, a transformers
 # folder's Python files). `neco --trust-remote-code` sets it for one command; the CLI clears it
 # otherwise, so that no config file, run folder or shell profile can allow it.
 TRUST_REMOTE_CODE = "NECO_TRUST_REMOTE_CODE"
 
 
-@dataclass(frozen=True)
-class AttentionInput:
-    """How to get the CLS token's attention from the last block's attention input.
-
-    Attributes:
-        module: Receives the normalised tokens ``(B, T, C)`` as its first input.
-        query: ``(B, T, C) -> (B, T, heads * d)``.
-        key: Same for keys.
-        heads: Number of heads.
-        scale: Multiplier of ``q . k``.
-        query_norm: Applied to ``(B, heads, T, d)`` queries (timm's ``q_norm``; identity else).
-        key_norm: Same for keys.
-
-    """
-
-    module: nn.Module
-    query: Any
-    key: Any
-    heads: int
-    scale: float
-    query_norm: Any = None
-    key_norm: Any = None
-
-
-def family(model: nn.Module) -> str:
-    """``"timm"``, ``"transformers"`` or ``"torch.hub"``.
-
-    Raises:
-        TypeError: For any other module.
-
-    """
-    if hasattr(model, "config") and hasattr(getattr(model, "encoder", None), "layer"):
-        return "transformers"
-    if hasattr(model, "forward_features") and hasattr(model, "num_prefix_tokens"):
-        return "timm"
-    if hasattr(model, "forward_features") and hasattr(model, "num_register_tokens"):
-        return "torch.hub"
-    raise TypeError(
-        f"model must be a timm ViT, a transformers Dinov2Model or a torch.hub DINOv2 but is "
-        f"{type(model).__name__}."
-    )
+def family(model: Any) -> str:
+    """The name of a built model's family (``FAMILIES``); ``TypeError`` for others."""
+    return family_of(model).name
 
 
 def build(name: str, pretrained: bool, **model_kwargs: Any) -> nn.Module:
@@ -99,6 +61,7 @@ def build(name: str, pretrained: bool, **model_kwargs: Any) -> nn.Module:
         from transformers import AutoModel
 
         source = name.removeprefix(HF_PREFIX)
+        _check_transformers_folder(Path(source).expanduser())
         options = {"attn_implementation": "sdpa", "trust_remote_code": False, **model_kwargs}
         try:
             return AutoModel.from_pretrained(source, **options)
@@ -109,16 +72,103 @@ def build(name: str, pretrained: bool, **model_kwargs: Any) -> nn.Module:
                 "save_pretrained folder (model: PATH) or allow the download once."
             ) from error
     if name.startswith(HUB_PREFIX):
-        import torch
-
         repo, _, entry = name.removeprefix(HUB_PREFIX).rpartition(":")
         # Allowed by _check_code_allowed: trusted explicitly rather than by torch's prompt.
         return torch.hub.load(repo, entry, trust_repo=True, **model_kwargs)
     import timm
 
-    return timm.create_model(
-        name, pretrained=pretrained, dynamic_img_size=True, num_classes=0, **model_kwargs
-    )
+    options = {"dynamic_img_size": True, "num_classes": 0, **model_kwargs}
+    _check_timm_model(name, options)
+    if pretrained:
+        _check_pretrained_reachable(name)
+    return timm.create_model(name, pretrained=pretrained, **options)
+
+
+def _check_pretrained_reachable(name: str) -> None:
+    """Fail fast when timm's pretrained weights are neither cached nor downloadable.
+
+    Offline, timm's download retries for minutes before it gives up.
+
+    Raises:
+        ValueError: If timm has no pretrained weights for ``name``.
+        OSError: If they are not cached and the hub is offline or unreachable, in one line
+            with the way out.
+
+    """
+    from huggingface_hub import try_to_load_from_cache
+    from timm.models import get_pretrained_cfg
+
+    config = get_pretrained_cfg(name)
+    if config is None or not (config.hf_hub_id or config.url):
+        raise ValueError(f"timm has no pretrained weights for {name!r}: pretrained: false.")
+    if config.hf_hub_id:
+        repo = config.hf_hub_id.split("@")[0]
+        for filename in ("model.safetensors", "pytorch_model.bin"):
+            if isinstance(try_to_load_from_cache(repo, filename), str):
+                return
+    host = "huggingface.co" if config.hf_hub_id else (urlparse(str(config.url)).hostname or "")
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or not _reachable(host):
+        raise OSError(
+            f"the pretrained weights of {name!r} are not cached and {host} cannot be reached "
+            "(offline?): download them once where there is internet, or give a local file "
+            "(weights: FILE) or pretrained: false."
+        )
+
+
+def _reachable(host: str, seconds: float = 3.0) -> bool:
+    try:
+        socket.create_connection((host, 443), timeout=seconds).close()
+    except OSError:
+        return False
+    return True
+
+
+def _check_transformers_folder(folder: Path) -> None:
+    """Refuse a local transformers folder of a type no family covers, before reading weights.
+
+    Raises:
+        ValueError: Naming its type and the supported ones.
+
+    """
+    if not (folder / "config.json").is_file():
+        return  # a hub id: its type is known once transformers has fetched it
+    model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    if model_type not in TRANSFORMERS_TYPES:
+        raise ValueError(
+            f"model {str(folder)!r} is a transformers {model_type!r} model; the supported "
+            f"types are {list(TRANSFORMERS_TYPES)}. Supported: {supported_families()}."
+        )
+
+
+def _check_timm_model(name: str, options: dict[str, Any]) -> None:
+    """Refuse a timm name that is no model or of no family, before any weights are made.
+
+    The family is read off a copy built on the meta device: nothing allocated or downloaded.
+
+    Raises:
+        ValueError: Naming the nearest supported timm model.
+
+    """
+    import timm
+
+    supported = timm.list_models(module=list(TIMM_MODULES))
+    nearest = did_you_mean(name, supported)
+    if not timm.is_model(name):
+        raise ValueError(
+            f"model {name!r} is not a timm model{nearest}. Supported: {supported_families()}."
+        )
+    try:
+        with torch.device("meta"):
+            probe: Any = timm.create_model(name, pretrained=False, **options)
+    except TypeError as error:  # a timm model that is no ViT takes no dynamic_img_size
+        if "dynamic_img_size" not in str(error):
+            raise
+        probe = None
+    if probe is None or not any(family.recognises(probe) for family in FAMILIES.values()):
+        raise ValueError(
+            f"model {name!r} is not a ViT of a supported family{nearest}. Supported: "
+            f"{supported_families()}."
+        )
 
 
 def _check_code_allowed(name: str, model_kwargs: dict[str, Any]) -> None:
@@ -144,95 +194,34 @@ def _check_code_allowed(name: str, model_kwargs: dict[str, Any]) -> None:
 
 def patch_size(model: Any) -> int:
     """Side of the model's square patches."""
-    kind = family(model)
-    if kind == "transformers":
-        return int(model.config.patch_size)
-    patch = model.patch_embed.patch_size if kind == "timm" else model.patch_size
-    return int(patch[0] if isinstance(patch, (tuple, list)) else patch)
+    return family_of(model).patch_size(model)
 
 
 def embed_dim(model: Any) -> int:
     """Token width ``D``."""
-    return int(model.config.hidden_size if family(model) == "transformers" else model.embed_dim)
+    return family_of(model).embed_dim(model)
 
 
 def prefix_tokens(model: Any) -> int:
     """CLS + register tokens before the patch tokens."""
-    kind = family(model)
-    if kind == "timm":
-        return int(model.num_prefix_tokens)
-    registers = model.config if kind == "transformers" else model
-    return 1 + int(getattr(registers, "num_register_tokens", 0) or 0)
+    return family_of(model).prefix_tokens(model)
+
+
+def has_cls_token(model: Any) -> bool:
+    """Whether the model's first token is a CLS token (a ``loss_mask`` needs its attention)."""
+    return family_of(model).has_cls_token(model)
 
 
 def all_tokens(model: Any, images: Tensor) -> Tensor:
     """``(B, T, D)`` final normalised tokens, CLS and registers first, then the patches."""
-    import torch
-
-    kind = family(model)
-    if kind == "timm":
-        return model.forward_features(images)
-    if kind == "transformers":
-        return model(pixel_values=images).last_hidden_state
-    out = model.forward_features(images)
-    parts = [out["x_norm_clstoken"][:, None]]
-    if out.get("x_norm_regtokens") is not None:
-        parts.append(out["x_norm_regtokens"])
-    return torch.cat([*parts, out["x_norm_patchtokens"]], dim=1)
-
-
-def attention_input(model: Any) -> AttentionInput:
-    """The last block's attention of a model, as ``recording_cls_attention`` reads it."""
-    kind = family(model)
-    if kind == "transformers":
-        attention = model.encoder.layer[-1].attention
-        if hasattr(attention, "q_proj"):  # transformers >= 5
-            return AttentionInput(
-                attention,
-                attention.q_proj,
-                attention.k_proj,
-                int(attention.config.num_attention_heads),
-                float(attention.scaling),
-            )
-        inner = attention.attention  # transformers 4: Dinov2SelfAttention(query, key, value)
-        return AttentionInput(
-            inner,
-            inner.query,
-            inner.key,
-            int(inner.num_attention_heads),
-            1 / math.sqrt(inner.attention_head_size),
-        )
-    attention = model.blocks[-1].attn  # timm and the DINOv2 hub modules: fused qkv
-    width = attention.qkv.out_features // 3
-
-    def query(tokens: Tensor) -> Tensor:
-        return attention.qkv(tokens)[..., :width]
-
-    def key(tokens: Tensor) -> Tensor:
-        return attention.qkv(tokens)[..., width : 2 * width]
-
-    return AttentionInput(
-        attention,
-        query,
-        key,
-        int(attention.num_heads),
-        float(attention.scale),
-        getattr(attention, "q_norm", None),
-        getattr(attention, "k_norm", None),
-    )
+    return family_of(model).tokens(model, images)
 
 
 def save_native(model: Any, output_dir: Path) -> Path | None:
-    """Save a transformers backbone as ``output_dir/HF_FOLDER`` (``save_pretrained``).
-
-    timm and torch.hub backbones need nothing more than the state dict the trainer writes.
+    """Save a backbone in its own format into ``output_dir`` where the state dict is not it.
 
     Returns:
-        The folder, or ``None``.
+        The path (transformers: ``output_dir/HF_FOLDER``, ``save_pretrained``), or ``None``.
 
     """
-    if family(model) != "transformers":
-        return None
-    folder = output_dir / HF_FOLDER
-    model.save_pretrained(folder)
-    return folder
+    return family_of(model).save(model, output_dir)

@@ -18,6 +18,7 @@ EXTRA_OF_MODULE: dict[str, str] = {
     # neco train / demo / ablate / testbed-backbone / make-images / eval, and the recipes
     "yaml": "train",
     "timm": "train",
+    "huggingface_hub": "train",  # timm's own dependency: is a pretrained file cached?
     "tqdm": "train",
     "matplotlib": "train",
     "lightly": "train",

@@ -14,9 +14,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from neco_loss import assets, backbones
-from neco_loss.checks import error_cause
+from neco_loss import backbones
+from neco_loss.backbone_families import Recorder
 from neco_loss.schedules import cosine
+from neco_loss.weights import load_weights
 
 DINOV2_REGISTERS = "vit_small_patch14_reg4_dinov2"  # reference configs: dinov2-reg ViT-S/14
 HEAD_HIDDEN_DIM = 2048  # reference configs: projection_hidden_dim
@@ -28,69 +29,20 @@ REFERENCE_MOMENTUM = 0.9995  # reference configs: momentum_teacher, EMA cosine f
 # the same forward, detached (ours: no second forward, no gradient through the references).
 
 
-def load_state_dict(path: str | Path) -> dict[str, Tensor]:
-    """Weights from a local checkpoint: a state dict, or one under ``"model"``/``"state_dict"``.
-
-    ``path`` may also name weights shipped in the package (``neco_loss.assets``, e.g.
-    ``"testbed"``). Half-precision weights are returned as they are; ``load_state_dict`` of a
-    float32 model converts them.
-
-    Loaded with ``weights_only=True``: a checkpoint cannot run code.
-
-    Raises:
-        FileNotFoundError: If the file does not exist.
-        ValueError: If it cannot be read (truncated, not a torch file) or holds no tensor
-            dictionary; the message names the file.
-
-    """
-    if isinstance(path, str) and assets.is_shipped(path):
-        path = assets.shipped_weights(path)
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist.")
-    try:
-        content = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises many types for a damaged or foreign file
-        raise ValueError(f"checkpoint {path} cannot be read ({error_cause(error)}).") from error
-    for key in ("model", "state_dict"):
-        if isinstance(content, dict) and isinstance(content.get(key), dict):
-            content = content[key]
-    if not isinstance(content, dict) or not all(isinstance(v, Tensor) for v in content.values()):
-        raise ValueError(f"checkpoint {path} holds no state dict of tensors.")
-    return content
-
-
-def load_weights(model: nn.Module, checkpoint: str | Path) -> None:
-    """Load a local checkpoint (see ``load_state_dict``) into ``model``; extra keys are ignored.
-
-    Raises:
-        ValueError: If the checkpoint lacks weights of the model, or holds weights of other
-            shapes (torch's list of mismatches kept, on one line).
-
-    """
-    try:
-        missing, unexpected = model.load_state_dict(load_state_dict(checkpoint), strict=False)
-    except RuntimeError as error:  # "Error(s) in loading ...:" then one line per mismatch
-        cause = error_cause(error)
-        raise ValueError(f"checkpoint {checkpoint} does not fit the model: {cause}") from None
-    if missing:
-        raise ValueError(
-            f"checkpoint {checkpoint} lacks {len(missing)} weights of the model, e.g. "
-            f"{missing[:3]} (unexpected keys: {unexpected[:3]})."
-        )
-
-
 class DenseViT(nn.Module):
     """A ViT that returns patch maps ``(B, D, h, w)`` without CLS and register tokens.
 
-    Any of the families of ``neco_loss.backbones``: timm ViTs, HuggingFace transformers DINOv2
-    (with or without registers), torch.hub DINOv2 modules.
+    Any family of ``neco_loss.backbone_families``: timm ViTs (DINOv2, DINOv3, without a CLS
+    token), HuggingFace transformers DINOv2 and DINOv3, torch.hub DINOv2 modules.
 
     Args:
         model: A timm model name (e.g. ``"vit_small_patch14_reg4_dinov2"``), ``hf:ID`` or a
             local transformers folder, ``hub:REPO:ENTRY``, or a model instance.
         pretrained: Load timm's pretrained weights (needs the HuggingFace hub, i.e. internet).
-        checkpoint: A local weights file to load instead (see ``load_state_dict``).
+        checkpoint: A local weights file to load instead (``neco_loss.weights``: it must fit
+            the model exactly).
+        partial_weights: Load only the checkpoint's weights that fit (names and shapes), with
+            one warning naming the rest.
         **model_kwargs: Passed to ``timm.create_model`` (e.g. ``drop_path_rate=0.1``, or
             ``img_size``, ``patch_size``, ``embed_dim``, ``depth``, ``num_heads`` for a small ViT),
             or to the transformers config / the torch.hub entry.
@@ -107,19 +59,22 @@ class DenseViT(nn.Module):
         model: str | nn.Module = DINOV2_REGISTERS,
         pretrained: bool = False,
         checkpoint: str | Path | None = None,
+        partial_weights: bool = False,
         **model_kwargs: Any,
     ) -> None:
         super().__init__()
         if isinstance(model, str):
             model = backbones.build(model, pretrained, **model_kwargs)
-        self.family = backbones.family(model)  # TypeError for other modules
+        family = backbones.family_of(model)  # TypeError listing the families for others
+        family.prepare(model)
+        self.family = family.name
         vit: Any = model  # a ViT of one of the families; their attributes are untyped
         self.vit = vit
         self.patch_size = backbones.patch_size(vit)
         self.embed_dim = backbones.embed_dim(vit)
         self.num_prefix_tokens = backbones.prefix_tokens(vit)
         if checkpoint is not None:
-            load_weights(self.vit, checkpoint)
+            load_weights(self.vit, checkpoint, partial=partial_weights)
 
     def forward(self, images: Tensor) -> Tensor:
         """``(B, 3, H, W)`` images -> ``(B, D, H // patch, W // patch)`` patch tokens."""
@@ -127,7 +82,7 @@ class DenseViT(nn.Module):
 
 
 def vit_patch_size(vit: Any) -> int:
-    """Side of a ViT's (square) patches (any family of ``neco_loss.backbones``)."""
+    """Side of a ViT's (square) patches (any family of ``neco_loss.backbone_families``)."""
     return backbones.patch_size(vit)
 
 
@@ -135,7 +90,7 @@ def vit_tokens_and_patch_map(vit: Any, images: Tensor) -> tuple[Tensor, Tensor]:
     """Run a ViT once: all its tokens and its patch tokens as a map.
 
     Args:
-        vit: A ViT of one of the families of ``neco_loss.backbones`` (timm ones built with
+        vit: A ViT of a family of ``neco_loss.backbone_families`` (timm ones built with
             ``dynamic_img_size=True`` for sizes other than their ``img_size``).
         images: ``(B, 3, H, W)``, at least one patch on each side. Sides that are not
             multiples of the patch size lose their last ``H % patch`` rows and ``W % patch``
@@ -166,53 +121,53 @@ def vit_tokens_and_patch_map(vit: Any, images: Tensor) -> tuple[Tensor, Tensor]:
     return tokens, patches.transpose(1, 2).unflatten(2, grid)
 
 
+def cls_attention_recorder(vit: Any) -> Recorder:
+    """The recorder of a ViT's CLS attention (``neco_loss.backbone_families.Family``).
+
+    Raises:
+        TypeError: If ``vit`` is of no supported family (the message lists them).
+        ValueError: If it has no CLS token, naming what to use instead.
+
+    """
+    family = backbones.family_of(vit)
+    if family.record_cls_attention is None or not family.has_cls_token(vit):
+        raise ValueError(
+            f"loss_mask foreground/background reads the CLS token's attention, but this "
+            f"{family.name} model ({type(vit).__name__}) has no CLS token: use loss_mask: all "
+            "(NeCo itself needs only the patch tokens), or a model with a CLS token."
+        )
+    return family.record_cls_attention
+
+
 @contextmanager
 def recording_cls_attention(vit: Any) -> Iterator[list[Tensor]]:
     """Record the CLS token's last-block attention to the patches in every forward of ``vit``.
 
     The reference code's ``loss_mask: fg/bg`` thresholds this attention
-    (``forward_backbone(..., last_self_attention=True)``: ``attn[:, :, 0, 1:]``). Here it is
-    recomputed from the last block's attention input (fused attention kernels never form the
-    matrix) and taken over the patch tokens only, registers left out.
+    (``forward_backbone(..., last_self_attention=True)``: ``attn[:, :, 0, 1:]``). Here it is the
+    model's own attention (its family's recorder, ``neco_loss.backbone_families``: its q/k norms
+    and rotary position encoding), taken over the patch tokens only, registers left out.
 
     Args:
-        vit: A ViT of one of the families of ``neco_loss.backbones``.
+        vit: A ViT of one of the families of ``neco_loss.backbone_families``, with a CLS token.
 
     Yields:
         A list that receives one ``(B, heads, h * w)`` float32 tensor per forward (patches in
-        row-major order), computed without gradient.
+        row-major order), without gradient.
 
     Raises:
         TypeError: If ``vit`` is not such a ViT.
+        ValueError: If it has no CLS token (nothing to read a foreground from).
 
     """
-    try:
-        source = backbones.attention_input(vit)
-    except (TypeError, AttributeError):
-        raise TypeError(
-            "recording_cls_attention needs a ViT of neco_loss.backbones (timm, transformers "
-            f"DINOv2, torch.hub DINOv2) but got {type(vit).__name__}."
-        ) from None
+    recorder = cls_attention_recorder(vit)
     records: list[Tensor] = []
     prefix = backbones.prefix_tokens(vit)
-
-    def record(module: Any, inputs: tuple[Tensor, ...]) -> None:
-        with torch.no_grad():
-            tokens = inputs[0]  # (B, T, C) after the block's first norm
-            batch, count, _ = tokens.shape
-            shape = (batch, count, source.heads, -1)
-            query = source.query(tokens[:, :1]).reshape(batch, 1, source.heads, -1).transpose(1, 2)
-            key = source.key(tokens).reshape(shape).transpose(1, 2)  # (B, heads, T, d)
-            if source.query_norm is not None:
-                query, key = source.query_norm(query), source.key_norm(key)
-            weights = (query * source.scale @ key.transpose(-2, -1)).softmax(dim=-1)
-            records.append(weights[:, :, 0, prefix:].float())  # (B, heads, h * w)
-
-    handle = source.module.register_forward_pre_hook(record)
+    stop = recorder(vit, lambda row: records.append(row[..., prefix:]))
     try:
         yield records
     finally:
-        handle.remove()
+        stop()
 
 
 class ProjectionHead(nn.Module):

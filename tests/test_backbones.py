@@ -19,6 +19,7 @@ from torch import nn
 
 from neco_loss import backbones
 from neco_loss.app.cli import main
+from neco_loss.backbone_families import HF_FOLDER
 from neco_loss.models import DenseViT, recording_cls_attention
 from tests.test_training import TINY
 
@@ -84,7 +85,7 @@ class HubDinov2(nn.Module):
 def test_transformers_dinov2_patch_maps(tmp_path, registers):
     folder = hf_folder(tmp_path, registers)
     backbone = DenseViT(str(folder)).eval()
-    assert backbone.family == "transformers" and backbone.patch_size == 8
+    assert backbone.family == "transformers-dinov2" and backbone.patch_size == 8
     assert backbone.num_prefix_tokens == 1 + registers and backbone.embed_dim == 32
     images = torch.randn(2, 3, 40, 48)
     maps = backbone(images)
@@ -138,7 +139,7 @@ def test_train_a_transformers_folder_and_get_it_back_in_its_own_format(tmp_path,
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(config))
     main(["train", str(path), "--quiet"])
-    saved = tmp_path / "run" / backbones.HF_FOLDER
+    saved = tmp_path / "run" / HF_FOLDER
     trained = transformers.Dinov2WithRegistersModel.from_pretrained(saved)
     initial = transformers.Dinov2WithRegistersModel.from_pretrained(folder)
     name = "encoder.layer.0.attention.q_proj.weight"
@@ -177,3 +178,58 @@ def test_an_unreachable_hub_id_is_one_line(tmp_path):
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "dinov2-small" in lines[0], lines
+
+
+def dinov3_folder(tmp_path: Path) -> Path:
+    """A randomly initialised transformers DINOv3 (patch 8, 4 registers, RoPE) as a folder."""
+    config = transformers.DINOv3ViTConfig(
+        **SMALL, patch_size=8, image_size=32, num_register_tokens=4
+    )
+    folder = tmp_path / "dinov3"
+    transformers.DINOv3ViTModel(config).save_pretrained(folder)
+    return folder
+
+
+def test_transformers_dinov3_maps_attention_and_one_position_encoding(tmp_path):
+    folder = dinov3_folder(tmp_path)
+    backbone = DenseViT(str(folder)).eval()
+    assert backbone.family == "transformers-dinov3" and backbone.num_prefix_tokens == 5
+    images = torch.randn(2, 3, 32, 40)
+    maps = backbone(images)
+    assert maps.shape == (2, 32, 4, 5)
+    eager = transformers.DINOv3ViTModel.from_pretrained(folder, attn_implementation="eager")
+    out = eager.eval()(pixel_values=images, output_attentions=True)
+    torch.testing.assert_close(maps.flatten(2).transpose(1, 2), out.last_hidden_state[:, 5:])
+    with recording_cls_attention(backbone.vit) as records:
+        backbone(images)
+    torch.testing.assert_close(records[0], out.attentions[-1][:, :, 0, 5:])
+    assert backbone.vit.config._attn_implementation == "sdpa"  # restored after recording
+    # The student (train mode) sees the teacher's (eval mode) position encoding for one crop;
+    # an unprepared model rescales its RoPE coordinates at random in train mode.
+    torch.testing.assert_close(backbone.train()(images), maps)
+    unprepared = transformers.DINOv3ViTModel.from_pretrained(folder).train()
+    torch.manual_seed(0)
+    assert not torch.allclose(
+        unprepared.rope_embeddings(images)[0], eager.rope_embeddings(images)[0]
+    )
+    assert backbone.vit.config.pos_embed_rescale == 2.0  # what save_pretrained writes is kept
+
+
+def test_train_a_transformers_dinov3_and_get_it_back_in_its_own_format(tmp_path):
+    folder = dinov3_folder(tmp_path)
+    config = {
+        **TINY,
+        "model": str(folder),
+        "model_kwargs": {},
+        "max_steps": 2,
+        "loss": {"roi_size": 2, "loss_mask": "foreground"},
+        "output_dir": str(tmp_path / "run"),
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    main(["train", str(path), "--quiet"])
+    trained = transformers.DINOv3ViTModel.from_pretrained(tmp_path / "run" / HF_FOLDER)
+    initial = transformers.DINOv3ViTModel.from_pretrained(folder)
+    key = "model.layer.0.attention.q_proj.weight"
+    assert not torch.equal(trained.state_dict()[key], initial.state_dict()[key])
+    assert trained.config.pos_embed_rescale == initial.config.pos_embed_rescale == 2.0

@@ -23,7 +23,7 @@ def test_train_then_eval_in_context(tmp_path, capsys):
     sizes = ["--train-images", "4", "--val-images", "3", "--output", str(tmp_path / "eval")]
     main(["eval", "in-context", "--checkpoint", str(tmp_path / "out"), *sizes])
     assert "| out | " in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="no such run folder or weights file"):
+    with pytest.raises(SystemExit, match="no such run folder, weights file, training config"):
         main(["eval", "in-context", "--checkpoint", str(tmp_path / "nowhere"), *sizes])
     weights = str(tmp_path / "out" / "backbone.pt")
     config = str(tmp_path / "out" / "config.yaml")
@@ -135,7 +135,13 @@ def test_tiny_cpu_recipe_is_the_demo_configuration():
 
 @pytest.mark.parametrize(
     "recipe",
-    ["dinov2_vits14_reg_coco", "dinov2_vitb14_reg_coco", "dino_vits16_coco", "my_images"],
+    [
+        "dinov2_vits14_reg_coco",
+        "dinov2_vitb14_reg_coco",
+        "dino_vits16_coco",
+        "dinov3_vits16_coco",
+        "my_images",
+    ],
 )
 def test_recipes_are_valid_configs(recipe):
     from pathlib import Path

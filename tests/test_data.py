@@ -229,6 +229,7 @@ def test_a_run_reports_skipped_images_once_at_its_end(tmp_path, capsys):
     config.write_text(yaml.safe_dump(settings))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a per-file warning would fail the run here
+        warnings.filterwarnings("ignore", message=".* starts from random weights")
         main(["train", str(config), "--quiet"])
     captured = capsys.readouterr()
     listed = tmp_path / "run" / "skipped_images.txt"

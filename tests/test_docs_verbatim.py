@@ -28,6 +28,7 @@ from neco_loss.data.synthetic import save_scenes
 from neco_loss.training import build_config, train
 from tests.test_documented_commands import documented_commands
 from tests.test_eval_datasets import labels, rgb, write
+from tests.test_eval_specs import labelled_folder
 from tests.test_training import TINY
 
 ROOT = Path(__file__).parents[1]
@@ -75,6 +76,23 @@ def test_eval_commands_on_the_demo_outputs(demo_outputs, tmp_path):
         ROOT,
     )
     assert "overclustering" in (ROOT / "outputs" / "eval" / "results.md").read_text()
+    result = shell(
+        "neco eval in-context linear --checkpoint examples/recipes/tiny_cpu.yaml --checkpoint "
+        "outputs/demo/neco",
+        ROOT,
+    )
+    assert result.stdout.startswith("scoring on synthetic (built in, no files): 64 val images")
+
+
+def test_eval_on_your_own_labelled_images(tmp_path):
+    """The folder command verbatim, on a few labelled images in the documented layout."""
+    labelled_folder(tmp_path / "work" / "my_images")
+    result = shell(
+        "neco eval in-context --checkpoint testbed --dataset folder --data-root my_images "
+        "--image-size 224",
+        tmp_path / "work",
+    )
+    assert result.stdout.startswith("scoring on folder in my_images: 3 val images")
 
 
 def test_pascal_voc_evaluation_on_a_made_up_tree(tmp_path):

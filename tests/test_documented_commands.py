@@ -79,6 +79,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "neco eval linear overclustering --checkpoint RUN --dataset voc --data-root "
     "~/data/VOCdevkit/VOC2012 --train-split trainaug --val-split val --train-images 0 "
     "--val-images 0": (VERBATIM, DOCS + "test_pascal_voc_evaluation_on_a_made_up_tree"),
+    "neco eval in-context linear --checkpoint examples/recipes/tiny_cpu.yaml --checkpoint "
+    "outputs/demo/neco": (VERBATIM, DOCS + "test_eval_commands_on_the_demo_outputs"),
+    "neco eval in-context --checkpoint testbed --dataset folder --data-root my_images "
+    "--image-size 224": (VERBATIM, DOCS + "test_eval_on_your_own_labelled_images"),
     "neco sort-demo": (VERBATIM, DOCS + "test_sort_demo"),
     "neco ablate examples/ablations/objectives.yaml": (
         SMALLER,

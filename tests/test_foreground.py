@@ -92,6 +92,6 @@ def test_recording_equals_timms_attention_matrix():
     vit.forward_features(images)
     prefix = vit.num_prefix_tokens  # CLS + 4 registers
     torch.testing.assert_close(records[0], captured["attn"][:, :, 0, prefix:])
-    with pytest.raises(TypeError, match="needs a ViT of neco_loss.backbones"):
+    with pytest.raises(TypeError, match="must be a ViT of a supported family"):
         with recording_cls_attention(torch.nn.Linear(2, 2)):
             pass

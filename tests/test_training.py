@@ -183,7 +183,7 @@ def test_malicious_checkpoints_are_refused(tmp_path):
     import os
     import pickle
 
-    from neco_loss.models import load_state_dict
+    from neco_loss.weights import load_state_dict
 
     marker = tmp_path / "pwned"
 

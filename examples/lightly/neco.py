@@ -43,7 +43,9 @@ device = "cuda" if torch.cuda.is_available() else "cpu"
 model.to(device)
 
 loader = dataloader(args, transform)
-criterion = NeCoLoss(roi_size=7 if args.dinov2 else 4)
+# patch_size + crop_sizes (below): boxes stay exact when a crop is not a multiple of the patch
+# (e.g. 98 px crops at patch 16, where the ViT drops the last 2 px)
+criterion = NeCoLoss(roi_size=7 if args.dinov2 else 4, patch_size=backbone.patch_size)
 optimizer = torch.optim.AdamW(
     [
         {"params": model.student_backbone.parameters(), "lr": 1e-5 if args.dinov2 else 1e-4},
@@ -68,7 +70,13 @@ for epoch in range(args.epochs):
         student_maps = [model(view) for view in views]
         teacher_maps = [model.forward_teacher(view) for view in views[:2]]
         # diagnostics (two extra sorts, host syncs) only when they are printed: once per epoch
-        loss = criterion(student_maps, teacher_maps, boxes.to(device), compute_stats=index == 0)
+        loss = criterion(
+            student_maps,
+            teacher_maps,
+            boxes.to(device),
+            crop_sizes=[view.shape[-1] for view in views],
+            compute_stats=index == 0,
+        )
         total_loss += loss.detach()
         loss.backward()
         optimizer.step()

@@ -13,7 +13,8 @@ from typing import Any
 
 from torch import nn
 
-from neco_loss.models import DINOV2_REGISTERS, load_weights
+from neco_loss.models import DINOV2_REGISTERS
+from neco_loss.weights import load_weights
 
 BackboneConstructor = Callable[..., nn.Module]
 
@@ -23,7 +24,7 @@ def dinov2_backbone(timm_name: str) -> BackboneConstructor:
 
     The constructor takes ``pretrained`` (default ``True``: timm's weights from the HuggingFace
     hub, needs internet), ``checkpoint_path`` (a local weights file instead, see
-    ``neco_loss.models.load_state_dict``) and any ``timm.create_model`` keyword (e.g.
+    ``neco_loss.weights.load_state_dict``) and any ``timm.create_model`` keyword (e.g.
     ``drop_path_rate``, or ``embed_dim``/``depth``/``num_heads`` with ``pretrained: false`` for
     a small test model). Models accept any input size divisible by the patch size
     (``dynamic_img_size=True``): 518 px global and 98 px local crops as the reference.

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
 
 NAME = "eval"
 HELP = "evaluation protocols on one or more backbones"
@@ -24,8 +23,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         action="append",
         required=True,
-        help="a run folder or a weights file (then also --config); repeat "
-        "to compare backbones, e.g. before and after NeCo",
+        help="a run folder, a weights file (then also --config), a training config (its "
+        "starting model: model, weights, pretrained), shipped weights (testbed), hf:ID or a "
+        "transformers folder, or a timm name (its pretrained weights); repeat to compare "
+        "backbones, e.g. before and after NeCo",
     )
     parser.add_argument(
         "--config", type=Path, default=None, help="a run's config.yaml (with a weights file)"
@@ -58,11 +59,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    from neco_loss.evaluation.datasets import DATASETS
+
     parser.add_argument(
         "--dataset",
         default="synthetic",
-        choices=["synthetic", "voc", "ade20k", "coco-things", "coco-stuff"],
-        help="dataset to score on",
+        choices=DATASETS,
+        help="dataset to score on (folder: your own images and masks, docs/evaluation.md)",
     )
     parser.add_argument(
         "--data-root", type=Path, default=None, help="the dataset's folder (all but synthetic)"
@@ -87,13 +90,15 @@ def run(args: argparse.Namespace, overrides: list[str]) -> None:
     """Score every checkpoint with every protocol; print the table."""
     import torch
 
-    from neco_loss.evaluation.datasets import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES
+    from neco_loss.app.checkpoint_specs import scored_backbone
+    from neco_loss.evaluation.datasets import IGNORE_INDEX, dataset_classes
     from neco_loss.evaluation.suite import PROTOCOLS, evaluate, evaluation_splits
 
     protocols = list(PROTOCOLS) if "all" in args.protocols else args.protocols
     names = backbone_names(args.checkpoint, args.name)
     checkpoints = dict(zip(names, args.checkpoint, strict=True))
-    backbones = {name: _backbone(path, args.config) for name, path in checkpoints.items()}
+    classes, class_names = dataset_classes(args.dataset, args.data_root)
+    backbones = {name: scored_backbone(path, args.config) for name, path in checkpoints.items()}
     size = _image_size(args)
     datasets = evaluation_splits(
         args.dataset,
@@ -103,6 +108,11 @@ def run(args: argparse.Namespace, overrides: list[str]) -> None:
         args.val_images,
         args.train_split,
         args.val_split,
+    )
+    where = f" in {args.data_root}" if args.data_root else " (built in, no files)"
+    print(
+        f"scoring on {args.dataset}{where}: {len(datasets[1])} {args.val_split} images, "
+        f"{len(datasets[0])} {args.train_split} images to fit on, {size} px"
     )
     context = {
         "dataset": args.dataset,
@@ -115,14 +125,14 @@ def run(args: argparse.Namespace, overrides: list[str]) -> None:
     evaluate(
         {name: torch.no_grad()(backbone) for name, backbone in backbones.items()},
         *datasets,
-        NUM_CLASSES[args.dataset],
+        classes,
         protocols,
         args.output,
         ignore_index=IGNORE_INDEX,
         clusters=args.clusters,
         linear_epochs=args.linear_epochs,
         search=args.search,
-        class_names=CLASS_NAMES.get(args.dataset),
+        class_names=class_names,
         context=context,
     )
     print((args.output / "results.md").read_text(), end="")
@@ -130,48 +140,22 @@ def run(args: argparse.Namespace, overrides: list[str]) -> None:
 
 
 def _image_size(args: argparse.Namespace) -> int:
-    """``--image-size``, else 448 px (paper) for real datasets and the run's size for synthetic."""
+    """``--image-size``, else 448 px (paper) for real datasets.
+
+    For synthetic: the size of the first run (or training config) given, else the default.
+    """
     if args.image_size:
         return int(args.image_size)
     if args.dataset != "synthetic":
         return 448
-    from neco_loss.training import load_config
+    from neco_loss.app.checkpoint_specs import is_config
+    from neco_loss.training import TrainConfig, load_config
 
-    return load_config(args.config or args.checkpoint[0] / "config.yaml").image_size
-
-
-def _backbone(checkpoint: Path, config_path: Path | None) -> Any:
-    """The ``DenseViT`` (eval mode) of a run folder or of a weights file plus config.
-
-    Raises:
-        SystemExit: With one line naming what is missing or unreadable.
-
-    """
-    from neco_loss.backbones import HF_FOLDER
-    from neco_loss.models import DenseViT
-    from neco_loss.training import load_config
-
-    if not checkpoint.exists():
-        raise SystemExit(f"error: --checkpoint {checkpoint}: no such run folder or weights file.")
-    if (checkpoint / HF_FOLDER).is_dir():  # a transformers run: its save_pretrained folder
-        return _finite_weights(DenseViT(str(checkpoint / HF_FOLDER)).eval(), checkpoint)
-    weights = checkpoint
-    if checkpoint.is_dir():  # a run's output_dir
-        weights, config_path = checkpoint / "backbone.pt", config_path or checkpoint / "config.yaml"
-    if config_path is None:
-        raise SystemExit(
-            f"error: --checkpoint {checkpoint} is a weights file: also give --config (the run's "
-            "config.yaml), or pass the run folder instead."
-        )
-    for path in (weights, config_path):
-        if not path.is_file():
-            raise SystemExit(f"error: {path} does not exist (from --checkpoint {checkpoint}).")
-    config = load_config(config_path)
-    try:
-        model = DenseViT(config.model, checkpoint=weights, **config.model_kwargs).eval()
-    except ValueError as error:  # a truncated or foreign weights file, named by the message
-        raise SystemExit(f"error: {error}") from None
-    return _finite_weights(model, checkpoint)
+    first = args.checkpoint[0]
+    for config in (args.config, first if is_config(first) else None, first / "config.yaml"):
+        if config is not None and config.is_file():
+            return load_config(config).image_size
+    return TrainConfig().image_size
 
 
 def _trained_step(checkpoint: Path) -> int | None:
@@ -195,27 +179,6 @@ def _trained_step(checkpoint: Path) -> int | None:
             file=sys.stderr,
         )
     return step
-
-
-def _finite_weights(model: Any, checkpoint: Path) -> Any:
-    """``model`` if all its weights are finite.
-
-    Raises:
-        SystemExit: Naming the checkpoint and the count: a diverged run's scores would be
-            those of garbage features.
-
-    """
-    import torch
-
-    tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
-    bad = sum(int((~torch.isfinite(tensor)).sum()) for tensor in tensors)
-    if bad:
-        total = sum(tensor.numel() for tensor in tensors)
-        raise SystemExit(
-            f"error: --checkpoint {checkpoint}: {bad} of its {total} weights are NaN or "
-            "infinite; there is nothing to score."
-        )
-    return model
 
 
 def backbone_names(checkpoints: list[Path], names: list[str] | None) -> list[str]:

@@ -23,6 +23,7 @@ from neco_loss.data.synthetic import SyntheticScenes
 
 IGNORE_INDEX = 255
 NUM_CLASSES = {"voc": 21, "ade20k": 150, "coco-things": 12, "coco-stuff": 15, "synthetic": 5}
+DATASETS = [*NUM_CLASSES, "folder"]  # folder: your own images and masks, LAYOUTS["folder"]
 # Class names for figure legends, where the dataset fixes them (others: "class k").
 CLASS_NAMES: dict[str, tuple[str, ...]] = {
     "synthetic": SYNTHETIC_CLASS_NAMES,
@@ -59,7 +60,11 @@ LAYOUTS = {
     "(panoptic semantic PNGs), ROOT/annotations/panoptic_annotations/panoptic_val2017.json",
     "coco-stuff": "ROOT/images/{train,val}2017/*.jpg, ROOT/annotations/stuff_annotations/"
     "stuff_{train,val}2017_pixelmaps/*.png, ROOT/annotations/stuff_annotations/stuff_val2017.json",
+    "folder": "ROOT/classes.txt (one class name per line; line k names class k), "
+    "ROOT/<split>/images/*.{jpg,jpeg,png}, ROOT/<split>/masks/<image name>.png (class index per "
+    "pixel, 255 ignored), e.g. splits train and val",
 }
+FOLDER_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
 class Normalized:
@@ -90,16 +95,24 @@ class ImageMaskPairs:
         masks: Label PNG paths, one per image.
         lookup: ``(256,)`` int64: stored label value -> class index or 255.
         image_size: Output side ``S``.
+        classes: With a number, a stored value that is neither a class index below it nor 255
+            is refused (your own masks); ``None``: the lookup decides (public datasets).
 
     """
 
     def __init__(
-        self, images: list[Path], masks: list[Path], lookup: Tensor, image_size: int
+        self,
+        images: list[Path],
+        masks: list[Path],
+        lookup: Tensor,
+        image_size: int,
+        classes: int | None = None,
     ) -> None:
         self.images = images
         self.masks = masks
         self.lookup = lookup
         self.image_size = image_size
+        self.classes = classes
         self.normalize = v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)
 
     def __len__(self) -> int:
@@ -111,6 +124,14 @@ class ImageMaskPairs:
             pixels = v2.functional.pil_to_tensor(image.convert("RGB"))
         with Image.open(self.masks[index]) as mask_image:
             labels = torch.from_numpy(np.array(mask_image)).long()
+        if self.classes is not None:
+            unknown = labels[(labels >= self.classes) & (labels != IGNORE_INDEX)].unique()
+            if len(unknown) or labels.dim() != 2:
+                raise ValueError(
+                    f"mask {self.masks[index]} must hold class indices 0..{self.classes - 1} "
+                    f"or {IGNORE_INDEX} in one channel, but holds {unknown[:5].tolist()} "
+                    f"(shape {tuple(labels.shape)})."
+                )
         pixels = v2.functional.resize(pixels, size, antialias=True).float() / 255
         labels = v2.functional.resize(labels[None], size, v2.InterpolationMode.NEAREST)[0]
         return self.normalize(pixels), self.lookup[labels.clamp(0, 255)]
@@ -192,7 +213,7 @@ def segmentation_dataset(
     seed: int = 0,
     scenes: int | None = None,
 ) -> Any:
-    """A dataset by name: ``voc``, ``ade20k``, ``coco-things``, ``coco-stuff`` or ``synthetic``.
+    """A dataset by name (``DATASETS``); ``folder`` is your own images and masks.
 
     ``seed`` and ``scenes`` (how many to draw; ``None``: the split's default) apply to
     ``synthetic``, whose scenes are drawn rather than read; a real dataset has its files.
@@ -203,11 +224,10 @@ def segmentation_dataset(
 
     """
     if name == "synthetic":
-        return Normalized(
-            SyntheticScenes(split, image_size, length=scenes, seed=seed)  # refuses a split it does not have
-        )
+        # SyntheticScenes refuses a split it does not have
+        return Normalized(SyntheticScenes(split, image_size, length=scenes, seed=seed))
     if name not in LAYOUTS:
-        raise ValueError(f"dataset must be one of {list(NUM_CLASSES)} but is {name!r}.")
+        raise ValueError(f"dataset must be one of {DATASETS} but is {name!r}.")
     if root is None:
         raise ValueError(
             f"dataset {name!r} needs its folder: give --data-root (data_root=). Expected "
@@ -218,4 +238,47 @@ def segmentation_dataset(
         return pascal_voc(path, split, image_size)
     if name == "ade20k":
         return ade20k(path, split, image_size)
+    if name == "folder":
+        return image_folder_pairs(path, split, image_size)
     return coco(path, split, image_size, name.removeprefix("coco-"))
+
+
+def dataset_classes(name: str, root: str | Path | None) -> tuple[int, tuple[str, ...] | None]:
+    """The number of classes of a dataset and their names where they are known.
+
+    ``folder`` reads them from ``ROOT/classes.txt``.
+
+    Raises:
+        ValueError: For an unknown name or a ``folder`` without ``root``.
+        FileNotFoundError: For a ``folder`` without ``classes.txt``.
+
+    """
+    if name != "folder":
+        if name not in NUM_CLASSES:
+            raise ValueError(f"dataset must be one of {DATASETS} but is {name!r}.")
+        return NUM_CLASSES[name], CLASS_NAMES.get(name)
+    if root is None:
+        raise ValueError(f"dataset 'folder' needs its folder: give --data-root. {LAYOUTS[name]}")
+    listing = _require(Path(root).expanduser() / "classes.txt", "folder")
+    names = tuple(line.strip() for line in listing.read_text().splitlines() if line.strip())
+    if len(names) < 2:
+        raise ValueError(f"{listing} must name at least 2 classes but names {len(names)}.")
+    return len(names), names
+
+
+def image_folder_pairs(root: Path, split: str, image_size: int) -> ImageMaskPairs:
+    """Your own labelled images (``LAYOUTS["folder"]``): masks hold class indices, 255 ignored.
+
+    Raises:
+        FileNotFoundError: If the split's folders are missing or an image has no mask.
+        ValueError: If the split has no images; when read, a mask holding a value that is no
+            class index and not 255.
+
+    """
+    count, _ = dataset_classes("folder", root)
+    folder = _require(root / split / "images", "folder")
+    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in FOLDER_IMAGE_SUFFIXES)
+    if not images:
+        raise ValueError(f"{folder} holds no images ({', '.join(FOLDER_IMAGE_SUFFIXES)}).")
+    masks = [_require(root / split / "masks" / f"{image.stem}.png", "folder") for image in images]
+    return ImageMaskPairs(images, masks, _lookup({v: v for v in range(count)}), image_size, count)

@@ -15,9 +15,16 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from neco_loss.data import ImageFolder, SyntheticScenes
-from neco_loss.models import DenseEncoder, DenseViT, recording_cls_attention
+from neco_loss.models import (
+    DenseEncoder,
+    DenseViT,
+    cls_attention_recorder,
+    recording_cls_attention,
+)
 from neco_loss.training.config import TrainConfig, ignored_keys
 from neco_loss.training.run_folder import SKIP_LOG
+
+TIMM_FAMILIES = ("timm", "timm-rope")  # built with random weights unless pretrained
 
 
 class MultiViewEncoder(nn.Module):
@@ -68,15 +75,27 @@ class MultiViewEncoder(nn.Module):
 
 
 def build_backbone(config: TrainConfig) -> DenseViT:
-    """The student backbone of a config (seeded initialisation)."""
+    """The student backbone of a config (seeded initialisation).
+
+    Warns once when a timm model starts from random weights (no ``weights``, ``pretrained:
+    false``): NeCo post-pretrains a backbone; from random weights it has nothing to refine.
+    """
     torch.manual_seed(config.seed)
-    return DenseViT(
+    backbone = DenseViT(
         config.model,
         pretrained=config.pretrained and config.weights is None,
         checkpoint=config.weights,
+        partial_weights=config.partial_weights,
         drop_path_rate=config.drop_path_rate,
         **config.model_kwargs,
     )
+    if backbone.family in TIMM_FAMILIES and not config.pretrained and config.weights is None:
+        warnings.warn(
+            f"model {config.model} starts from random weights (pretrained: false, no weights): "
+            "NeCo post-pretrains a trained backbone (pretrained: true, or weights: FILE).",
+            stacklevel=2,
+        )
+    return backbone
 
 
 def training_images(config: TrainConfig) -> Any:
@@ -130,20 +149,23 @@ def parameter_groups(
     return [group for group in groups if group["params"]]
 
 
-def check_crop_sizes(config: TrainConfig, patch_size: int) -> None:
-    """Raise if a crop is smaller than one patch of the model, naming the key.
+def check_backbone(config: TrainConfig, backbone: DenseViT) -> None:
+    """Raise if the model cannot run the config, naming the key.
 
     Raises:
-        ValueError: ``local_size (--local-size) is 6 px, smaller than one patch ...``.
+        ValueError: A crop smaller than one patch (``local_size (--local-size) is 6 px,
+            smaller than one patch ...``), or a ``loss_mask`` for a model without a CLS token.
 
     """
     for name in ("global_size", "local_size"):
-        if getattr(config, name) < patch_size:
+        if getattr(config, name) < backbone.patch_size:
             raise ValueError(
                 f"{name} (--{name.replace('_', '-')}) is {getattr(config, name)} px, smaller "
-                f"than one patch of the model ({patch_size} px): a crop must hold at least one "
-                "patch (reference: 224 and 98 at patch 14)."
+                f"than one patch of the model ({backbone.patch_size} px): a crop must hold at "
+                "least one patch (reference: 224 and 98 at patch 14)."
             )
+    if config.loss.get("loss_mask", "all") != "all":
+        cls_attention_recorder(backbone.vit)  # refused without a CLS token
 
 
 def schedule_length(config: TrainConfig, steps_per_epoch: int, announce: bool = True) -> int:

@@ -36,15 +36,20 @@ class TrainConfig:
     """Configuration of a NeCo post-pretraining run.
 
     Attributes:
-        model: timm model name (reference: DINOv2 ViT-S/14 with 4 registers), ``hf:ID`` (a
-            HuggingFace transformers DINOv2, e.g. ``hf:facebook/dinov2-small``), a local
-            transformers folder (``config.json`` + weights, offline), or ``hub:REPO:ENTRY``
-            (torch.hub DINOv2). A transformers backbone is also saved as ``backbone_hf/``.
+        model: timm model name (reference: DINOv2 ViT-S/14 with 4 registers; DINOv3:
+            ``vit_small_patch16_dinov3``), ``hf:ID`` (a HuggingFace transformers DINOv2 or
+            DINOv3, e.g. ``hf:facebook/dinov2-small``), a local transformers folder
+            (``config.json`` + weights, offline), or ``hub:REPO:ENTRY`` (torch.hub DINOv2); the
+            families of ``neco_loss.backbone_families``. A transformers backbone is also saved
+            as ``backbone_hf/``.
         model_kwargs: Extra ``timm.create_model`` arguments (e.g. a small ViT for CPU runs), or
             transformers config overrides.
         pretrained: Load timm's pretrained weights (needs internet on first use).
         weights: Local backbone weights to start from (overrides ``pretrained``), or the name
-            of weights shipped in the package: ``testbed`` (``neco_loss.testbed``).
+            of weights shipped in the package: ``testbed`` (``neco_loss.testbed``). They must
+            fit the model exactly (``neco_loss.weights``).
+        partial_weights: Load only the ``weights`` that fit the model (names and shapes) and
+            warn once with the rest, instead of refusing a file that does not fit.
         drop_path_rate: Student stochastic depth (reference: 0.1).
         head_hidden_dim: Projection head width (reference: 2048).
         head_out_dim: Projection head output (reference: 256).
@@ -101,6 +106,7 @@ class TrainConfig:
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     pretrained: bool = False
     weights: str | None = None
+    partial_weights: bool = False
     drop_path_rate: float = 0.1
     head_hidden_dim: int = 2048
     head_out_dim: int = 256

@@ -38,7 +38,7 @@ from neco_loss.training.agreement import TrainingStoppedError, agreed_batch, sto
 from neco_loss.training.assembly import (
     MultiViewEncoder,
     build_backbone,
-    check_crop_sizes,
+    check_backbone,
     parameter_groups,
     process_group,
     schedule_length,
@@ -80,7 +80,7 @@ class Trainer:
         self.device = training_device(config, self.rank)
         self.output_dir = config.output_dir_path
         backbone = build_backbone(config)
-        check_crop_sizes(config, backbone.patch_size)
+        check_backbone(config, backbone)
         gather = all_gather if self.world > 1 else None
         # patch_size + crop_sizes: boxes in the reference code's frame for any crop size
         context = BuildContext(backbone.patch_size, backbone.embed_dim, config.seed, gather)
