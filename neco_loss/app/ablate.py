@@ -10,9 +10,16 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from neco_loss.app.ablation_file import Ablation, check_seeds, load_ablation, merge
-from neco_loss.app.experiment import BASELINE, Experiment, Scoring, run_experiment
+from neco_loss.app.experiment import (
+    BASELINE,
+    Experiment,
+    ExperimentScores,
+    Scoring,
+    run_experiment,
+)
 from neco_loss.app.experiment_report import Rows, paired_changes, plot, summarize, write_report
 from neco_loss.app.statistics import CONFIDENCE
 from neco_loss.evaluation.suite import run_context
@@ -103,24 +110,7 @@ def run_ablation(
     configs = _run_configs(ablation, output, list(overrides or []), seeds)
     experiment = Experiment(configs, Scoring(**ablation.evaluation), baseline=ablation.baseline)
     scores = run_experiment(experiment, output, progress)
-    settings = ablation.evaluation
-    context = {
-        "ablation": str(path),
-        "overrides": " ".join(overrides or []) or None,
-        "seeds": sorted({seed for _, seed in configs}),
-        "starting backbone": next(iter(configs.values())).weights,
-        "dataset": settings["dataset"],
-        "image_size": scores.image_size,
-        "train_images": scores.train_images,
-        "val_images": scores.val_images,
-        "images": "each seed scores its own (val and memory/probe images drawn with the seed)",
-        "split": settings["split"],
-        "linear_epochs": settings["linear_epochs"],
-        "interval": f"mean [{CONFIDENCE:.0%} interval] of a two-level bootstrap (seeds, then "
-        "each seed's scored images, resampled; changes paired on the same images), p-value of "
-        "no change, and for an interval including 0 the smallest change detectable at 5% "
-        "with 80% power",
-    }
+    context = _context(path, overrides, configs, scores, ablation.evaluation)
     comparisons = {}
     if ablation.baseline:  # scored on every seed's images: truly paired
         comparisons["start"] = paired_changes(scores, BASELINE)
@@ -138,3 +128,30 @@ def run_ablation(
         (shown, comparisons[shown]) if shown else None,
     )
     return results
+
+
+def _context(
+    path: Path,
+    overrides: list[str] | None,
+    configs: dict[tuple[str, int], TrainConfig],
+    scores: ExperimentScores,
+    settings: dict[str, Any],
+) -> dict[str, Any]:
+    """What an ablation's numbers depend on, for the head of ``ablation.md``."""
+    return {
+        "ablation": str(path),
+        "overrides": " ".join(overrides or []) or None,
+        "seeds": sorted({seed for _, seed in configs}),
+        "starting backbone": next(iter(configs.values())).weights,
+        "dataset": settings["dataset"],
+        "image_size": scores.image_size,
+        "train_images": scores.train_images,
+        "val_images": scores.val_images,
+        "images": "each seed scores its own (val and memory/probe images drawn with the seed)",
+        "split": settings["split"],
+        "linear_epochs": settings["linear_epochs"],
+        "interval": f"mean [{CONFIDENCE:.0%} interval] of a two-level bootstrap (seeds, then "
+        "each seed's scored images, resampled; changes paired on the same images), p-value of "
+        "no change, and for an interval including 0 the smallest change detectable at 5% "
+        "with 80% power",
+    }
