@@ -124,21 +124,26 @@ def test_torch_hub_dinov2_patch_maps_and_attention():
     torch.testing.assert_close(records[0], timm_records[0])
 
 
-def test_train_a_transformers_folder_and_get_it_back_in_its_own_format(tmp_path, capsys):
-    """model: PATH (offline, no model_kwargs); the run holds a save_pretrained folder that
-    Dinov2Model.from_pretrained loads, with the trained weights; neco eval reads it."""
-    folder = hf_folder(tmp_path, registers=4)
+def train_two_steps(folder: Path, output: Path) -> None:
+    """``neco train`` with ``model: FOLDER`` (offline, no model_kwargs) and a foreground mask."""
     config = {
         **TINY,
         "model": str(folder),
         "model_kwargs": {},
         "max_steps": 2,
         "loss": {"roi_size": 2, "loss_mask": "foreground"},
-        "output_dir": str(tmp_path / "run"),
+        "output_dir": str(output),
     }
-    path = tmp_path / "run.yaml"
+    path = output.parent / f"{output.name}.yaml"
     path.write_text(yaml.safe_dump(config))
     main(["train", str(path), "--quiet"])
+
+
+def test_train_a_transformers_folder_and_get_it_back_in_its_own_format(tmp_path, capsys):
+    """model: PATH (offline, no model_kwargs); the run holds a save_pretrained folder that
+    Dinov2Model.from_pretrained loads, with the trained weights; neco eval reads it."""
+    folder = hf_folder(tmp_path, registers=4)
+    train_two_steps(folder, tmp_path / "run")
     saved = tmp_path / "run" / HF_FOLDER
     trained = transformers.Dinov2WithRegistersModel.from_pretrained(saved)
     initial = transformers.Dinov2WithRegistersModel.from_pretrained(folder)
@@ -217,17 +222,7 @@ def test_transformers_dinov3_maps_attention_and_one_position_encoding(tmp_path):
 
 def test_train_a_transformers_dinov3_and_get_it_back_in_its_own_format(tmp_path):
     folder = dinov3_folder(tmp_path)
-    config = {
-        **TINY,
-        "model": str(folder),
-        "model_kwargs": {},
-        "max_steps": 2,
-        "loss": {"roi_size": 2, "loss_mask": "foreground"},
-        "output_dir": str(tmp_path / "run"),
-    }
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(config))
-    main(["train", str(path), "--quiet"])
+    train_two_steps(folder, tmp_path / "run")
     trained = transformers.DINOv3ViTModel.from_pretrained(tmp_path / "run" / HF_FOLDER)
     initial = transformers.DINOv3ViTModel.from_pretrained(folder)
     key = "model.layer.0.attention.q_proj.weight"

@@ -231,14 +231,9 @@ def _panel(
 ) -> None:
     """One metric's panel: ``rows[0]`` as points with error bars, ``rows[1]`` as lines."""
     points, lines = rows
-    cells = [results[name][metric] for name in points]
-    means = [cell.mean for cell in cells]
-    lows = [cell.low if cell.low is not None else cell.mean for cell in cells]
-    highs = [cell.high if cell.high is not None else cell.mean for cell in cells]
-    errors = [
-        [m - lo for m, lo in zip(means, lows, strict=True)],
-        [h - m for m, h in zip(means, highs, strict=True)],
-    ]
+    means, errors = _bars([results[name][metric] for name in points])
+    lows = [mean - below for mean, below in zip(means, errors[0], strict=True)]
+    highs = [mean + above for mean, above in zip(means, errors[1], strict=True)]
     xs = [x_values[name] for name in points] if x_values else list(range(len(points)))
     style = "-" if x_values else "none"
     axis.errorbar(xs, means, yerr=errors, marker="o", capsize=4, linestyle=style)
@@ -265,12 +260,7 @@ def _change_panel(
 ) -> None:
     """One metric's paired changes from ``rows[0]`` for the rows ``rows[1]``, zero dashed."""
     reference, shown = rows
-    cells = [differences[name][metric] for name in shown]
-    means = [cell.mean for cell in cells]
-    errors = [
-        [cell.mean - (cell.low if cell.low is not None else cell.mean) for cell in cells],
-        [(cell.high if cell.high is not None else cell.mean) - cell.mean for cell in cells],
-    ]
+    means, errors = _bars([differences[name][metric] for name in shown])
     xs = [x_values[name] for name in shown] if x_values else list(range(len(shown)))
     axis.errorbar(
         xs, means, yerr=errors, marker="o", capsize=4, linestyle="-" if x_values else "none"
@@ -295,3 +285,11 @@ def _x_axis(
         axis.set_xlabel(x_label or "")
     else:
         axis.set_xticks(xs, names, rotation=25, ha="right")
+
+
+def _bars(cells: list[Estimate]) -> tuple[list[float], list[list[float]]]:
+    """Means and error bars ``[below, above]`` (none where an estimate has no interval)."""
+    means = [cell.mean for cell in cells]
+    below = [cell.mean - cell.low if cell.low is not None else 0.0 for cell in cells]
+    above = [cell.high - cell.mean if cell.high is not None else 0.0 for cell in cells]
+    return means, [below, above]
