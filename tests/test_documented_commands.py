@@ -92,8 +92,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "neco ablate examples/ablations/objectives_tuning.yaml": (
         SMALLER,
-        "tests/test_ablation.py::test_shipped_ablations_give_valid_configs (16 runs of 300 "
-        "steps: about an hour)",
+        "tests/test_ablation.py::test_shipped_ablations_give_valid_configs (24 runs of 300 "
+        "steps: about an hour and a half)",
     ),
     "python benchmarks/objectives_step.py": (
         SMALLER,

@@ -61,8 +61,9 @@ DEMO_CONFIG: dict[str, Any] = {
     "loss": {"roi_size": 4},
     "weights": "testbed",  # the shipped testbed backbone (neco_loss.assets)
 }
-# The control: the testbed's own VICReg(L) for the same steps, at its lr chosen on val (3e-4,
-# as NeCo's: docs/ablations.md, objectives_tuning.yaml).
+# The control: the testbed's own VICReg(L) for the same steps at NeCo's lr, 3e-4; on val no lr
+# from 1e-4 to 1e-3 moves it distinguishably from its start (docs/ablations.md,
+# objectives_tuning.yaml).
 CONTROL_CHANGES: dict[str, Any] = {"objective": "continued"}
 EVAL_TRAIN_IMAGES = 200  # memory bank / linear probe training images
 EVAL_IMAGES = 64  # scored images
