@@ -56,6 +56,8 @@ class Family:
         embed_dim: Token width ``D``.
         record_cls_attention: See ``Recorder``; ``None`` for a family that never has a CLS
             token.
+        starts_random: Built by name, a model of the family has random weights unless its
+            pretrained ones are asked for (timm); the others always load theirs.
         prepare: Called once on a model before training (in place).
         save: Saves a trained model in its own format into a run folder; returns the path, or
             ``None`` when the trainer's state dict is that format.
@@ -71,6 +73,7 @@ class Family:
     patch_size: Callable[[Any], int]
     embed_dim: Callable[[Any], int]
     record_cls_attention: Recorder | None
+    starts_random: bool = False
     prepare: Callable[[Any], None] = lambda model: None
     save: Callable[[Any, Path], Path | None] = lambda model, folder: None
 
@@ -207,6 +210,7 @@ def _timm_family(name: str, named_as: str, recognises: Callable[[Any], bool]) ->
         patch_size=lambda model: _side(model.patch_embed.patch_size),
         embed_dim=lambda model: int(model.embed_dim),
         record_cls_attention=_record_timm,
+        starts_random=True,
     )
 
 

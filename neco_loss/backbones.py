@@ -15,7 +15,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from neco_loss.backbone_families import (
     FAMILIES,
@@ -151,11 +151,10 @@ def _check_timm_model(name: str, options: dict[str, Any]) -> None:
     """
     import timm
 
-    supported = timm.list_models(module=list(TIMM_MODULES))
-    nearest = did_you_mean(name, supported)
     if not timm.is_model(name):
         raise ValueError(
-            f"model {name!r} is not a timm model{nearest}. Supported: {supported_families()}."
+            f"model {name!r} is not a timm model{_nearest_timm(name)}. Supported: "
+            f"{supported_families()}."
         )
     try:
         with torch.device("meta"):
@@ -166,9 +165,16 @@ def _check_timm_model(name: str, options: dict[str, Any]) -> None:
         probe = None
     if probe is None or not any(family.recognises(probe) for family in FAMILIES.values()):
         raise ValueError(
-            f"model {name!r} is not a ViT of a supported family{nearest}. Supported: "
-            f"{supported_families()}."
+            f"model {name!r} is not a ViT of a supported family{_nearest_timm(name)}. "
+            f"Supported: {supported_families()}."
         )
+
+
+def _nearest_timm(name: str) -> str:
+    """`` (did you mean 'x'?)`` among the timm ViTs of the families, for a refusal only."""
+    import timm
+
+    return did_you_mean(name, timm.list_models(module=list(TIMM_MODULES)))
 
 
 def _check_code_allowed(name: str, model_kwargs: dict[str, Any]) -> None:
@@ -197,11 +203,6 @@ def patch_size(model: Any) -> int:
     return family_of(model).patch_size(model)
 
 
-def embed_dim(model: Any) -> int:
-    """Token width ``D``."""
-    return family_of(model).embed_dim(model)
-
-
 def prefix_tokens(model: Any) -> int:
     """CLS + register tokens before the patch tokens."""
     return family_of(model).prefix_tokens(model)
@@ -210,11 +211,6 @@ def prefix_tokens(model: Any) -> int:
 def has_cls_token(model: Any) -> bool:
     """Whether the model's first token is a CLS token (a ``loss_mask`` needs its attention)."""
     return family_of(model).has_cls_token(model)
-
-
-def all_tokens(model: Any, images: Tensor) -> Tensor:
-    """``(B, T, D)`` final normalised tokens, CLS and registers first, then the patches."""
-    return family_of(model).tokens(model, images)
 
 
 def save_native(model: Any, output_dir: Path) -> Path | None:

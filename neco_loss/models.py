@@ -70,9 +70,9 @@ class DenseViT(nn.Module):
         self.family = family.name
         vit: Any = model  # a ViT of one of the families; their attributes are untyped
         self.vit = vit
-        self.patch_size = backbones.patch_size(vit)
-        self.embed_dim = backbones.embed_dim(vit)
-        self.num_prefix_tokens = backbones.prefix_tokens(vit)
+        self.patch_size = family.patch_size(vit)
+        self.embed_dim = family.embed_dim(vit)
+        self.num_prefix_tokens = family.prefix_tokens(vit)
         if checkpoint is not None:
             load_weights(self.vit, checkpoint, partial=partial_weights)
 
@@ -110,14 +110,15 @@ def vit_tokens_and_patch_map(vit: Any, images: Tensor) -> tuple[Tensor, Tensor]:
     """
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be (B, 3, H, W) but have shape {tuple(images.shape)}.")
-    patch_size = backbones.patch_size(vit)
+    family = backbones.family_of(vit)
+    patch_size = family.patch_size(vit)
     height, width = images.shape[2:]
     grid = (height // patch_size, width // patch_size)
     if min(grid) < 1:
         raise ValueError(f"image size {height}x{width} is smaller than one patch ({patch_size}).")
     images = images[..., : grid[0] * patch_size, : grid[1] * patch_size]
-    tokens = backbones.all_tokens(vit, images)
-    patches = tokens[:, backbones.prefix_tokens(vit) :]
+    tokens = family.tokens(vit, images)
+    patches = tokens[:, family.prefix_tokens(vit) :]
     return tokens, patches.transpose(1, 2).unflatten(2, grid)
 
 

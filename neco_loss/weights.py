@@ -128,13 +128,15 @@ def dinov2_layout_for_timm(state: dict[str, Tensor], model: nn.Module) -> dict[s
     conversion is timm's own (``checkpoint_filter_fn``: ``register_tokens`` -> ``reg_token``,
     the CLS position folded into ``cls_token``, the position grid resampled to the model's).
     """
-    from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
-
     if "model.mask_token" in state:  # the authors' training checkpoint: the student's weights
         state = {
             key[len("model.") :]: value for key, value in state.items() if key.startswith("model.")
         }
-    if "mask_token" not in state or not isinstance(model, VisionTransformer):
+    if "mask_token" not in state:
+        return None
+    from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+
+    if not isinstance(model, VisionTransformer):
         return None
     backbone = {key: value for key, value in state.items() if not key.startswith(AUTHORS_HEAD)}
     return checkpoint_filter_fn(backbone, model)

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from neco_loss.evaluation.datasets import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES
+from neco_loss.evaluation.datasets import IGNORE_INDEX, dataset_classes
 from neco_loss.evaluation.linear import EPOCHS
 from neco_loss.evaluation.suite import PER_IMAGE_FILE, evaluate, evaluation_splits
 from neco_loss.models import DenseViT
@@ -180,18 +180,19 @@ def _score_seed(
         seed=seed,
         shuffle=True,
     )
+    classes, class_names = dataset_classes(scoring.dataset, scoring.data_root)
     scores.per_run.update(
         evaluate(
             backbones,
             train_set,
             val_set,
-            NUM_CLASSES[scoring.dataset],
+            classes,
             scoring.protocols,
             folder,
             ignore_index=IGNORE_INDEX,
             linear_epochs=scoring.linear_epochs,
             progress=progress,
-            class_names=CLASS_NAMES.get(scoring.dataset),
+            class_names=class_names,
             seed=seed,
         )
     )

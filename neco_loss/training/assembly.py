@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from neco_loss.backbone_families import FAMILIES
 from neco_loss.data import ImageFolder, SyntheticScenes
 from neco_loss.models import (
     DenseEncoder,
@@ -23,8 +24,6 @@ from neco_loss.models import (
 )
 from neco_loss.training.config import TrainConfig, ignored_keys
 from neco_loss.training.run_folder import SKIP_LOG
-
-TIMM_FAMILIES = ("timm", "timm-rope")  # built with random weights unless pretrained
 
 
 class MultiViewEncoder(nn.Module):
@@ -89,7 +88,8 @@ def build_backbone(config: TrainConfig) -> DenseViT:
         drop_path_rate=config.drop_path_rate,
         **config.model_kwargs,
     )
-    if backbone.family in TIMM_FAMILIES and not config.pretrained and config.weights is None:
+    random = FAMILIES[backbone.family].starts_random and not config.pretrained
+    if random and config.weights is None:
         warnings.warn(
             f"model {config.model} starts from random weights (pretrained: false, no weights): "
             "NeCo post-pretrains a trained backbone (pretrained: true, or weights: FILE).",
